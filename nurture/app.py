@@ -1,0 +1,103 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import Flask, current_app, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from sqlalchemy.exc import DBAPIError
+from werkzeug.exceptions import HTTPException
+
+from nurture.config import Settings
+from nurture.sequences import Sequence, current_sequences
+from nurture.tasks import make_celery
+
+log = logging.getLogger(__name__)
+csrf = CSRFProtect()
+
+MAX_BODY = 64 * 1024  # no form or JSON body of ours comes near this
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    celery: Celery
+
+    def sequences(self) -> dict[str, Sequence]:
+        return current_sequences(self.settings.templates_path)
+
+
+def state() -> AppState:
+    return current_app.extensions["nurture"]
+
+
+def wants_json() -> bool:
+    return request.path.startswith("/api/") or request.path == "/healthz"
+
+
+def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
+    app = Flask(__name__, instance_path=str(settings.instance_path))
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.base_url.startswith("https://"),
+        WTF_CSRF_TIME_LIMIT=None,  # a signup form may sit open in a tab for hours
+    )
+    app.extensions["nurture"] = AppState(settings=settings, celery=celery or make_celery(settings))
+    csrf.init_app(app)
+
+    from nurture import admin, health, signup
+
+    app.register_blueprint(signup.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(admin.bp)
+    _register_error_pages(app)
+    return app
+
+
+def _error(status: int, title: str, message: str, errors: dict | None = None):
+    if wants_json():
+        return jsonify({"errors": errors or {"request": message}}), status
+    return render_template("error.html", title=title, message=message), status
+
+
+def _register_error_pages(app: Flask) -> None:
+    @app.errorhandler(CSRFError)
+    def csrf_error(error):
+        return _error(
+            400,
+            "Please try again",
+            "This form was missing its security token (perhaps it was open too long). "
+            "Go back, reload the page and send it again.",
+        )
+
+    @app.errorhandler(DBAPIError)
+    def database_down(error):
+        log.error("database unavailable: %s", error.orig or error)
+        return _error(
+            503,
+            "We will be right back",
+            "We cannot reach our database at the moment. Nothing you sent was lost; "
+            "please try again in a minute.",
+            {"service": "The database is unavailable; try again shortly."},
+        )
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        messages = {
+            404: "There is nothing at this address.",
+            405: "This address does not accept that kind of request.",
+            413: f"The request body is too large (the limit is {MAX_BODY // 1024} KB).",
+        }
+        message = messages.get(error.code or 500, error.description or error.name)
+        return _error(error.code or 500, error.name, message)
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, "Something went wrong", "Something went wrong on our side.")

@@ -1,0 +1,48 @@
+"""The development mail catcher: an SMTP server that keeps every message as a file.
+
+`nurture dev` runs it on 127.0.0.1:1025; `/admin/outbox` lists what it caught.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import UTC, datetime
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+
+class OutboxHandler:
+    def __init__(self, outbox: Path):
+        self.outbox = outbox
+        outbox.mkdir(parents=True, exist_ok=True)
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        name = f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.eml"
+        temporary = self.outbox / f".{name}.tmp"
+        temporary.write_bytes(envelope.original_content or envelope.content)
+        os.replace(temporary, self.outbox / name)
+        return "250 Message accepted for delivery"
+
+
+def start_catcher(outbox: Path, host: str, port: int) -> Controller:
+    controller = Controller(OutboxHandler(outbox), hostname=host, port=port)
+    controller.start()
+    return controller
+
+
+def list_outbox(outbox: Path, limit: int = 200) -> list[tuple[str, EmailMessage]]:
+    """The newest caught messages first, as (file name, parsed message)."""
+    if not outbox.is_dir():
+        return []
+    names = sorted((p.name for p in outbox.glob("*.eml")), reverse=True)[:limit]
+    return [(name, read_message(outbox, name)) for name in names]
+
+
+def read_message(outbox: Path, name: str) -> EmailMessage:
+    if "/" in name or "\\" in name or not name.endswith(".eml") or name.startswith("."):
+        raise FileNotFoundError(name)
+    return message_from_bytes((outbox / name).read_bytes(), policy=policy.default)

@@ -1,0 +1,141 @@
+"""The `nurture` command."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+
+import click
+
+from nurture.config import Settings, startup_settings
+
+
+def _settings() -> Settings:
+    return startup_settings()
+
+
+@click.group()
+def main() -> None:
+    """nurture: email courses and lead nurture."""
+
+
+@main.group()
+def db() -> None:
+    """Database schema migrations."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Migrate the database to the newest schema (or REVISION)."""
+    from nurture import migrate
+
+    migrate.upgrade(_settings().database_url, revision)
+
+
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Migrate the database back to REVISION ("base" for an empty one)."""
+    from nurture import migrate
+
+    migrate.downgrade(_settings().database_url, revision)
+
+
+@db.command("revision")
+@click.option("-m", "--message", required=True)
+def db_revision(message: str) -> None:
+    """Write a new migration from the models (for developers)."""
+    from nurture import migrate
+
+    migrate.revision(_settings().database_url, message)
+
+
+@main.command()
+def dev() -> None:
+    """Run web, worker, beat and a mail catcher together (Ctrl-C stops all)."""
+    from nurture.dev import run
+
+    sys.exit(run(_settings()))
+
+
+@main.group()
+def users() -> None:
+    """Admin accounts."""
+
+
+@users.command("add")
+@click.argument("email")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def users_add(email: str, password_stdin: bool) -> None:
+    """Create an admin account (or set its password)."""
+    from nurture.db import session_scope
+    from nurture.users import UserError, add_user
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        with session_scope(_settings().database_url) as session:
+            add_user(session, email, password)
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"admin account {email} is ready; sign in at /admin")
+
+
+@main.command()
+@click.argument("sequence")
+@click.argument("step")
+@click.option("--format", "fmt", type=click.Choice(["html", "text", "eml"]), default="text")
+@click.option("--first-name", default="Alex", help="Sample first name ('' for none).")
+def preview(sequence: str, step: str, fmt: str, first_name: str) -> None:
+    """Print an email as it would go out (STEP "confirmation" for the opt-in email)."""
+    from nurture.preview import parts, preview_message
+    from nurture.render import RenderError
+
+    try:
+        message = preview_message(_settings(), sequence, step, first_name=first_name)
+    except RenderError as error:
+        raise click.ClickException(str(error)) from None
+    text, html = parts(message)
+    if fmt == "eml":
+        sys.stdout.write(message.as_string())
+    else:
+        click.echo(html if fmt == "html" else text)
+
+
+@main.command()
+@click.option("--now", "now_text", help="Scan as of this ISO-8601 time (default: now).")
+def dispatch(now_text: str | None) -> None:
+    """Run one due-scan: write due deliveries and hand them to the workers."""
+    from nurture.tasks import make_celery, run_dispatch
+
+    now = None
+    if now_text:
+        try:
+            now = datetime.fromisoformat(now_text)
+        except ValueError:
+            raise click.BadParameter("use ISO-8601, e.g. 2026-03-01T09:00:00+00:00") from None
+        now = now if now.tzinfo else now.replace(tzinfo=UTC)
+    result = run_dispatch(make_celery(_settings()), now)
+    click.echo(
+        f"created {result.created}, handed to workers {result.enqueued}, "
+        f"released {result.released}, broker failures {result.publish_failed}"
+    )
+    if result.publish_failed:
+        sys.exit(1)
+
+
+@main.command()
+def lint() -> None:
+    """Check every sequence and email; print file:line: message, exit 1 on errors."""
+    from nurture.lint import lint_templates
+
+    settings = _settings()
+    problems = lint_templates(settings)
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        sys.exit(1)
+    click.echo("all emails render")

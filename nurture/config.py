@@ -1,0 +1,186 @@
+"""Settings from the environment (and `.env`), exactly the table in the README.
+
+Everything that varies between a laptop and production is read here once, into a
+frozen `Settings`; the rest of the code takes a `Settings` and never reads
+`os.environ` itself.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.headerregistry import Address
+from email.utils import parseaddr
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from nurture import ROOT
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+DEV_POSTAL_ADDRESS = "Course Team, 1 Example Street, Springfield (set POSTAL_ADDRESS)"
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str
+    instance_path: Path
+    database_url: str
+    broker_url: str
+    smtp_url: str
+    base_url: str
+    secret_key: str
+    mail_from: str
+    postal_address: str
+    course_url: str
+    double_opt_in: bool
+    day_seconds: int
+    dispatch_interval: int
+    templates_path: Path
+    default_timezone: str = "UTC"
+    min_gap_hours: float = 20.0
+    confirm_max_age: int = 7 * 86400
+    batch_size: int = 50
+    outbox_path: Path = field(default=Path("instance/outbox"))
+
+    @property
+    def is_dev(self) -> bool:
+        return self.env != "production"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("sqla+")
+
+    @property
+    def day_scale(self) -> float:
+        """How much one sequence day is shrunk (1.0 in real time)."""
+        return self.day_seconds / 86400
+
+    @property
+    def min_gap_seconds(self) -> float:
+        """Smallest allowed time between two course emails to one subscriber."""
+        return self.min_gap_hours * 3600 * self.day_scale
+
+    @property
+    def requeue_after(self) -> int:
+        """Seconds after which a queued delivery is handed to the broker again.
+
+        A message the broker lost (Redis flushed, a worker killed before it
+        acknowledged) is found again by the dispatcher after this long.
+        """
+        return max(60, 5 * self.dispatch_interval)
+
+    @property
+    def mail_from_address(self) -> str:
+        return parseaddr(self.mail_from)[1]
+
+    @property
+    def mail_domain(self) -> str:
+        return self.mail_from_address.rpartition("@")[2] or "localhost"
+
+
+def _flag(value: str, name: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, not {value!r}")
+
+
+def _positive_int(value: str, name: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number of seconds, not {value!r}") from None
+    if number < 1:
+        raise ConfigError(f"{name} must be at least 1, not {number}")
+    return number
+
+
+def _dev_secret_key(instance: Path) -> str:
+    """A secret generated once per checkout, so dev sessions survive restarts."""
+    path = instance / "secret_key"
+    if not path.exists():
+        instance.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _check_mail_from(value: str) -> str:
+    name, address = parseaddr(value)
+    if "@" not in address or any(c in value for c in "\r\n"):
+        raise ConfigError(f"MAIL_FROM must look like 'Name <address>', not {value!r}")
+    Address(display_name=name, addr_spec=address)  # raises on a malformed address
+    return value
+
+
+def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -> Settings:
+    """Read settings from `environ`, or from the process environment over `.env`.
+
+    Outside development (`NURTURE_ENV=production`) a missing `SECRET_KEY` or
+    `POSTAL_ADDRESS` is a `ConfigError` naming the variable: a production server
+    must never sign tokens with a guessable key or mail without a postal address.
+    """
+    values: dict[str, str] = {}
+    if environ is None:  # an explicit mapping (tests) is the whole truth
+        values = {k: v for k, v in dotenv_values(root / ".env").items() if v is not None}
+    values.update(os.environ if environ is None else environ)
+
+    def get(name: str, default: str = "") -> str:
+        return values.get(name, "").strip() or default
+
+    env = get("NURTURE_ENV", "development")
+    if env not in ("development", "production"):
+        raise ConfigError(f"NURTURE_ENV must be 'development' or 'production', not {env!r}")
+    instance = Path(get("NURTURE_INSTANCE", str(root / "instance")))
+    production = env == "production"
+
+    for required in ("SECRET_KEY", "POSTAL_ADDRESS"):
+        if production and not get(required):
+            raise ConfigError(f"{required} is required when NURTURE_ENV=production")
+
+    day_seconds = _positive_int(get("NURTURE_DAY_SECONDS", "86400"), "NURTURE_DAY_SECONDS")
+    try:
+        min_gap = float(get("MIN_GAP_HOURS", "20"))
+    except ValueError:
+        raise ConfigError("MIN_GAP_HOURS must be a number of hours") from None
+
+    return Settings(
+        env=env,
+        instance_path=instance,
+        database_url=get("DATABASE_URL", f"sqlite:///{instance / 'nurture.db'}"),
+        broker_url=get("BROKER_URL", f"sqla+sqlite:///{instance / 'broker.db'}"),
+        smtp_url=get("SMTP_URL", "smtp://127.0.0.1:1025"),
+        base_url=get("BASE_URL", "http://127.0.0.1:5000").rstrip("/"),
+        secret_key=get("SECRET_KEY") or _dev_secret_key(instance),
+        mail_from=_check_mail_from(get("MAIL_FROM", "Course Team <course@localhost>")),
+        postal_address=get("POSTAL_ADDRESS", DEV_POSTAL_ADDRESS),
+        course_url=get("COURSE_URL", "https://example.com/six-month-course"),
+        double_opt_in=_flag(get("DOUBLE_OPT_IN", "1"), "DOUBLE_OPT_IN"),
+        day_seconds=day_seconds,
+        dispatch_interval=_positive_int(
+            get("DISPATCH_INTERVAL_SECONDS", "60"), "DISPATCH_INTERVAL_SECONDS"
+        ),
+        templates_path=Path(get("NURTURE_TEMPLATES", str(root / "templates" / "emails"))),
+        default_timezone=get("DEFAULT_TIMEZONE", "UTC"),
+        min_gap_hours=min_gap,
+        outbox_path=instance / "outbox",
+    )
+
+
+def startup_settings() -> Settings:
+    """Settings for a process that is starting; a bad setting stops it with one line."""
+    try:
+        return load_settings()
+    except ConfigError as error:
+        import sys
+
+        print(f"nurture: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

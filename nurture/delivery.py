@@ -1,0 +1,326 @@
+"""Sending a batch of deliveries over one SMTP connection.
+
+For each delivery id: claim it with a conditional update (so a duplicate
+broker message, a second worker or a retry cannot send it twice), check the
+subscriber may still be mailed, render, send, and commit `sent` at once. A
+temporary failure puts the delivery back with a backoff; a permanent one fails
+it and suppresses the address. The only window for a duplicate is between the
+SMTP server's 250 and our commit, and the Message-ID is the same on a retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from nurture import tokens
+from nurture.config import Settings
+from nurture.mailer import (
+    PermanentFailure,
+    ServerUnreachable,
+    SMTPConnection,
+    TemporaryFailure,
+    build_message,
+    parse_smtp_url,
+)
+from nurture.models import (
+    CONFIRMATION_STEP,
+    Delivery,
+    DeliveryStatus,
+    Enrollment,
+    EnrollmentStatus,
+    Event,
+    Subscriber,
+    SubscriberStatus,
+    utcnow,
+)
+from nurture.render import Renderer, RenderError
+from nurture.sequences import Sequence
+from nurture.subscribers import latest_consent
+
+log = logging.getLogger(__name__)
+
+LEASE = timedelta(minutes=10)
+RETRY_HORIZON = timedelta(days=3)
+BACKOFF_BASE = 60  # seconds before the first retry
+BACKOFF_MAX = 3600
+
+
+@dataclass
+class BatchResult:
+    sent: int = 0
+    retry: int = 0
+    failed: int = 0
+    skipped: int = 0
+
+
+def backoff(attempts: int) -> timedelta:
+    """Exponential backoff with full jitter: 1, 2, 4 ... 60 minutes at most."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, attempts - 1))
+    return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
+
+
+def claim(session: Session, delivery_id: int, now: datetime) -> Delivery | None:
+    """Take a delivery for this worker, or None if it is not ours to send.
+
+    Only a queued delivery that the dispatcher has handed out (enqueued_at set)
+    or one whose previous claim has lapsed can be taken, and the update is
+    conditional, so exactly one worker wins.
+    """
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            (
+                (Delivery.status == DeliveryStatus.QUEUED) & Delivery.enqueued_at.is_not(None)
+                | (Delivery.status == DeliveryStatus.SENDING) & (Delivery.lease_until < now)
+            ),
+        )
+        .values(
+            status=DeliveryStatus.SENDING,
+            lease_until=now + LEASE,
+            attempts=Delivery.attempts + 1,
+        )
+    )
+    session.commit()
+    if result.rowcount != 1:
+        return None
+    return session.get(Delivery, delivery_id, populate_existing=True)
+
+
+def _finish(session: Session, delivery: Delivery, **values) -> None:
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery.id, Delivery.status == DeliveryStatus.SENDING)
+        .values(lease_until=None, **values)
+    )
+    session.commit()
+
+
+def _complete_enrollment_if_done(session: Session, enrollment_id: int, now: datetime) -> None:
+    """An enrollment is completed only when it has no step left and nothing unsent."""
+    unsent = session.scalar(
+        select(func.count())
+        .select_from(Delivery)
+        .where(
+            Delivery.enrollment_id == enrollment_id,
+            Delivery.status.in_(DeliveryStatus.UNSENT),
+        )
+    )
+    if unsent == 0:
+        session.execute(
+            update(Enrollment)
+            .where(
+                Enrollment.id == enrollment_id,
+                Enrollment.status == EnrollmentStatus.ACTIVE,
+                Enrollment.next_step.is_(None),
+            )
+            .values(status=EnrollmentStatus.COMPLETED, completed_at=now)
+        )
+        session.commit()
+
+
+class Composer:
+    """Renders and addresses the email for a delivery."""
+
+    def __init__(self, settings: Settings, sequences: Mapping[str, Sequence]):
+        self.settings = settings
+        self.sequences = sequences
+        self.renderer = Renderer(
+            settings.templates_path,
+            postal_address=settings.postal_address,
+            course_url=settings.course_url,
+        )
+
+    def unsubscribe_url(self, subscriber_id: int) -> str:
+        token = tokens.make_unsubscribe_token(self.settings.secret_key, subscriber_id)
+        return f"{self.settings.base_url}/unsubscribe/{token}"
+
+    def compose(self, session: Session, delivery: Delivery, subscriber: Subscriber, now):
+        if delivery.step == CONFIRMATION_STEP:
+            consent = latest_consent(session, subscriber.id)
+            return self.confirmation(
+                subscriber, consent.id if consent else 0, delivery.message_id, now
+            )
+        return self.course_step(
+            delivery.sequence or "", delivery.step, subscriber, delivery.message_id, now
+        )
+
+    def confirmation(self, subscriber: Subscriber, consent_id: int, message_id: str, now):
+        token = tokens.make_confirm_token(self.settings.secret_key, subscriber.id, consent_id)
+        rendered = self.renderer.render(
+            "confirmation.md",
+            {"first_name": subscriber.first_name},
+            links={"confirm_url": f"{self.settings.base_url}/confirm/{token}"},
+        )
+        return build_message(
+            rendered,
+            to_email=subscriber.email,
+            to_name=subscriber.first_name,
+            mail_from=self.settings.mail_from,
+            message_id=message_id,
+            step_label=CONFIRMATION_STEP,
+            date=now,
+        )
+
+    def course_step(
+        self, sequence_name: str, step_key: str, subscriber: Subscriber, message_id, now
+    ):
+        sequence = self.sequences.get(sequence_name)
+        step = sequence.step(step_key) if sequence else None
+        if step is None:
+            raise RenderError(f"step {sequence_name}/{step_key} no longer exists")
+        unsubscribe_url = self.unsubscribe_url(subscriber.id)
+        rendered = self.renderer.render(
+            f"{sequence.name}/{step.file}",
+            {"first_name": subscriber.first_name},
+            unsubscribe_url=unsubscribe_url,
+            list_title=sequence.title,
+        )
+        return build_message(
+            rendered,
+            to_email=subscriber.email,
+            to_name=subscriber.first_name,
+            mail_from=self.settings.mail_from,
+            message_id=message_id,
+            step_label=f"{sequence.name}/{step.key}",
+            date=now,
+            list_id=f"{sequence.title} <{sequence.name}.{self.settings.mail_domain}>",
+            unsubscribe_url=unsubscribe_url,
+        )
+
+
+def _may_send(session: Session, delivery: Delivery) -> tuple[Subscriber | None, str | None]:
+    """The subscriber, or the reason this delivery must not go out any more."""
+    subscriber = session.get(Subscriber, delivery.subscriber_id, populate_existing=True)
+    if subscriber is None or subscriber.status in SubscriberStatus.SUPPRESSED:
+        return None, f"subscriber is {subscriber.status if subscriber else 'gone'}"
+    if delivery.step == CONFIRMATION_STEP:
+        if subscriber.status != SubscriberStatus.PENDING:
+            return None, "already confirmed"
+        return subscriber, None
+    if subscriber.status != SubscriberStatus.ACTIVE:
+        return None, f"subscriber is {subscriber.status}"
+    enrollment = session.get(Enrollment, delivery.enrollment_id, populate_existing=True)
+    if enrollment is None or enrollment.status == EnrollmentStatus.STOPPED:
+        return None, "enrollment stopped"
+    return subscriber, None
+
+
+def send_batch(
+    session: Session,
+    settings: Settings,
+    sequences: Mapping[str, Sequence],
+    delivery_ids: Iterable[int],
+    *,
+    clock: Callable[[], datetime] = utcnow,
+    connection: SMTPConnection | None = None,
+) -> BatchResult:
+    """Send the given deliveries over one SMTP connection."""
+    result = BatchResult()
+    composer = Composer(settings, sequences)
+    smtp = connection or SMTPConnection(parse_smtp_url(settings.smtp_url))
+    pending = list(delivery_ids)
+    with smtp:
+        while pending:
+            delivery_id = pending.pop(0)
+            now = clock()
+            delivery = claim(session, delivery_id, now)
+            if delivery is None:
+                result.skipped += 1
+                continue
+            outcome = _send_one(session, composer, smtp, delivery, now)
+            if outcome == "unreachable":
+                # No point trying the rest now: they wait for a later tick.
+                _defer(session, pending, now, "SMTP server unreachable")
+                result.retry += 1 + len(pending)
+                pending = []
+            else:
+                setattr(result, outcome, getattr(result, outcome) + 1)
+    return result
+
+
+def _defer(session: Session, ids: list[int], now: datetime, reason: str) -> None:
+    if not ids:
+        return
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(ids), Delivery.status == DeliveryStatus.QUEUED)
+        .values(enqueued_at=None, not_before=now + backoff(1), last_error=reason)
+    )
+    session.commit()
+
+
+def _send_one(session, composer: Composer, smtp, delivery: Delivery, now) -> str:
+    """Send one claimed delivery; return sent, retry, unreachable, failed or skipped."""
+    subscriber, reason = _may_send(session, delivery)
+    if subscriber is None:
+        _finish(session, delivery, status=DeliveryStatus.CANCELLED, last_error=reason)
+        return "skipped"
+    try:
+        message = composer.compose(session, delivery, subscriber, now)
+    except RenderError as error:
+        log.error("delivery %s not sent, the template is broken: %s", delivery.id, error)
+        _retry_or_fail(session, delivery, now, f"template error: {error}")
+        return "retry"
+    try:
+        smtp.send(message)
+    except PermanentFailure as error:
+        log.warning("delivery %s refused for good: %s", delivery.id, error)
+        _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=str(error))
+        _suppress_bounced(session, subscriber.id, now, str(error), delivery.id)
+        return "failed"
+    except TemporaryFailure as error:
+        log.warning("delivery %s deferred: %s", delivery.id, error)
+        _retry_or_fail(session, delivery, now, str(error))
+        return "unreachable" if isinstance(error, ServerUnreachable) else "retry"
+    _finish(session, delivery, status=DeliveryStatus.SENT, sent_at=now, last_error=None)
+    if delivery.enrollment_id is not None:
+        _complete_enrollment_if_done(session, delivery.enrollment_id, now)
+    return "sent"
+
+
+def _retry_or_fail(session: Session, delivery: Delivery, now: datetime, reason: str) -> None:
+    if now - delivery.created_at > RETRY_HORIZON:
+        _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=f"gave up: {reason}")
+        return
+    _finish(
+        session,
+        delivery,
+        status=DeliveryStatus.QUEUED,
+        enqueued_at=None,
+        not_before=now + backoff(delivery.attempts),
+        last_error=reason,
+    )
+
+
+def _suppress_bounced(session, subscriber_id: int, now, reason: str, delivery_id: int) -> None:
+    session.execute(
+        update(Subscriber)
+        .where(Subscriber.id == subscriber_id)
+        .values(status=SubscriberStatus.BOUNCED)
+    )
+    session.execute(
+        update(Enrollment)
+        .where(
+            Enrollment.subscriber_id == subscriber_id,
+            Enrollment.status.in_([EnrollmentStatus.PENDING, EnrollmentStatus.ACTIVE]),
+        )
+        .values(status=EnrollmentStatus.STOPPED, next_due_at=None)
+    )
+    session.add(
+        Event(
+            subscriber_id=subscriber_id,
+            delivery_id=delivery_id,
+            kind="bounce",
+            detail=reason[:500],
+            created_at=now,
+        )
+    )
+    session.commit()

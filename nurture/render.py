@@ -1,0 +1,186 @@
+"""Turn an email file into subject, preheader, HTML and plain text.
+
+One source gives both parts: the body is Markdown with Jinja in it. Jinja runs
+sandboxed with undefined names as errors. It runs once for each part: for the
+HTML part every value a subscriber typed is escaped for Markdown and HTML, for
+the text part it goes in as typed. The shared layout (`_layout.html`,
+`_layout.txt`) wraps every email and carries the footer, so no email can forget
+the unsubscribe link or the postal address. CSS is inlined, since most mail
+clients drop <style> blocks.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import css_inline
+import markdown
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, select_autoescape
+from jinja2.sandbox import SandboxedEnvironment
+from markupsafe import Markup
+
+LAYOUT_HTML = "_layout.html"
+LAYOUT_TEXT = "_layout.txt"
+MAX_HTML_BYTES = 100 * 1024  # Gmail clips messages at about 102 KB
+FRONT_MATTER_KEYS = ("subject", "preheader")
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()>#+\-.!|])")
+
+
+class RenderError(Exception):
+    """An email could not be rendered; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    subject: str
+    preheader: str
+    html: str
+    text: str
+
+
+def split_front_matter(source: str, filename: str = "<email>") -> tuple[dict[str, str], str]:
+    """Split `---` front matter from the body.
+
+    The front matter's lines are replaced by blank lines in the body, so that
+    Jinja's line numbers match the file the marketer edits.
+    """
+    lines = source.split("\n")
+    if not lines or lines[0].strip() != "---":
+        raise RenderError(f"{filename}:1: an email starts with a '---' line, then subject:")
+    try:
+        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
+    except StopIteration:
+        raise RenderError(f"{filename}:1: the front matter has no closing '---' line") from None
+    fields: dict[str, str] = {}
+    for number in range(1, end):
+        line = lines[number]
+        if not line.strip():
+            continue
+        key, sep, value = line.partition(":")
+        key = key.strip().lower()
+        if not sep or key not in FRONT_MATTER_KEYS:
+            raise RenderError(
+                f"{filename}:{number + 1}: expected 'subject: ...' or 'preheader: ...'"
+            )
+        fields[key] = value.strip()
+    for key in FRONT_MATTER_KEYS:
+        if not fields.get(key):
+            raise RenderError(f"{filename}:1: the front matter has no {key}")
+    return fields, "\n" * end + "\n".join(lines[end + 1 :])
+
+
+class _EmailLoader(FileSystemLoader):
+    """Loads email files without their front matter, keeping line numbers."""
+
+    def get_source(self, environment, template):
+        source, filename, uptodate = super().get_source(environment, template)
+        if template.endswith(".md"):
+            _, source = split_front_matter(source, filename)
+        return source, filename, uptodate
+
+
+def _escape_for_markdown(value: object) -> object:
+    """Make a subscriber's value inert in Markdown and HTML (trusted Markup passes)."""
+    if value is None or isinstance(value, Markup | int | float):
+        return value
+    return MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(str(value), quote=False))
+
+
+def _strip_controls(value: str) -> str:
+    """A subject is one header line: no CR, LF or other control characters."""
+    return " ".join("".join(c if c.isprintable() else " " for c in value).split())
+
+
+LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)(\{[^}]*\})?")
+EMPHASIS = re.compile(r"(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1")
+HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$", re.MULTILINE)
+ESCAPE = re.compile(r"\\([\\`*_{}\[\]()>#+\-.!|])")
+
+
+def markdown_to_text(source: str) -> str:
+    """Plain text that reads naturally: links spelled out, no markup left."""
+
+    def link(match: re.Match) -> str:
+        label, url, attrs = match.group(1), match.group(2), match.group(3) or ""
+        return f"{label}: {url}" if "button" in attrs else f"{label} ({url})"
+
+    text = LINK.sub(link, source)
+    text = HEADING.sub(lambda m: m.group(1).upper(), text)
+    text = EMPHASIS.sub(r"\2", text)
+    text = ESCAPE.sub(r"\1", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+class Renderer:
+    """Renders the email files under one templates folder."""
+
+    def __init__(self, templates_path: Path, *, postal_address: str, course_url: str):
+        self.templates_path = templates_path
+        self.postal_address = postal_address
+        self.course_url = course_url
+        loader = _EmailLoader(str(templates_path))
+        common = dict(loader=loader, undefined=StrictUndefined, auto_reload=True)
+        self._html_env = SandboxedEnvironment(
+            **common, finalize=_escape_for_markdown, autoescape=False
+        )
+        self._text_env = SandboxedEnvironment(**common, autoescape=False)
+        self._layout_env = SandboxedEnvironment(
+            **common, autoescape=select_autoescape(["html"], default_for_string=False)
+        )
+
+    def front_matter(self, name: str) -> dict[str, str]:
+        path = self.templates_path / name
+        try:
+            fields, _ = split_front_matter(path.read_text(encoding="utf-8"), str(path))
+        except OSError as error:
+            raise RenderError(f"{path}: cannot read: {error.strerror}") from None
+        return fields
+
+    def render(
+        self,
+        name: str,
+        values: Mapping[str, object],
+        *,
+        links: Mapping[str, str] | None = None,
+        unsubscribe_url: str | None = None,
+        list_title: str = "",
+    ) -> RenderedEmail:
+        """Render email file `name` (relative to the templates folder).
+
+        `values` come from the subscriber and are escaped in the HTML part;
+        `links` are URLs the system made (confirmation, course page) and go in
+        as they are. With `unsubscribe_url`, the footer offers to unsubscribe.
+        """
+        trusted = {"course_url": self.course_url, **(links or {})}
+        context = {**values, **{k: Markup(v) for k, v in trusted.items()}}
+        plain = {**values, **trusted}
+        try:
+            fields = self.front_matter(name)
+            subject = _strip_controls(self._text_env.from_string(fields["subject"]).render(plain))
+            preheader = _strip_controls(
+                self._text_env.from_string(fields["preheader"]).render(plain)
+            )
+            body_markdown = self._html_env.get_template(name).render(context)
+            body_text = markdown_to_text(self._text_env.get_template(name).render(plain))
+            layout = {
+                "subject": subject,
+                "preheader": preheader,
+                "unsubscribe_url": unsubscribe_url,
+                "postal_address": self.postal_address,
+                "list_title": list_title,
+            }
+            body_html = markdown.markdown(body_markdown, extensions=["attr_list", "nl2br"])
+            page = self._layout_env.get_template(LAYOUT_HTML).render(layout, body=Markup(body_html))
+            text = self._layout_env.get_template(LAYOUT_TEXT).render(layout, body=body_text)
+        except TemplateError as error:
+            where = getattr(error, "filename", None) or name
+            line = getattr(error, "lineno", None)
+            raise RenderError(f"{where}:{line or 1}: {error.message or error}") from error
+        inlined = css_inline.inline(page)
+        if len(inlined.encode()) > MAX_HTML_BYTES:
+            raise RenderError(f"{name}: the HTML is over 100 KB after inlining; Gmail clips it")
+        return RenderedEmail(subject=subject, preheader=preheader, html=inlined, text=text)

@@ -1,0 +1,160 @@
+"""Sequences as marketers write them: a folder with `sequence.toml` and one file per email.
+
+A manifest lists the steps in order; each has a key (what enrollments point at,
+so steps can be inserted or reordered safely), a day offset, an optional local
+send time and a file. Loading checks the manifest and says `file:line: message`
+for anything wrong, the same words `nurture lint` prints.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from datetime import time
+from pathlib import Path
+
+MANIFEST = "sequence.toml"
+KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
+
+
+class SequenceError(Exception):
+    """A manifest problem, worded `file:line: message`."""
+
+
+@dataclass(frozen=True)
+class Step:
+    key: str
+    day: int
+    file: str
+    send_at: time | None = None
+    sales: bool = False
+
+
+@dataclass(frozen=True)
+class Sequence:
+    name: str
+    title: str
+    description: str
+    path: Path
+    steps: tuple[Step, ...]
+
+    def step(self, key: str) -> Step | None:
+        return next((s for s in self.steps if s.key == key), None)
+
+    def after(self, key: str) -> Step | None:
+        """The step that follows `key`, or None when `key` is the last."""
+        keys = [s.key for s in self.steps]
+        index = keys.index(key)
+        return self.steps[index + 1] if index + 1 < len(self.steps) else None
+
+    @property
+    def first(self) -> Step:
+        return self.steps[0]
+
+
+def _line_of(text: str, needle: str) -> int:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            return number
+    return 1
+
+
+def _parse_step(raw: dict, index: int, text: str, where: Path) -> Step:
+    key = raw.get("key")
+    line = _line_of(text, f'"{key}"') if isinstance(key, str) else 1
+
+    def fail(message: str) -> SequenceError:
+        return SequenceError(f"{where}:{line}: step {index + 1}: {message}")
+
+    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+        raise fail('`key` must be lowercase letters, digits and dashes, e.g. key = "welcome"')
+    day = raw.get("day")
+    if not isinstance(day, int) or isinstance(day, bool) or day < 0:
+        raise fail("`day` must be a whole number of days from the start, 0 or more")
+    file = raw.get("file")
+    if not isinstance(file, str) or "/" in file or "\\" in file or not file:
+        raise fail("`file` must name an email file in this folder")
+    if not (where.parent / file).is_file():
+        raise fail(f"file {file!r} does not exist")
+    send_at = raw.get("send_at")
+    if send_at is not None:
+        if not isinstance(send_at, str) or not re.fullmatch(r"\d{2}:\d{2}", send_at):
+            raise fail('`send_at` must be a local time like "09:00"')
+        try:
+            send_at = time.fromisoformat(send_at)
+        except ValueError:
+            raise fail(f"`send_at` {raw['send_at']!r} is not a time of day") from None
+    unknown = set(raw) - {"key", "day", "file", "send_at", "sales"}
+    if unknown:
+        raise fail(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return Step(key=key, day=day, file=file, send_at=send_at, sales=bool(raw.get("sales", False)))
+
+
+def load_sequence(folder: Path) -> Sequence:
+    """Read and check one sequence folder."""
+    where = folder / MANIFEST
+    text = where.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        match = re.search(r"line (\d+)", str(error))
+        raise SequenceError(f"{where}:{match.group(1) if match else 1}: {error}") from None
+    name = data.get("name", folder.name)
+    if name != folder.name:
+        raise SequenceError(f"{where}:{_line_of(text, 'name')}: name must match the folder")
+    raw_steps = data.get("steps")
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise SequenceError(f"{where}:1: a sequence needs at least one [[steps]] table")
+    steps = tuple(_parse_step(raw, i, text, where) for i, raw in enumerate(raw_steps))
+    seen: set[str] = set()
+    for i, step in enumerate(steps):
+        if step.key in seen:
+            line = _line_of(text, f'"{step.key}"')
+            raise SequenceError(f"{where}:{line}: step key {step.key!r} is used twice")
+        seen.add(step.key)
+        if i and step.day < steps[i - 1].day:
+            line = _line_of(text, f'"{step.key}"')
+            raise SequenceError(
+                f"{where}:{line}: step {step.key!r} has a day before the step above"
+            )
+    return Sequence(
+        name=name,
+        title=str(data.get("title", name)),
+        description=str(data.get("description", "")),
+        path=folder,
+        steps=steps,
+    )
+
+
+def load_sequences(templates_path: Path) -> dict[str, Sequence]:
+    """Every sequence folder under `templates_path`, by name."""
+    return {
+        folder.name: load_sequence(folder)
+        for folder in sorted(templates_path.iterdir())
+        if (folder / MANIFEST).is_file()
+    }
+
+
+_loaded: dict[Path, tuple[tuple, dict[str, Sequence]]] = {}
+
+
+def current_sequences(templates_path: Path) -> dict[str, Sequence]:
+    """`load_sequences`, read again only when a manifest has changed.
+
+    Long-running processes (web, worker) pick up a marketer's edit on the next
+    request or tick without a restart.
+    """
+    stamp = tuple(
+        (str(p), p.stat().st_mtime_ns) for p in sorted(templates_path.glob(f"*/{MANIFEST}"))
+    )
+    cached = _loaded.get(templates_path)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, load_sequences(templates_path))
+        _loaded[templates_path] = cached
+    return cached[1]
+
+
+def first_steps(sequences: dict[str, Sequence]) -> dict[str, str]:
+    """Each sequence's first step key, which is where an enrollment starts."""
+    return {name: sequence.first.key for name, sequence in sequences.items()}

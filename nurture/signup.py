@@ -1,0 +1,156 @@
+"""Public pages: the signup form and API, confirmation, unsubscribe."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, redirect, render_template, request, url_for
+
+from nurture import scheduler, subscribers, tokens
+from nurture.app import csrf, state
+from nurture.db import session_scope
+from nurture.models import utcnow
+from nurture.sequences import first_steps
+from nurture.tasks import publisher
+
+bp = Blueprint("signup", __name__)
+
+ACCEPTED = {
+    "status": "accepted",
+    "message": "Thanks. If this address can join, a confirmation email is on its way.",
+}
+
+
+def _client_ip() -> str:
+    return request.remote_addr or ""
+
+
+def _record_signup(clean: dict[str, str], source: str) -> None:
+    """Store the signup, then hand any confirmation email to the workers.
+
+    The email itself is sent by a worker, never inside this request; if the
+    broker is down the delivery row waits for the next due-scan.
+    """
+    app_state = state()
+    settings = app_state.settings
+    now = utcnow()
+    signup = subscribers.SignupRequest(
+        email=clean["email"],
+        first_name=clean.get("first_name", ""),
+        timezone=clean["timezone"],
+        sequence=clean["sequence"],
+        source=source,
+        ip=_client_ip(),
+        user_agent=request.headers.get("User-Agent", ""),
+    )
+    with session_scope(settings.database_url) as session:
+        delivery_id = subscribers.signup(
+            session, settings, signup, first_steps=first_steps(app_state.sequences()), now=now
+        )
+        session.commit()
+        if delivery_id is not None:
+            scheduler.hand_over(session, [delivery_id], now, publisher(app_state.celery))
+
+
+def _validate(data, *, strict_timezone: bool):
+    settings = state().settings
+    return subscribers.validate_signup(
+        data,
+        sequences=frozenset(state().sequences()),
+        default_timezone=settings.default_timezone,
+        strict_timezone=strict_timezone,
+    )
+
+
+@bp.get("/")
+def index():
+    return render_template("index.html", values={}, errors={}, consent=subscribers.CONSENT_TEXT)
+
+
+@bp.post("/subscribe")
+def subscribe():
+    form = {key: request.form.get(key, "") for key in ("email", "first_name", "timezone")}
+    clean, errors = _validate(form, strict_timezone=False)
+    if errors:
+        page = render_template(
+            "index.html", values=form, errors=errors, consent=subscribers.CONSENT_TEXT
+        )
+        return page, 422
+    _record_signup(clean, "form")
+    return redirect(url_for("signup.thanks"), code=303)
+
+
+@bp.get("/thanks")
+def thanks():
+    return render_template("thanks.html")
+
+
+@bp.post("/api/v1/subscribers")
+@csrf.exempt
+def api_subscribe():
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        return jsonify({"errors": {"body": 'Send a JSON object, e.g. {"email": ...}.'}}), 400
+    unknown = set(data) - {"email", "first_name", "timezone", "sequence"}
+    clean, errors = _validate(data, strict_timezone=True)
+    errors.update({field: "Unknown field." for field in sorted(unknown)})
+    if errors:
+        return jsonify({"errors": errors}), 422
+    _record_signup(clean, "api")
+    return jsonify(ACCEPTED), 202
+
+
+@bp.get("/confirm/<token>")
+def confirm(token: str):
+    app_state = state()
+    settings = app_state.settings
+    try:
+        subscriber_id, consent_id = tokens.read_confirm_token(
+            settings.secret_key, token, settings.confirm_max_age
+        )
+    except tokens.TokenError as error:
+        return render_template("confirm_invalid.html", expired=error.expired), (
+            410 if error.expired else 400
+        )
+    with session_scope(settings.database_url) as session:
+        subscriber = subscribers.confirm(
+            session,
+            subscriber_id,
+            now=utcnow(),
+            first_steps=first_steps(app_state.sequences()),
+            consent_id=consent_id,
+        )
+        confirmed = subscriber is not None
+    if not confirmed:
+        return render_template("confirm_invalid.html", expired=False), 400
+    return render_template("confirmed.html")
+
+
+def _unsubscribe_subscriber(token: str) -> int | None:
+    try:
+        return tokens.read_unsubscribe_token(state().settings.secret_key, token)
+    except tokens.TokenError:
+        return None
+
+
+@bp.get("/unsubscribe/<token>")
+def unsubscribe_page(token: str):
+    """Only a page with a button: mail scanners fetch links, and must not unsubscribe."""
+    if _unsubscribe_subscriber(token) is None:
+        return render_template("unsubscribe_invalid.html"), 400
+    return render_template("unsubscribe.html", token=token)
+
+
+@bp.post("/unsubscribe/<token>")
+@csrf.exempt  # RFC 8058: mail providers POST here without any token of ours
+def unsubscribe(token: str):
+    subscriber_id = _unsubscribe_subscriber(token)
+    if subscriber_id is None:
+        return render_template("unsubscribe_invalid.html"), 400
+    one_click = request.form.get("List-Unsubscribe") == "One-Click"
+    if not one_click and request.form.get("confirm") != "yes":
+        return render_template("unsubscribe.html", token=token, missing_body=True), 400
+    settings = state().settings
+    with session_scope(settings.database_url) as session:
+        subscribers.unsubscribe(
+            session, subscriber_id, now=utcnow(), how="one-click" if one_click else "page"
+        )
+    return render_template("unsubscribed.html")

@@ -1,0 +1,307 @@
+"""Signing up, confirming and unsubscribing: the subscriber's side of the story.
+
+Plain functions over a session and a `now`, called by the web routes (and later
+by the command line). None of them sends mail: a signup writes the confirmation
+as a delivery row and the caller hands its id to the broker after commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import cache
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from nurture.config import Settings
+from nurture.models import (
+    CONFIRMATION_STEP,
+    Consent,
+    Delivery,
+    DeliveryStatus,
+    Enrollment,
+    EnrollmentStatus,
+    Event,
+    Subscriber,
+    SubscriberStatus,
+)
+
+DEFAULT_SEQUENCE = "product-vs-project"
+CONSENT_TEXT = (
+    "Yes, send me the free email course on product managers and project managers: "
+    "one email a day for about a week. I can unsubscribe at any time."
+)
+RESEND_CONFIRMATION_AFTER = timedelta(minutes=10)
+MAX_EMAIL = 254
+MAX_NAME = 100
+
+
+@cache
+def known_timezones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+@dataclass(frozen=True)
+class SignupRequest:
+    email: str
+    first_name: str
+    timezone: str
+    sequence: str
+    source: str  # "form" or "api"
+    ip: str = ""
+    user_agent: str = ""
+
+
+def _text(value: object) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def validate_signup(
+    data: Mapping[str, object],
+    *,
+    sequences: set[str] | frozenset[str],
+    default_timezone: str,
+    strict_timezone: bool,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Clean signup fields, or say per field what is wrong.
+
+    Returns (clean values, errors). A form's hidden time zone comes from the
+    browser and the visitor cannot fix it, so with `strict_timezone` False an
+    unknown one falls back to the default; the API reports it instead.
+    """
+    errors: dict[str, str] = {}
+    clean: dict[str, str] = {}
+    for field in ("email", "first_name", "timezone", "sequence"):
+        value = data.get(field)
+        if value is not None and not isinstance(value, str):
+            errors[field] = "Must be text."
+
+    email = _text(data.get("email"))
+    if "email" in errors:
+        pass
+    elif not email:
+        errors["email"] = "Please enter your email address."
+    elif len(email) > MAX_EMAIL or any(c in email for c in "\r\n\0"):
+        errors["email"] = "That does not look like an email address."
+    else:
+        try:
+            clean["email"] = validate_email(email, check_deliverability=False).normalized.lower()
+        except EmailNotValidError as error:
+            errors["email"] = str(error)
+
+    name = _text(data.get("first_name"))
+    if "first_name" in errors:
+        pass
+    elif len(name) > MAX_NAME:
+        errors["first_name"] = f"Please keep your name under {MAX_NAME} characters."
+    elif any(not c.isprintable() for c in name) or any(c in name for c in "<>{}"):
+        errors["first_name"] = "Please use only letters, spaces and ordinary punctuation."
+    else:
+        clean["first_name"] = " ".join(name.split())
+
+    timezone = _text(data.get("timezone"))
+    if "timezone" in errors:
+        pass
+    elif timezone and timezone in known_timezones():
+        clean["timezone"] = timezone
+    elif timezone and strict_timezone:
+        errors["timezone"] = (
+            f"Unknown time zone {timezone[:64]!r}; use an IANA name like Europe/Paris."
+        )
+    else:
+        clean["timezone"] = default_timezone
+
+    sequence = _text(data.get("sequence")) or DEFAULT_SEQUENCE
+    if "sequence" in errors:
+        pass
+    elif sequence not in sequences:
+        errors["sequence"] = f"Unknown sequence {sequence[:100]!r}."
+    else:
+        clean["sequence"] = sequence
+    return clean, errors
+
+
+def new_message_id(settings: Settings) -> str:
+    return f"<{uuid.uuid4().hex}@{settings.mail_domain}>"
+
+
+def _queue_confirmation(session: Session, settings: Settings, subscriber: Subscriber, now):
+    delivery = Delivery(
+        subscriber_id=subscriber.id,
+        step=CONFIRMATION_STEP,
+        message_id=new_message_id(settings),
+        not_before=now,
+        created_at=now,
+    )
+    session.add(delivery)
+    session.flush()
+    return delivery.id
+
+
+def _last_confirmation_at(session: Session, subscriber_id: int) -> datetime | None:
+    return session.scalar(
+        select(Delivery.created_at)
+        .where(Delivery.subscriber_id == subscriber_id, Delivery.step == CONFIRMATION_STEP)
+        .order_by(Delivery.created_at.desc())
+        .limit(1)
+    )
+
+
+def _ensure_enrollment(session: Session, subscriber: Subscriber, sequence: str) -> Enrollment:
+    enrollment = session.scalar(
+        select(Enrollment).where(
+            Enrollment.subscriber_id == subscriber.id, Enrollment.sequence == sequence
+        )
+    )
+    if enrollment is None:
+        enrollment = Enrollment(subscriber_id=subscriber.id, sequence=sequence)
+        session.add(enrollment)
+        session.flush()
+    return enrollment
+
+
+def _start(enrollment: Enrollment, first_step: str, now: datetime) -> None:
+    enrollment.status = EnrollmentStatus.ACTIVE
+    enrollment.next_step = first_step
+    enrollment.next_due_at = now
+    enrollment.started_at = now
+
+
+def signup(
+    session: Session,
+    settings: Settings,
+    request: SignupRequest,
+    *,
+    first_steps: Mapping[str, str],
+    now: datetime,
+) -> int | None:
+    """Record a signup; return the id of a confirmation delivery to enqueue, if any.
+
+    Whatever the address's history, the caller gives the same answer, so the
+    form cannot be used to learn who is subscribed. Bounced addresses stay
+    suppressed; an unsubscribed address must confirm again.
+    """
+    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == request.email))
+    if subscriber is not None and subscriber.status == SubscriberStatus.BOUNCED:
+        return None
+    if subscriber is None:
+        subscriber = Subscriber(
+            email=request.email,
+            first_name=request.first_name,
+            timezone=request.timezone,
+            status=SubscriberStatus.PENDING,
+            created_at=now,
+        )
+        session.add(subscriber)
+        session.flush()
+    elif subscriber.status == SubscriberStatus.ACTIVE:
+        enrollment = _ensure_enrollment(session, subscriber, request.sequence)
+        if enrollment.status == EnrollmentStatus.PENDING:
+            _start(enrollment, first_steps[request.sequence], now)
+        return None
+    else:  # pending, or unsubscribed and coming back
+        subscriber.status = SubscriberStatus.PENDING
+        subscriber.first_name = request.first_name or subscriber.first_name
+        subscriber.timezone = request.timezone
+
+    session.add(
+        Consent(
+            subscriber_id=subscriber.id,
+            source=request.source,
+            consent_text=CONSENT_TEXT,
+            ip=request.ip[:45],
+            user_agent=request.user_agent[:512],
+            created_at=now,
+        )
+    )
+    enrollment = _ensure_enrollment(session, subscriber, request.sequence)
+    if enrollment.status == EnrollmentStatus.STOPPED:
+        enrollment.status = EnrollmentStatus.PENDING
+    session.add(Event(subscriber_id=subscriber.id, kind="signup", created_at=now))
+    session.flush()
+
+    if not settings.double_opt_in:
+        confirm(session, subscriber.id, now=now, first_steps=first_steps)
+        return None
+    last = _last_confirmation_at(session, subscriber.id)
+    if last is not None and now - last < RESEND_CONFIRMATION_AFTER:
+        return None
+    return _queue_confirmation(session, settings, subscriber, now)
+
+
+def latest_consent(session: Session, subscriber_id: int) -> Consent | None:
+    return session.scalar(
+        select(Consent)
+        .where(Consent.subscriber_id == subscriber_id)
+        .order_by(Consent.id.desc())
+        .limit(1)
+    )
+
+
+def confirm(
+    session: Session,
+    subscriber_id: int,
+    *,
+    now: datetime,
+    first_steps: Mapping[str, str],
+    consent_id: int | None = None,
+) -> Subscriber | None:
+    """Confirm a pending subscriber and start their pending enrollments.
+
+    Returns the subscriber, or None when the link no longer applies: the
+    address left, or a newer signup replaced the consent this link was for.
+    Confirming twice is harmless.
+    """
+    subscriber = session.get(Subscriber, subscriber_id)
+    if subscriber is None or subscriber.status in SubscriberStatus.SUPPRESSED:
+        return None
+    consent = latest_consent(session, subscriber_id)
+    if consent_id is not None and (consent is None or consent.id != consent_id):
+        return None
+    if subscriber.status == SubscriberStatus.ACTIVE:
+        return subscriber
+    subscriber.status = SubscriberStatus.ACTIVE
+    subscriber.confirmed_at = now
+    if consent is not None:
+        consent.confirmed_at = now
+    for enrollment in subscriber.enrollments:
+        if enrollment.status == EnrollmentStatus.PENDING and enrollment.sequence in first_steps:
+            _start(enrollment, first_steps[enrollment.sequence], now)
+    session.add(Event(subscriber_id=subscriber.id, kind="confirm", created_at=now))
+    return subscriber
+
+
+def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str) -> bool:
+    """Unsubscribe at once and for good; True if the subscriber exists.
+
+    Stops every enrollment and cancels every delivery not yet sent, so nothing
+    queued or in a worker's hands goes out afterwards (the sender checks the
+    status again just before the SMTP send).
+    """
+    subscriber = session.get(Subscriber, subscriber_id)
+    if subscriber is None:
+        return False
+    if subscriber.status == SubscriberStatus.UNSUBSCRIBED:
+        return True
+    subscriber.status = SubscriberStatus.UNSUBSCRIBED
+    subscriber.unsubscribed_at = now
+    session.execute(
+        update(Enrollment)
+        .where(
+            Enrollment.subscriber_id == subscriber_id,
+            Enrollment.status.in_([EnrollmentStatus.PENDING, EnrollmentStatus.ACTIVE]),
+        )
+        .values(status=EnrollmentStatus.STOPPED, next_due_at=None)
+    )
+    session.execute(
+        update(Delivery)
+        .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.QUEUED)
+        .values(status=DeliveryStatus.CANCELLED, last_error=f"unsubscribed ({how})")
+    )
+    session.add(Event(subscriber_id=subscriber_id, kind="unsubscribe", detail=how, created_at=now))
+    return True

@@ -1,0 +1,121 @@
+"""Celery: the app, its settings, and two thin tasks that call plain functions.
+
+`nurture.dispatch` runs the due-scan (beat sends it every
+DISPATCH_INTERVAL_SECONDS); `nurture.send_batch` sends a list of delivery ids
+over one SMTP connection. Tasks carry ids only, never a countdown or ETA: the
+database says when mail is due, so a restarted or flushed broker loses nothing
+that the next due-scan cannot find again.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from celery import Celery, shared_task
+from celery.signals import worker_process_init
+from kombu import Exchange, Queue
+
+from nurture import delivery, scheduler
+from nurture.config import Settings
+from nurture.db import dispose_all, session_scope
+from nurture.models import utcnow
+from nurture.sequences import current_sequences
+
+log = logging.getLogger(__name__)
+
+QUEUE = "celery"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app for these settings (the web app uses it to publish only)."""
+    app = Celery("nurture", set_as_current=True)
+    transport_options: dict = {}
+    if settings.broker_url.startswith("redis"):
+        # Unacknowledged messages come back after this long; the due-scan's own
+        # requeue and the delivery lease recover far sooner.
+        transport_options = {"visibility_timeout": 3600, "socket_connect_timeout": 3}
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        task_default_queue=QUEUE,
+        task_queues=[Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)],
+        task_ignore_result=True,
+        # A task is acknowledged after it ran, so a worker killed mid-batch
+        # leaves its message to be redelivered; each delivery is claimed in the
+        # database, so a redelivered batch cannot send anything twice.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
+        beat_schedule={
+            "dispatch": {
+                "task": "nurture.dispatch",
+                "schedule": float(settings.dispatch_interval),
+                # A tick nobody ran in time is worthless; the next one does its work.
+                "options": {"expires": settings.dispatch_interval},
+            }
+        },
+        beat_schedule_filename=str(settings.instance_path / "celerybeat-schedule"),
+        timezone="UTC",
+        worker_hijack_root_logger=False,
+    )
+    app.nurture_settings = settings
+    return app
+
+
+def publisher(app: Celery) -> scheduler.Publish:
+    """A function that hands a list of delivery ids to the workers."""
+
+    def publish(ids: list[int]) -> None:
+        app.send_task("nurture.send_batch", args=[ids])
+
+    return publish
+
+
+def prepare_broker(app: Celery) -> None:
+    """Create the queue once, before worker and beat race to create it."""
+    with app.connection_for_write() as connection:
+        Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)(connection.default_channel).declare()
+
+
+def run_dispatch(app: Celery, now: datetime | None = None) -> scheduler.DispatchResult:
+    settings: Settings = app.nurture_settings
+    with session_scope(settings.database_url) as session:
+        return scheduler.dispatch(
+            session,
+            settings,
+            current_sequences(settings.templates_path),
+            now=now or utcnow(),
+            publish=publisher(app),
+        )
+
+
+@shared_task(name="nurture.dispatch", bind=True)
+def dispatch_task(self) -> None:
+    result = run_dispatch(self.app)
+    if result.created or result.enqueued or result.released or result.publish_failed:
+        log.info("dispatch: %s", result)
+
+
+@shared_task(name="nurture.send_batch", bind=True)
+def send_batch_task(self, delivery_ids: list[int]) -> None:
+    settings: Settings = self.app.nurture_settings
+    with session_scope(settings.database_url) as session:
+        result = delivery.send_batch(
+            session, settings, current_sequences(settings.templates_path), delivery_ids
+        )
+    log.info("send_batch %s: %s", delivery_ids[:3], result)
+
+
+@worker_process_init.connect
+def _fresh_connections(**_kwargs) -> None:
+    """A forked worker child must not share its parent's database connections."""
+    dispose_all()

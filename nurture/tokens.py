@@ -1,0 +1,55 @@
+"""Signed tokens for the links in emails (itsdangerous).
+
+Each kind of link has its own salt, so a token made for one route is refused by
+every other. Confirmation links expire; unsubscribe links must work for as long
+as the email sits in someone's inbox, so they do not.
+"""
+
+from __future__ import annotations
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeSerializer, URLSafeTimedSerializer
+
+
+class TokenError(Exception):
+    """The token is tampered with, truncated, foreign or expired."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.expired = reason == "expired"
+
+
+def make_confirm_token(secret: str, subscriber_id: int, consent_id: int) -> str:
+    return URLSafeTimedSerializer(secret, salt="confirm").dumps([subscriber_id, consent_id])
+
+
+def read_confirm_token(secret: str, token: str, max_age: int) -> tuple[int, int]:
+    """(subscriber id, consent id) from a confirmation token."""
+    try:
+        payload = URLSafeTimedSerializer(secret, salt="confirm").loads(token, max_age=max_age)
+    except SignatureExpired:
+        raise TokenError("expired") from None
+    except BadSignature:
+        raise TokenError("invalid") from None
+    return _ints(payload, 2)
+
+
+def make_unsubscribe_token(secret: str, subscriber_id: int) -> str:
+    return URLSafeSerializer(secret, salt="unsubscribe").dumps(subscriber_id)
+
+
+def read_unsubscribe_token(secret: str, token: str) -> int:
+    try:
+        payload = URLSafeSerializer(secret, salt="unsubscribe").loads(token)
+    except BadSignature:
+        raise TokenError("invalid") from None
+    return _ints([payload], 1)[0]
+
+
+def _ints(payload: object, count: int) -> tuple[int, ...]:
+    if (
+        not isinstance(payload, list)
+        or len(payload) != count
+        or not all(isinstance(x, int) and not isinstance(x, bool) for x in payload)
+    ):
+        raise TokenError("invalid")
+    return tuple(payload)

@@ -1,0 +1,42 @@
+"""Admin accounts: marketers and operators who sign in to /admin."""
+
+from __future__ import annotations
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from nurture.models import User
+
+MIN_PASSWORD = 10
+
+
+class UserError(ValueError):
+    pass
+
+
+def add_user(session: Session, email: str, password: str) -> User:
+    """Create an account, or set a new password on an existing one."""
+    try:
+        email = validate_email(email, check_deliverability=False).normalized.lower()
+    except EmailNotValidError as error:
+        raise UserError(str(error)) from None
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"the password must have at least {MIN_PASSWORD} characters")
+    user = session.scalar(select(User).where(User.email == email))
+    if user is None:
+        user = User(email=email, password_hash="")
+        session.add(user)
+    user.password_hash = generate_password_hash(password)
+    session.flush()
+    return user
+
+
+def authenticate(session: Session, email: str, password: str) -> User | None:
+    user = session.scalar(select(User).where(User.email == email.strip().lower()))
+    if user is None:
+        # Spend the same time as a real check, so timing does not reveal accounts.
+        check_password_hash(generate_password_hash("x"), password)
+        return None
+    return user if check_password_hash(user.password_hash, password) else None
