@@ -12,12 +12,17 @@ import smtplib
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
+from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from nurture.render import RenderedEmail
+
+#: Headers are not folded below SMTP's own 998-character limit: a folded
+#: List-Unsubscribe URL trips up some receivers' parsers.
+MESSAGE_POLICY = policy.default.clone(max_line_length=998)
 
 
 class SMTPURLError(ValueError):
@@ -71,7 +76,7 @@ def build_message(
     The headers are set through `email.headerregistry`, which refuses CR and LF
     in any value, so nothing a subscriber typed can add a header.
     """
-    message = EmailMessage()
+    message = EmailMessage(policy=MESSAGE_POLICY)
     from_name, from_address = parseaddr(mail_from)
     message["From"] = Address(display_name=from_name, addr_spec=from_address)
     message["To"] = Address(display_name=to_name, addr_spec=to_email)
