@@ -59,6 +59,24 @@ def dev() -> None:
     sys.exit(run(_settings()))
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=1025, show_default=True)
+def catcher(host: str, port: int) -> None:
+    """Run only the mail catcher (its messages show at /admin/outbox)."""
+    import signal
+
+    from nurture.catcher import start_catcher
+
+    settings = _settings()
+    controller = start_catcher(settings.outbox_path, host, port)
+    click.echo(f"catching mail on {host}:{port} into {settings.outbox_path}")
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        controller.stop()
+
+
 @main.group()
 def users() -> None:
     """Admin accounts."""
