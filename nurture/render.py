@@ -70,7 +70,26 @@ def split_front_matter(source: str, filename: str = "<email>") -> tuple[dict[str
     for key in FRONT_MATTER_KEYS:
         if not fields.get(key):
             raise RenderError(f"{filename}:1: the front matter has no {key}")
-    return fields, "\n" * end + "\n".join(lines[end + 1 :])
+    return fields, "\n" * (end + 1) + "\n".join(lines[end + 1 :])
+
+
+def _template_location(error: TemplateError) -> tuple[str | None, int | None]:
+    """Where in a template an error happened.
+
+    Syntax errors carry their file and line. Errors while rendering (an
+    undefined name, a blocked attribute) do not, but Jinja rewrites the
+    traceback so that its innermost template frame names the file and line.
+    """
+    where, line = getattr(error, "filename", None), getattr(error, "lineno", None)
+    if line is not None:
+        return where, line
+    traceback = error.__traceback__
+    while traceback is not None:
+        filename = traceback.tb_frame.f_code.co_filename
+        if not filename.endswith(".py"):
+            where, line = filename, traceback.tb_lineno
+        traceback = traceback.tb_next
+    return where, line
 
 
 class _EmailLoader(FileSystemLoader):
@@ -87,7 +106,14 @@ def _escape_for_markdown(value: object) -> object:
     """Make a subscriber's value inert in Markdown and HTML (trusted Markup passes)."""
     if value is None or isinstance(value, Markup | int | float):
         return value
-    return MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(str(value), quote=False))
+    return _escape_markdown_only(html.escape(str(value), quote=False))
+
+
+def _escape_markdown_only(value: object) -> object:
+    """Make a subscriber's value inert in Markdown, for the plain-text part."""
+    if value is None or isinstance(value, Markup | int | float):
+        return value
+    return MARKDOWN_SPECIALS.sub(r"\\\1", str(value))
 
 
 def _strip_controls(value: str) -> str:
@@ -97,21 +123,29 @@ def _strip_controls(value: str) -> str:
 
 LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)(\{[^}]*\})?")
 EMPHASIS = re.compile(r"(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1")
-HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$", re.MULTILINE)
+HEADING = re.compile(r"^#{1,6}[ \t]+(.*?)[ \t]*#*[ \t]*$", re.MULTILINE)
 ESCAPE = re.compile(r"\\([\\`*_{}\[\]()>#+\-.!|])")
 
 
 def markdown_to_text(source: str) -> str:
     """Plain text that reads naturally: links spelled out, no markup left."""
+    # Escaped characters and URLs are set aside first, so no later pass reads
+    # them as markup (an underscore in a URL is not emphasis).
+    kept: list[str] = []
+
+    def keep(value: str) -> str:
+        kept.append(value)
+        return f"\x00{len(kept) - 1}\x00"
 
     def link(match: re.Match) -> str:
-        label, url, attrs = match.group(1), match.group(2), match.group(3) or ""
+        label, url, attrs = match.group(1), keep(match.group(2)), match.group(3) or ""
         return f"{label}: {url}" if "button" in attrs else f"{label} ({url})"
 
-    text = LINK.sub(link, source)
+    text = ESCAPE.sub(lambda m: keep(m.group(1)), source)
+    text = LINK.sub(link, text)
     text = HEADING.sub(lambda m: m.group(1).upper(), text)
     text = EMPHASIS.sub(r"\2", text)
-    text = ESCAPE.sub(r"\1", text)
+    text = re.sub(r"\x00(\d+)\x00", lambda m: kept[int(m.group(1))], text)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
@@ -128,6 +162,9 @@ class Renderer:
             **common, finalize=_escape_for_markdown, autoescape=False
         )
         self._text_env = SandboxedEnvironment(**common, autoescape=False)
+        self._text_body_env = SandboxedEnvironment(
+            **common, finalize=_escape_markdown_only, autoescape=False
+        )
         self._layout_env = SandboxedEnvironment(
             **common, autoescape=select_autoescape(["html"], default_for_string=False)
         )
@@ -165,7 +202,7 @@ class Renderer:
                 self._text_env.from_string(fields["preheader"]).render(plain)
             )
             body_markdown = self._html_env.get_template(name).render(context)
-            body_text = markdown_to_text(self._text_env.get_template(name).render(plain))
+            body_text = markdown_to_text(self._text_body_env.get_template(name).render(context))
             layout = {
                 "subject": subject,
                 "preheader": preheader,
@@ -177,9 +214,8 @@ class Renderer:
             page = self._layout_env.get_template(LAYOUT_HTML).render(layout, body=Markup(body_html))
             text = self._layout_env.get_template(LAYOUT_TEXT).render(layout, body=body_text)
         except TemplateError as error:
-            where = getattr(error, "filename", None) or name
-            line = getattr(error, "lineno", None)
-            raise RenderError(f"{where}:{line or 1}: {error.message or error}") from error
+            where, line = _template_location(error)
+            raise RenderError(f"{where or name}:{line or 1}: {error.message or error}") from error
         inlined = css_inline.inline(page)
         if len(inlined.encode()) > MAX_HTML_BYTES:
             raise RenderError(f"{name}: the HTML is over 100 KB after inlining; Gmail clips it")

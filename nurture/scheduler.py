@@ -81,12 +81,53 @@ class DispatchResult:
     publish_failed: int = 0
 
 
-def _insert_delivery(session: Session, values: dict) -> None:
-    """Insert a delivery unless one exists for that enrollment and step."""
+def _write_delivery(session: Session, settings: Settings, enrollment: Enrollment, step: Step, now):
+    """Write the delivery for `step`; False if the subscriber already had this step.
+
+    A delivery cancelled by an unsubscribe is revived for a returning subscriber;
+    one that was sent, failed or is on its way is left alone, so nobody gets a
+    step twice.
+    """
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    values = {
+        "subscriber_id": enrollment.subscriber_id,
+        "enrollment_id": enrollment.id,
+        "sequence": enrollment.sequence,
+        "step": step.key,
+        "status": DeliveryStatus.QUEUED,
+        "message_id": new_message_id(settings),
+        "attempts": 0,
+        "not_before": now,
+        "created_at": now,
+    }
     statement = insert(Delivery).values(**values)
-    session.execute(statement.on_conflict_do_nothing(index_elements=["enrollment_id", "step"]))
+    inserted = session.scalar(
+        statement.on_conflict_do_nothing(index_elements=["enrollment_id", "step"]).returning(
+            Delivery.id
+        )
+    )
+    if inserted is not None:
+        return True
+    revived = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.enrollment_id == enrollment.id,
+            Delivery.step == step.key,
+            Delivery.status == DeliveryStatus.CANCELLED,
+        )
+        .values(
+            status=DeliveryStatus.QUEUED,
+            message_id=values["message_id"],
+            attempts=0,
+            not_before=now,
+            enqueued_at=None,
+            lease_until=None,
+            last_error=None,
+            created_at=now,
+        )
+    ).rowcount
+    return bool(revived)
 
 
 def _due_batch(session: Session, now: datetime, limit: int):
@@ -121,6 +162,11 @@ def create_due_deliveries(
 
 
 def _advance(session, settings, sequences, enrollment: Enrollment, timezone: str, now) -> int:
+    """Write the due step's delivery and point the enrollment at the step after it.
+
+    Steps this subscriber already had (a returning subscriber) are passed over
+    in the same tick, so they neither repeat nor wait a gap each.
+    """
     sequence = sequences.get(enrollment.sequence)
     step = sequence.step(enrollment.next_step) if sequence and enrollment.next_step else None
     if step is None:
@@ -132,34 +178,23 @@ def _advance(session, settings, sequences, enrollment: Enrollment, timezone: str
         )
         enrollment.next_due_at = None
         return 0
-    _insert_delivery(
-        session,
-        {
-            "subscriber_id": enrollment.subscriber_id,
-            "enrollment_id": enrollment.id,
-            "sequence": enrollment.sequence,
-            "step": step.key,
-            "status": DeliveryStatus.QUEUED,
-            "message_id": new_message_id(settings),
-            "attempts": 0,
-            "not_before": now,
-            "created_at": now,
-        },
-    )
-    following = sequence.after(step.key)
-    enrollment.next_step = following.key if following else None
+    written = False
+    while step is not None and not written:
+        written = _write_delivery(session, settings, enrollment, step, now)
+        step = sequence.after(step.key)
+    enrollment.next_step = step.key if step else None
     enrollment.next_due_at = (
         next_due(
-            following,
+            step,
             started_at=enrollment.started_at or now,
             timezone=timezone,
             previous_send=now,
             settings=settings,
         )
-        if following
+        if step
         else None
     )
-    return 1
+    return int(written)
 
 
 def release_expired_leases(session: Session, now: datetime) -> int:

@@ -53,10 +53,13 @@ class Sequence:
         return self.steps[0]
 
 
-def _line_of(text: str, needle: str) -> int:
+def _line_of(text: str, needle: str, occurrence: int = 1) -> int:
+    """The line of the `occurrence`-th line containing `needle` (1 if none)."""
     for number, line in enumerate(text.splitlines(), start=1):
         if needle in line:
-            return number
+            occurrence -= 1
+            if occurrence == 0:
+                return number
     return 1
 
 
@@ -110,7 +113,7 @@ def load_sequence(folder: Path) -> Sequence:
     seen: set[str] = set()
     for i, step in enumerate(steps):
         if step.key in seen:
-            line = _line_of(text, f'"{step.key}"')
+            line = _line_of(text, f'"{step.key}"', occurrence=2)
             raise SequenceError(f"{where}:{line}: step key {step.key!r} is used twice")
         seen.add(step.key)
         if i and step.day < steps[i - 1].day:

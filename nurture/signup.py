@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
 from nurture import scheduler, subscribers, tokens
@@ -117,6 +119,7 @@ def confirm(token: str):
             now=utcnow(),
             first_steps=first_steps(app_state.sequences()),
             consent_id=consent_id,
+            min_gap=timedelta(seconds=settings.min_gap_seconds),
         )
         confirmed = subscriber is not None
     if not confirmed:

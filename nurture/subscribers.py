@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from functools import cache
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from nurture.config import Settings
@@ -126,6 +126,10 @@ def validate_signup(
     return clean, errors
 
 
+def _gap(settings: Settings) -> timedelta:
+    return timedelta(seconds=settings.min_gap_seconds)
+
+
 def new_message_id(settings: Settings) -> str:
     return f"<{uuid.uuid4().hex}@{settings.mail_domain}>"
 
@@ -165,10 +169,21 @@ def _ensure_enrollment(session: Session, subscriber: Subscriber, sequence: str) 
     return enrollment
 
 
-def _start(enrollment: Enrollment, first_step: str, now: datetime) -> None:
+def _start(
+    session: Session, enrollment: Enrollment, first_step: str, now: datetime, min_gap: timedelta
+) -> None:
+    """Start (or restart) an enrollment at its first step.
+
+    A returning subscriber resumes at the first step they have not had (the
+    due-scan passes over the rest), but never sooner than the minimum gap after
+    the last course email they did get.
+    """
+    last_sent = session.scalar(
+        select(func.max(Delivery.sent_at)).where(Delivery.enrollment_id == enrollment.id)
+    )
     enrollment.status = EnrollmentStatus.ACTIVE
     enrollment.next_step = first_step
-    enrollment.next_due_at = now
+    enrollment.next_due_at = max(now, last_sent + min_gap) if last_sent else now
     enrollment.started_at = now
 
 
@@ -189,6 +204,12 @@ def signup(
     subscriber = session.scalar(select(Subscriber).where(Subscriber.email == request.email))
     if subscriber is not None and subscriber.status == SubscriberStatus.BOUNCED:
         return None
+    if subscriber is not None and subscriber.status == SubscriberStatus.PENDING:
+        # Asked twice: resend, but at most once per RESEND_CONFIRMATION_AFTER. Within that
+        # window nothing changes, so the link already sent stays the one that works.
+        last = _last_confirmation_at(session, subscriber.id)
+        if last is not None and now - last < RESEND_CONFIRMATION_AFTER:
+            return None
     if subscriber is None:
         subscriber = Subscriber(
             email=request.email,
@@ -202,9 +223,9 @@ def signup(
     elif subscriber.status == SubscriberStatus.ACTIVE:
         enrollment = _ensure_enrollment(session, subscriber, request.sequence)
         if enrollment.status == EnrollmentStatus.PENDING:
-            _start(enrollment, first_steps[request.sequence], now)
+            _start(session, enrollment, first_steps[request.sequence], now, _gap(settings))
         return None
-    else:  # pending, or unsubscribed and coming back
+    else:  # pending, or unsubscribed and coming back: confirm again
         subscriber.status = SubscriberStatus.PENDING
         subscriber.first_name = request.first_name or subscriber.first_name
         subscriber.timezone = request.timezone
@@ -226,10 +247,7 @@ def signup(
     session.flush()
 
     if not settings.double_opt_in:
-        confirm(session, subscriber.id, now=now, first_steps=first_steps)
-        return None
-    last = _last_confirmation_at(session, subscriber.id)
-    if last is not None and now - last < RESEND_CONFIRMATION_AFTER:
+        confirm(session, subscriber.id, now=now, first_steps=first_steps, min_gap=_gap(settings))
         return None
     return _queue_confirmation(session, settings, subscriber, now)
 
@@ -250,6 +268,7 @@ def confirm(
     now: datetime,
     first_steps: Mapping[str, str],
     consent_id: int | None = None,
+    min_gap: timedelta = timedelta(0),
 ) -> Subscriber | None:
     """Confirm a pending subscriber and start their pending enrollments.
 
@@ -271,7 +290,7 @@ def confirm(
         consent.confirmed_at = now
     for enrollment in subscriber.enrollments:
         if enrollment.status == EnrollmentStatus.PENDING and enrollment.sequence in first_steps:
-            _start(enrollment, first_steps[enrollment.sequence], now)
+            _start(session, enrollment, first_steps[enrollment.sequence], now, min_gap)
     session.add(Event(subscriber_id=subscriber.id, kind="confirm", created_at=now))
     return subscriber
 

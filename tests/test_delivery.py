@@ -1,0 +1,435 @@
+"""Sending deliveries to a real SMTP server (aiosmtpd), and what each outcome leaves behind.
+
+Deliveries are made the way the service makes them: a signup writes the
+confirmation, the due-scan writes course steps and hands their ids to a
+publish function, and `send_batch` sends those ids. The sender's clock is
+passed in, so retries and backoff need no sleeping.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+
+import pytest
+from conftest import BOTH_DATABASES, free_port
+from sqlalchemy import select, update
+
+from nurture import tokens
+from nurture.config import Settings
+from nurture.db import session_scope
+from nurture.delivery import send_batch
+from nurture.mailer import SMTPURLError, build_message, parse_smtp_url
+from nurture.models import (
+    Delivery,
+    DeliveryStatus,
+    Enrollment,
+    EnrollmentStatus,
+    Event,
+    Subscriber,
+    SubscriberStatus,
+)
+from nurture.render import RenderedEmail
+from nurture.scheduler import dispatch
+from nurture.sequences import first_steps, load_sequences
+from nurture.subscribers import SignupRequest, confirm, signup, unsubscribe
+
+SEQUENCE = "product-vs-project"
+T0 = datetime(2026, 6, 1, 10, 0, tzinfo=UTC)
+
+
+class Broker:
+    def __init__(self):
+        self.ids: list[int] = []
+
+    def __call__(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+
+
+def sequences(settings: Settings):
+    return load_sequences(settings.templates_path)
+
+
+def sign_up(settings: Settings, email: str, *, now: datetime, first_name: str = "Alex") -> int:
+    """A double opt-in signup; the id of the confirmation delivery it writes."""
+    request = SignupRequest(
+        email=email, first_name=first_name, timezone="UTC", sequence=SEQUENCE, source="form"
+    )
+    with session_scope(settings.database_url) as session:
+        confirmation_id = signup(
+            session, settings, request, first_steps=first_steps(sequences(settings)), now=now
+        )
+    assert confirmation_id is not None
+    return confirmation_id
+
+
+def subscriber_id_of(settings: Settings, email: str) -> int:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Subscriber.id).where(Subscriber.email == email))
+
+
+def enroll(settings: Settings, email: str, *, now: datetime = T0) -> int:
+    """Sign up and confirm (the confirmation is taken as delivered); the subscriber id."""
+    confirmation_id = sign_up(settings, email, now=now)
+    subscriber_id = subscriber_id_of(settings, email)
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == confirmation_id)
+            .values(status=DeliveryStatus.SENT, sent_at=now)
+        )
+        steps = first_steps(sequences(settings))
+        assert confirm(session, subscriber_id, now=now, first_steps=steps) is not None
+    return subscriber_id
+
+
+def hand_out(settings: Settings, now: datetime) -> list[int]:
+    """One due-scan at `now`; the delivery ids it gave the broker."""
+    broker = Broker()
+    with session_scope(settings.database_url) as session:
+        dispatch(session, settings, sequences(settings), now=now, publish=broker)
+    return broker.ids
+
+
+def send(settings: Settings, ids: list[int], now: datetime):
+    with session_scope(settings.database_url) as session:
+        return send_batch(session, settings, sequences(settings), ids, clock=lambda: now)
+
+
+def delivery(settings: Settings, delivery_id: int) -> Delivery:
+    with session_scope(settings.database_url) as session:
+        return session.get(Delivery, delivery_id)
+
+
+def enrollment_of(settings: Settings, subscriber_id: int) -> Enrollment:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Enrollment).where(Enrollment.subscriber_id == subscriber_id))
+
+
+def subscriber(settings: Settings, subscriber_id: int) -> Subscriber:
+    with session_scope(settings.database_url) as session:
+        return session.get(Subscriber, subscriber_id)
+
+
+# --- What a sent email looks like --------------------------------------------------
+
+
+@BOTH_DATABASES
+def test_a_course_email_carries_every_header(settings, smtp):
+    subscriber_id = enroll(settings, "ann@example.com")
+    [delivery_id] = hand_out(settings, T0)
+
+    result = send(settings, [delivery_id], T0)
+    assert result.sent == 1
+
+    [message] = smtp.messages
+    row = delivery(settings, delivery_id)
+    assert row.status == DeliveryStatus.SENT
+    assert row.sent_at == T0
+    assert row.attempts == 1
+    assert row.lease_until is None
+    assert row.last_error is None
+
+    assert message.get_content_type() == "multipart/alternative"
+    assert [part.get_content_type() for part in message.iter_parts()] == [
+        "text/plain",
+        "text/html",
+    ]
+    assert message["From"] == "Course Team <course@nurture.test>"
+    assert message["To"] == "Alex <ann@example.com>"
+    assert message["Subject"] == "Welcome: product manager or project manager?"
+    assert parsedate_to_datetime(message["Date"]) == T0
+    assert message["Message-ID"] == row.message_id
+    assert message["X-Nurture-Step"] == f"{SEQUENCE}/welcome"
+
+    unsubscribe = re.fullmatch(
+        r"<http://nurture\.test/unsubscribe/([^>]+)>", message["List-Unsubscribe"]
+    )
+    assert unsubscribe, message["List-Unsubscribe"]
+    assert tokens.read_unsubscribe_token(settings.secret_key, unsubscribe.group(1)) == subscriber_id
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert "<product-vs-project.nurture.test>" in message["List-Id"]
+
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    html = message.get_body(preferencelist=("html",)).get_content()
+    url = message["List-Unsubscribe"][1:-1]
+    assert url in text and url in html
+    assert settings.postal_address in text and settings.postal_address in html
+    assert "Hi Alex," in text
+
+
+@BOTH_DATABASES
+def test_the_confirmation_email(settings, smtp):
+    confirmation_id = sign_up(settings, "ann@example.com", now=T0)
+    assert hand_out(settings, T0) == [confirmation_id]
+
+    assert send(settings, [confirmation_id], T0).sent == 1
+
+    [message] = smtp.messages
+    assert message["X-Nurture-Step"] == "confirmation"
+    assert message["Message-ID"] == delivery(settings, confirmation_id).message_id
+    assert message["To"] == "Alex <ann@example.com>"
+    assert message["List-Unsubscribe"] is None
+    assert message["List-Unsubscribe-Post"] is None
+    assert message["List-Id"] is None
+    assert message.get_content_type() == "multipart/alternative"
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    link = re.search(r"http://nurture\.test/confirm/(\S+)", text)
+    assert link
+    subscriber_id = subscriber_id_of(settings, "ann@example.com")
+    assert tokens.read_confirm_token(settings.secret_key, link.group(1), max_age=3600)[0] == (
+        subscriber_id
+    )
+    assert delivery(settings, confirmation_id).status == DeliveryStatus.SENT
+
+
+@BOTH_DATABASES
+def test_a_duplicate_broker_message_sends_once(settings, smtp):
+    enroll(settings, "ann@example.com")
+    ids = hand_out(settings, T0)
+    assert len(ids) == 1
+
+    first = send(settings, ids + ids, T0)
+    second = send(settings, ids, T0 + timedelta(seconds=5))
+
+    assert (first.sent, first.skipped) == (1, 1)
+    assert (second.sent, second.skipped) == (0, 1)
+    assert len(smtp.messages) == 1
+    assert delivery(settings, ids[0]).attempts == 1
+
+
+# --- Failures ----------------------------------------------------------------------
+
+
+@BOTH_DATABASES
+def test_a_temporary_refusal_is_retried_with_the_same_message_id(settings, smtp):
+    enroll(settings, "ann@example.com")
+    [delivery_id] = hand_out(settings, T0)
+
+    smtp.handler.refuse_with = "451 4.3.0 Try again later"
+    result = send(settings, [delivery_id], T0)
+    assert result.retry == 1
+    assert smtp.messages == []
+    row = delivery(settings, delivery_id)
+    assert row.status == DeliveryStatus.QUEUED
+    assert row.not_before > T0
+    assert row.enqueued_at is None
+    assert row.lease_until is None
+    assert "451" in row.last_error
+    assert row.attempts == 1
+    message_id = row.message_id
+
+    # A stray copy of the old broker message does not jump the backoff.
+    smtp.handler.refuse_with = None
+    assert send(settings, [delivery_id], T0 + timedelta(seconds=1)).skipped == 1
+    assert smtp.messages == []
+
+    # Not handed out again before its backoff is over ...
+    assert hand_out(settings, row.not_before - timedelta(seconds=1)) == []
+    # ... and handed out once it is.
+    later = T0 + timedelta(minutes=5)
+    assert hand_out(settings, later) == [delivery_id]
+    assert send(settings, [delivery_id], later).sent == 1
+
+    [message] = smtp.messages
+    assert message["Message-ID"] == message_id
+    row = delivery(settings, delivery_id)
+    assert row.status == DeliveryStatus.SENT
+    assert row.sent_at == later
+    assert row.attempts == 2
+    assert row.last_error is None
+
+
+@BOTH_DATABASES
+def test_a_permanent_refusal_bounces_the_subscriber(settings, smtp):
+    subscriber_id = enroll(settings, "ann@example.com")
+    [delivery_id] = hand_out(settings, T0)
+
+    smtp.handler.refuse_with = "550 5.1.1 No such user"
+    result = send(settings, [delivery_id], T0)
+    assert result.failed == 1
+    assert smtp.messages == []
+
+    row = delivery(settings, delivery_id)
+    assert row.status == DeliveryStatus.FAILED
+    assert "550" in row.last_error
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.BOUNCED
+    enrollment = enrollment_of(settings, subscriber_id)
+    assert enrollment.status == EnrollmentStatus.STOPPED
+    assert enrollment.next_due_at is None
+    with session_scope(settings.database_url) as session:
+        events = list(
+            session.scalars(
+                select(Event).where(Event.subscriber_id == subscriber_id, Event.kind == "bounce")
+            )
+        )
+    assert len(events) == 1
+    assert events[0].delivery_id == delivery_id
+    assert "550" in events[0].detail
+
+    # Nothing more is ever written for a bounced address.
+    smtp.handler.refuse_with = None
+    assert hand_out(settings, T0 + timedelta(days=3)) == []
+
+
+@BOTH_DATABASES
+def test_an_unreachable_server_loses_nothing(stack, settings, smtp):
+    for name in ("ann", "bob", "cy"):
+        enroll(settings, f"{name}@example.com")
+    ids = hand_out(settings, T0)
+    assert len(ids) == 3
+
+    dead = stack.with_env(SMTP_URL=f"smtp://127.0.0.1:{free_port()}?timeout=2").settings
+    result = send(dead, ids, T0)
+    assert result.sent == 0
+    assert result.failed == 0
+    assert result.retry == 3
+    for delivery_id in ids:
+        row = delivery(settings, delivery_id)
+        assert row.status == DeliveryStatus.QUEUED
+        assert row.enqueued_at is None
+        assert row.lease_until is None
+        assert row.not_before > T0
+        assert row.last_error
+
+    # When the server is back, the next due-scan hands all of them out again.
+    later = T0 + timedelta(minutes=5)
+    assert sorted(hand_out(settings, later)) == sorted(ids)
+    assert send(settings, ids, later).sent == 3
+    assert len(smtp.messages) == 3
+    assert {m["Message-ID"] for m in smtp.messages} == {
+        delivery(settings, i).message_id for i in ids
+    }
+
+
+@BOTH_DATABASES
+def test_no_mail_after_unsubscribing(settings, smtp):
+    subscriber_id = enroll(settings, "ann@example.com")
+    [delivery_id] = hand_out(settings, T0)
+    with session_scope(settings.database_url) as session:
+        assert unsubscribe(session, subscriber_id, now=T0, how="one-click")
+
+    send(settings, [delivery_id], T0 + timedelta(seconds=1))
+    assert smtp.messages == []
+    assert delivery(settings, delivery_id).status == DeliveryStatus.CANCELLED
+    assert hand_out(settings, T0 + timedelta(days=3)) == []
+
+
+@BOTH_DATABASES
+def test_the_sender_checks_the_subscriber_just_before_sending(settings, smtp):
+    """An unsubscribe that lands while the delivery is already on its way to a worker."""
+    subscriber_id = enroll(settings, "ann@example.com")
+    [delivery_id] = hand_out(settings, T0)
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Subscriber)
+            .where(Subscriber.id == subscriber_id)
+            .values(status=SubscriberStatus.UNSUBSCRIBED)
+        )
+
+    result = send(settings, [delivery_id], T0)
+    assert result.sent == 0
+    assert smtp.messages == []
+    row = delivery(settings, delivery_id)
+    assert row.status == DeliveryStatus.CANCELLED
+    assert row.last_error
+
+
+@BOTH_DATABASES
+def test_the_enrollment_completes_only_when_everything_is_sent(settings, smtp):
+    subscriber_id = enroll(settings, "ann@example.com")
+    handed: dict[str, int] = {}
+    now = T0
+    while True:
+        for delivery_id in hand_out(settings, now):
+            handed.setdefault(delivery(settings, delivery_id).step, delivery_id)
+        due = enrollment_of(settings, subscriber_id).next_due_at
+        if due is None:
+            break
+        now = due
+
+    keys = [step.key for step in sequences(settings)[SEQUENCE].steps]
+    assert list(handed) == keys
+    assert send(settings, [handed[k] for k in keys[:-2]], now).sent == len(keys) - 2
+
+    # The last step goes out while the one before it is still waiting.
+    assert send(settings, [handed[keys[-1]]], now).sent == 1
+    enrollment = enrollment_of(settings, subscriber_id)
+    assert enrollment.next_step is None
+    assert enrollment.status == EnrollmentStatus.ACTIVE
+    assert enrollment.completed_at is None
+
+    later = now + timedelta(minutes=1)
+    assert send(settings, [handed[keys[-2]]], later).sent == 1
+    enrollment = enrollment_of(settings, subscriber_id)
+    assert enrollment.status == EnrollmentStatus.COMPLETED
+    assert enrollment.completed_at == later
+    assert [m["X-Nurture-Step"] for m in smtp.messages] == [
+        f"{SEQUENCE}/{k}" for k in [*keys[:-2], keys[-1], keys[-2]]
+    ]
+
+
+# --- SMTP settings and message building --------------------------------------------
+
+
+def test_parse_smtp_url_with_credentials_and_starttls():
+    parsed = parse_smtp_url("smtp://u:p%40ss@host:2525?tls=starttls")
+    assert parsed.host == "host"
+    assert parsed.port == 2525
+    assert parsed.username == "u"
+    assert parsed.password == "p@ss"
+    assert parsed.tls == "starttls"
+
+
+def test_parse_smtps_url():
+    parsed = parse_smtp_url("smtps://host")
+    assert (parsed.host, parsed.port, parsed.tls) == ("host", 465, "ssl")
+    assert parsed.username is None and parsed.password is None
+
+
+def test_parse_plain_smtp_url():
+    parsed = parse_smtp_url("smtp://127.0.0.1:1025")
+    assert (parsed.host, parsed.port, parsed.tls) == ("127.0.0.1", 1025, None)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://host:25", "smtp:///nohost", "host:25", "smtp://host?tls=maybe"]
+)
+def test_parse_smtp_url_refuses_bad_urls(url):
+    with pytest.raises(SMTPURLError):
+        parse_smtp_url(url)
+
+
+def build(subject: str = "Hello", to_name: str = "Ann", **overrides):
+    values = dict(
+        to_email="ann@example.com",
+        to_name=to_name,
+        mail_from="Course Team <course@nurture.test>",
+        message_id="<abc@nurture.test>",
+        step_label=f"{SEQUENCE}/welcome",
+        date=T0,
+    )
+    values.update(overrides)
+    return build_message(RenderedEmail(subject, "pre", "<p>Hi</p>", "Hi\n"), **values)
+
+
+def test_build_message_is_well_formed():
+    message = build(list_id="Course <c.nurture.test>", unsubscribe_url="http://x/unsubscribe/t")
+    assert message["To"] == "Ann <ann@example.com>"
+    assert message["List-Unsubscribe"] == "<http://x/unsubscribe/t>"
+    assert message.get_content_type() == "multipart/alternative"
+
+
+@pytest.mark.parametrize(
+    ("subject", "to_name"),
+    [
+        ("Hello", "Ann\r\nBcc: evil@example.com"),
+        ("Hello", "Ann\nBcc: evil@example.com"),
+        ("Hello\r\nBcc: evil@example.com", "Ann"),
+        ("Hello\nBcc: evil@example.com", "Ann"),
+    ],
+)
+def test_build_message_refuses_header_injection(subject, to_name):
+    with pytest.raises(ValueError, match="(?i)CR|LF|linefeed|carriage"):
+        build(subject=subject, to_name=to_name)

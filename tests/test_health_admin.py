@@ -1,0 +1,378 @@
+"""Health checks and outages, the admin pages, and the `nurture` command line."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import subprocess
+from email.message import EmailMessage
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import pytest
+from conftest import csrf_token, free_port
+from sqlalchemy import select
+
+from nurture import ROOT
+from nurture.app import create_app
+from nurture.catcher import start_catcher
+from nurture.db import session_scope
+from nurture.models import CONFIRMATION_STEP, Delivery, DeliveryStatus, Subscriber, User
+from nurture.users import add_user
+
+NURTURE = str(ROOT / ".venv" / "bin" / "nurture")
+ADMIN = "marketer@example.com"
+PASSWORD = "correct horse battery"
+STEPS = [
+    "welcome",
+    "product-manager",
+    "project-manager",
+    "overlap",
+    "which-fits",
+    "six-month-course",
+    "last-reminder",
+]
+DOWN_DATABASE = "postgresql://postgres@127.0.0.1:1/nope"  # nothing listens on port 1
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def nurture(stack, *args: str, stdin: str = "", env: dict[str, str] | None = None):
+    """Run the real console script for this stack."""
+    return subprocess.run(
+        [NURTURE, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env if env is not None else stack.process_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def login(client, email: str = ADMIN, password: str = PASSWORD, next_: str | None = None):
+    path = "/admin/login" + (f"?next={quote(next_, safe='')}" if next_ is not None else "")
+    data = {"csrf_token": csrf_token(client, "/admin/login"), "email": email, "password": password}
+    return client.post(path, data=data)
+
+
+def signed_in(client, settings):
+    """An admin account (made the way the CLI makes it) and a signed-in client."""
+    with session_scope(settings.database_url) as session:
+        add_user(session, ADMIN, PASSWORD)
+    assert login(client).status_code == 303
+    return client
+
+
+def text(response) -> str:
+    return response.get_data(as_text=True)
+
+
+# --- /healthz and outages ----------------------------------------------------------
+
+
+def test_healthz_reports_database_and_broker(client):
+    response = client.get("/healthz")
+
+    assert response.status_code == 200
+    assert response.mimetype == "application/json"
+    body = response.get_json()
+    assert body["database"] == "ok"
+    assert body["broker"] == "ok"
+
+
+def test_broker_down_is_reported_and_signups_wait_in_the_database(stack):
+    down = stack.with_env(BROKER_URL="redis://127.0.0.1:1/0")
+    client = create_app(down.settings).test_client()
+
+    health = client.get("/healthz")
+
+    assert health.status_code == 503
+    assert health.get_json()["database"] == "ok"
+    assert health.get_json()["broker"].startswith("error")
+
+    response = client.post("/api/v1/subscribers", json={"email": "ann@example.com"})
+
+    assert response.status_code == 202
+    assert response.get_json()["status"] == "accepted"
+    with session_scope(down.settings.database_url) as session:
+        delivery = session.scalar(
+            select(Delivery)
+            .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+            .where(Subscriber.email == "ann@example.com")
+        )
+    assert delivery.step == CONFIRMATION_STEP
+    assert delivery.status == DeliveryStatus.QUEUED
+    assert delivery.enqueued_at is None  # so the next due-scan hands it over again
+
+
+@pytest.fixture
+def db_down_client(stack):
+    return create_app(stack.with_env(DATABASE_URL=DOWN_DATABASE).settings).test_client()
+
+
+def test_database_down_is_reported_by_healthz(db_down_client):
+    response = db_down_client.get("/healthz")
+
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["database"].startswith("error")
+    assert body["broker"] == "ok"
+
+
+def test_database_down_api_signup_gets_503_json(db_down_client):
+    response = db_down_client.post("/api/v1/subscribers", json={"email": "ann@example.com"})
+
+    assert response.status_code == 503
+    assert response.mimetype == "application/json"
+    assert response.get_json()["errors"]
+
+
+def test_database_down_form_signup_gets_503_page(db_down_client):
+    data = {
+        "csrf_token": csrf_token(db_down_client),
+        "email": "ann@example.com",
+        "first_name": "Ann",
+        "timezone": "UTC",
+    }
+    response = db_down_client.post("/subscribe", data=data)
+
+    page = text(response)
+    assert response.status_code == 503
+    assert response.mimetype == "text/html"
+    assert "try again" in page
+    for leak in ("Traceback", "OperationalError", "psycopg", "127.0.0.1:1", "nope"):
+        assert leak not in page
+
+
+# --- admin sign-in -----------------------------------------------------------------
+
+
+def test_admin_requires_login(client):
+    response = client.get("/admin/")
+
+    assert response.status_code == 302
+    assert urlsplit(response.headers["Location"]).path == "/admin/login"
+    for path in ("/admin/outbox", "/admin/preview/product-vs-project/welcome"):
+        assert urlsplit(client.get(path).headers["Location"]).path == "/admin/login"
+
+
+def test_users_add_from_cli_then_login_shows_the_sequence(stack, client):
+    created = nurture(stack, "users", "add", ADMIN, "--password-stdin", stdin=PASSWORD + "\n")
+    assert created.returncode == 0, created.stderr
+    assert ADMIN in created.stdout
+
+    wrong = login(client, password="not the password")
+    assert wrong.status_code == 401
+    assert "do not match" in text(wrong)
+    assert client.get("/admin/").status_code == 302
+
+    right = login(client)
+    assert right.status_code == 303
+    assert urlsplit(right.headers["Location"]).path == "/admin/"
+    index = client.get("/admin/")
+    page = text(index)
+    assert index.status_code == 200
+    assert "product-vs-project" in page
+    shown = re.findall(r'href="/admin/preview/product-vs-project/([^"]+)"', page)
+    assert shown == STEPS
+
+
+def test_cli_refuses_a_short_password(stack, settings):
+    result = nurture(stack, "users", "add", ADMIN, "--password-stdin", stdin="short\n")
+
+    assert result.returncode != 0
+    assert "at least 10 characters" in result.stderr
+    with session_scope(settings.database_url) as session:
+        assert session.scalar(select(User.id)) is None
+    client = create_app(settings).test_client()
+    assert login(client, password="short").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "https://evil.example",
+        "//evil.example",
+        "//evil.example/admin",
+        "/\\evil.example",
+        "https://evil.example/admin/",
+    ],
+)
+def test_login_never_redirects_off_site(client, settings, target):
+    with session_scope(settings.database_url) as session:
+        add_user(session, ADMIN, PASSWORD)
+
+    response = login(client, next_=target)
+
+    assert response.status_code == 303
+    location = response.headers["Location"]
+    assert urlsplit(location).netloc in ("", "localhost")
+    assert not location.startswith(("//", "/\\"))
+    assert "evil" not in location
+
+
+def test_login_follows_a_local_next(client, settings):
+    with session_scope(settings.database_url) as session:
+        add_user(session, ADMIN, PASSWORD)
+
+    response = login(client, next_="/admin/outbox")
+
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/admin/outbox"
+
+
+# --- outbox ------------------------------------------------------------------------
+
+
+def catch_one(outbox: Path, subject: str, body: str) -> None:
+    """Send one message through the real dev catcher, which writes it to `outbox`."""
+    port = free_port()
+    controller = start_catcher(outbox, "127.0.0.1", port)
+    try:
+        message = EmailMessage()
+        message["From"] = "course@nurture.test"
+        message["To"] = "ann@example.com"
+        message["Subject"] = subject
+        message.set_content(body)
+        message.add_alternative(f"<p>{body}</p>", subtype="html")
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as connection:
+            connection.send_message(message)
+    finally:
+        controller.stop()
+
+
+def test_outbox_lists_and_shows_caught_mail(client, settings):
+    catch_one(settings.outbox_path, "Caught in the outbox", "The text part of the message.")
+    (names,) = [[p.name for p in settings.outbox_path.glob("*.eml")]]
+    assert len(names) == 1
+    signed_in(client, settings)
+
+    listing = client.get("/admin/outbox")
+
+    assert listing.status_code == 200
+    assert "Caught in the outbox" in text(listing)
+    assert f'href="/admin/outbox/{names[0]}"' in text(listing)
+
+    shown = client.get(f"/admin/outbox/{names[0]}")
+
+    assert shown.status_code == 200
+    assert "Caught in the outbox" in text(shown)
+    assert "The text part of the message." in text(shown)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..%2Fsecret.eml",
+        "../secret.eml",
+        "..%5Csecret.eml",
+        ".hidden.eml",
+        "missing.eml",
+        "..%2Fsecret_key",
+    ],
+)
+def test_outbox_refuses_names_outside_it(client, settings, name):
+    settings.outbox_path.mkdir(parents=True, exist_ok=True)
+    secret = settings.outbox_path.parent / "secret.eml"
+    secret.write_text("Subject: secret\n\nTOP-SECRET-CONTENT\n")
+    (settings.outbox_path.parent / "secret_key").write_text("TOP-SECRET-CONTENT")
+    (settings.outbox_path / ".hidden.eml").write_text("Subject: hidden\n\nTOP-SECRET-CONTENT\n")
+    signed_in(client, settings)
+
+    response = client.get(f"/admin/outbox/{name}")
+
+    assert response.status_code == 404
+    assert "TOP-SECRET-CONTENT" not in text(response)
+
+
+# --- previews ----------------------------------------------------------------------
+
+
+def test_preview_shows_subject_html_and_text(client, settings):
+    signed_in(client, settings)
+
+    response = client.get("/admin/preview/product-vs-project/welcome")
+
+    page = text(response)
+    assert response.status_code == 200
+    assert "<h1>Welcome: product manager or project manager?</h1>" in page
+    assert re.search(r'<iframe[^>]+srcdoc="[^"]*&lt;html', page, re.IGNORECASE)
+    assert "Hi Alex," in page
+
+
+def test_preview_without_a_first_name_uses_the_fallback(client, settings):
+    signed_in(client, settings)
+
+    page = text(client.get("/admin/preview/product-vs-project/welcome?first_name="))
+
+    assert "Hi there," in page
+    assert "Hi Alex" not in page
+
+
+def test_preview_of_unknown_step_or_sequence_is_404(client, settings):
+    signed_in(client, settings)
+
+    assert client.get("/admin/preview/product-vs-project/no-such-step").status_code == 404
+    assert client.get("/admin/preview/no-such-sequence/welcome").status_code == 404
+
+
+def test_preview_of_the_confirmation_email(client, settings):
+    signed_in(client, settings)
+
+    response = client.get("/admin/preview/-/confirmation")
+
+    assert response.status_code == 200
+    assert "Please confirm your email address" in text(response)
+    assert "/confirm/" in text(response)
+
+
+# --- command line ------------------------------------------------------------------
+
+
+def test_cli_preview_text(stack):
+    result = nurture(stack, "preview", "product-vs-project", "overlap", "--format", "text")
+
+    assert result.returncode == 0, result.stderr
+    assert "Hi Alex," in result.stdout
+    assert "Today they meet." in result.stdout
+    assert "<p>" not in result.stdout and "<html" not in result.stdout.lower()
+    assert "Course Team, 12 Test Street, Testville" in result.stdout
+
+
+def test_cli_preview_eml_has_the_headers(stack):
+    result = nurture(stack, "preview", "product-vs-project", "overlap", "--format", "eml")
+
+    assert result.returncode == 0, result.stderr
+    headers = result.stdout.split("\n\n", 1)[0]
+    assert "X-Nurture-Step: product-vs-project/overlap" in headers.splitlines()
+    assert "List-Unsubscribe-Post: List-Unsubscribe=One-Click" in headers.splitlines()
+    assert re.search(r"^List-Unsubscribe: <http://nurture\.test/unsubscribe/[^>]+>$", headers, re.M)
+    assert re.search(r"^Subject: Day 3: where the two roles meet", headers, re.M)
+    assert "multipart/alternative" in headers
+
+
+def test_cli_lint_passes_on_shipped_templates(stack):
+    result = nurture(stack, "lint")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("missing", "present"),
+    [("SECRET_KEY", {}), ("POSTAL_ADDRESS", {"SECRET_KEY": "a-production-secret"})],
+)
+def test_production_refuses_to_start_without_required_setting(stack, missing, present):
+    env = stack.process_env()
+    env.pop("SECRET_KEY", None)
+    env.pop("POSTAL_ADDRESS", None)
+    env.update(present, NURTURE_ENV="production")
+
+    result = nurture(stack, "db", "upgrade", env=env)
+
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert missing in lines[0]
+    assert "Traceback" not in result.stderr

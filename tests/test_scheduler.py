@@ -1,0 +1,509 @@
+"""When steps are due, and the due-scan that turns them into deliveries.
+
+Time is always passed in: the pure schedule takes `started_at`, the due-scan a
+`now`. Nothing here sleeps. The broker is a plain function that collects ids.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from conftest import BOTH_DATABASES
+from sqlalchemy import select, update
+
+from nurture.config import Settings, load_settings
+from nurture.db import session_scope
+from nurture.models import Delivery, DeliveryStatus, Enrollment, EnrollmentStatus, Subscriber
+from nurture.scheduler import dispatch, next_due, scheduled_at
+from nurture.sequences import Step, first_steps, load_sequences
+from nurture.subscribers import SignupRequest, confirm, signup, unsubscribe
+
+SEQUENCE = "product-vs-project"
+COURSE_KEYS = [
+    "welcome",
+    "product-manager",
+    "project-manager",
+    "overlap",
+    "which-fits",
+    "six-month-course",
+    "last-reminder",
+]
+NEW_YORK = ZoneInfo("America/New_York")
+TOKYO = ZoneInfo("Asia/Tokyo")
+T0 = datetime(2026, 6, 1, 10, 0, tzinfo=UTC)  # a Monday
+
+
+def at(*args: int, tz=UTC) -> datetime:
+    return datetime(*args, tzinfo=tz)
+
+
+# --- The pure schedule -------------------------------------------------------------
+
+DAY_1_AT_9 = Step(key="day-one", day=1, file="x.md", send_at=time(9, 0))
+
+
+@pytest.mark.parametrize(
+    ("started_at", "expected_local"),
+    [
+        # 11:00 in New York on June 10 -> 09:00 on June 11
+        (at(2026, 6, 10, 15, 0), at(2026, 6, 11, 9, 0, tz=NEW_YORK)),
+        # 22:00 in New York on June 10 (already June 11 in UTC) -> still June 11
+        (at(2026, 6, 11, 2, 0), at(2026, 6, 11, 9, 0, tz=NEW_YORK)),
+        # 00:30 in New York on June 11 -> June 12
+        (at(2026, 6, 11, 4, 30), at(2026, 6, 12, 9, 0, tz=NEW_YORK)),
+    ],
+)
+def test_send_time_is_local_to_new_york(started_at, expected_local):
+    due = scheduled_at(
+        DAY_1_AT_9, started_at=started_at, timezone="America/New_York", day_seconds=86400
+    )
+    assert due == expected_local
+    local = due.astimezone(NEW_YORK)
+    assert (local.hour, local.minute) == (9, 0)
+    assert due.astimezone(UTC) == at(*expected_local.timetuple()[:3], 13, 0)  # EDT is UTC-4
+
+
+@pytest.mark.parametrize(
+    ("started_at", "expected_utc"),
+    [
+        # 05:00 in Tokyo on June 11 (June 10 in UTC) -> 09:00 on June 12 = 00:00 UTC
+        (at(2026, 6, 10, 20, 0), at(2026, 6, 12, 0, 0)),
+        # 18:00 in Tokyo on June 10 -> 09:00 on June 11
+        (at(2026, 6, 10, 9, 0), at(2026, 6, 11, 0, 0)),
+    ],
+)
+def test_send_time_is_local_to_tokyo(started_at, expected_utc):
+    due = scheduled_at(DAY_1_AT_9, started_at=started_at, timezone="Asia/Tokyo", day_seconds=86400)
+    assert due == expected_utc
+    local = due.astimezone(TOKYO)
+    assert (local.hour, local.minute) == (9, 0)
+
+
+@pytest.mark.parametrize(
+    ("started_at", "expected", "first_gap"),
+    [
+        (  # Friday 10:00 EST; clocks spring forward on Sunday 2026-03-08
+            at(2026, 3, 6, 15, 0),
+            [at(2026, 3, 7, 14, 0), at(2026, 3, 8, 13, 0), at(2026, 3, 9, 13, 0)],
+            timedelta(hours=23),
+        ),
+        (  # Friday 10:00 EDT; clocks fall back on Sunday 2026-11-01
+            at(2026, 10, 30, 14, 0),
+            [at(2026, 10, 31, 13, 0), at(2026, 11, 1, 14, 0), at(2026, 11, 2, 14, 0)],
+            timedelta(hours=25),
+        ),
+    ],
+    ids=["spring-forward", "fall-back"],
+)
+def test_daylight_saving_keeps_nine_local(started_at, expected, first_gap):
+    dues = [
+        scheduled_at(
+            Step(key=f"d{day}", day=day, file="x.md", send_at=time(9, 0)),
+            started_at=started_at,
+            timezone="America/New_York",
+            day_seconds=86400,
+        )
+        for day in (1, 2, 3)
+    ]
+    assert dues == expected
+    for due in dues:
+        assert due.astimezone(NEW_YORK).time() == time(9, 0)
+    assert dues[1] - dues[0] == first_gap
+
+
+def test_step_without_send_time_is_an_exact_offset():
+    started_at = at(2026, 3, 7, 15, 27)
+    welcome = Step(key="welcome", day=0, file="x.md")
+    later = Step(key="later", day=2, file="x.md")
+    kwargs = dict(started_at=started_at, timezone="America/New_York", day_seconds=86400)
+    assert scheduled_at(welcome, **kwargs) == started_at
+    assert scheduled_at(later, **kwargs) == started_at + timedelta(days=2)
+
+
+@pytest.mark.parametrize("day_seconds", [2, 60, 3600])
+def test_shrunk_days_ignore_send_times(day_seconds):
+    started_at = at(2026, 6, 10, 15, 0)
+    step = Step(key="d3", day=3, file="x.md", send_at=time(9, 0))
+    due = scheduled_at(step, started_at=started_at, timezone="Asia/Tokyo", day_seconds=day_seconds)
+    assert due == started_at + timedelta(seconds=3 * day_seconds)
+
+
+def test_unknown_time_zone_falls_back_to_utc():
+    due = scheduled_at(
+        DAY_1_AT_9, started_at=at(2026, 6, 10, 15, 0), timezone="Mars/Olympus", day_seconds=86400
+    )
+    assert due == at(2026, 6, 11, 9, 0)
+
+
+# --- The minimum gap ---------------------------------------------------------------
+
+
+def pure_settings(tmp_path, **env: str) -> Settings:
+    return load_settings({"NURTURE_INSTANCE": str(tmp_path / "instance"), "SECRET_KEY": "k", **env})
+
+
+def test_minimum_gap_default(tmp_path):
+    settings = pure_settings(tmp_path)
+    assert settings.min_gap_hours == 20
+    started_at = at(2026, 6, 10, 15, 0)
+    planned = scheduled_at(DAY_1_AT_9, started_at=started_at, timezone="UTC", day_seconds=86400)
+    previous = planned - timedelta(hours=2)
+    due = next_due(
+        DAY_1_AT_9,
+        started_at=started_at,
+        timezone="UTC",
+        previous_send=previous,
+        settings=settings,
+    )
+    assert due == previous + timedelta(hours=20)
+
+
+def test_minimum_gap_keeps_the_plan_when_it_is_far_enough(tmp_path):
+    settings = pure_settings(tmp_path)
+    started_at = at(2026, 6, 10, 15, 0)
+    due = next_due(
+        DAY_1_AT_9,
+        started_at=started_at,
+        timezone="America/New_York",
+        previous_send=started_at,
+        settings=settings,
+    )
+    assert due == at(2026, 6, 11, 9, 0, tz=NEW_YORK)
+
+
+def test_minimum_gap_shrinks_with_the_day(tmp_path):
+    settings = pure_settings(tmp_path, NURTURE_DAY_SECONDS="2")
+    gap = timedelta(seconds=20 * 3600 * 2 / 86400)
+    assert timedelta(seconds=settings.min_gap_seconds) == gap
+    started_at = at(2026, 6, 10, 15, 0)
+    planned = started_at + timedelta(seconds=2)  # day 1, send time ignored
+    previous = started_at + timedelta(seconds=1.5)
+    due = next_due(
+        DAY_1_AT_9,
+        started_at=started_at,
+        timezone="America/New_York",
+        previous_send=previous,
+        settings=settings,
+    )
+    assert due == previous + gap
+    assert due > planned
+
+
+# --- The due-scan on a real database -----------------------------------------------
+
+
+class Broker:
+    """A publish function that keeps what it was given, or fails like a dead broker."""
+
+    def __init__(self, down: bool = False):
+        self.down = down
+        self.batches: list[list[int]] = []
+
+    def __call__(self, ids: list[int]) -> None:
+        if self.down:
+            raise ConnectionError("broker unreachable")
+        self.batches.append(list(ids))
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for batch in self.batches for i in batch]
+
+
+def sequences(settings: Settings):
+    return load_sequences(settings.templates_path)
+
+
+def enroll(
+    settings: Settings, email: str, *, now: datetime, timezone: str = "UTC", confirmed=True
+) -> int:
+    """Sign up (double opt-in), let the confirmation go out, confirm; the subscriber id."""
+    steps = first_steps(sequences(settings))
+    request = SignupRequest(
+        email=email, first_name="Alex", timezone=timezone, sequence=SEQUENCE, source="api"
+    )
+    with session_scope(settings.database_url) as session:
+        confirmation_id = signup(session, settings, request, first_steps=steps, now=now)
+        assert confirmation_id is not None
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == confirmation_id)
+            .values(status=DeliveryStatus.SENT, sent_at=now)
+        )
+        subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email))
+        if confirmed:
+            assert confirm(session, subscriber_id, now=now, first_steps=steps) is not None
+    return subscriber_id
+
+
+def run(settings: Settings, now: datetime, publish):
+    with session_scope(settings.database_url) as session:
+        return dispatch(session, settings, sequences(settings), now=now, publish=publish)
+
+
+def course_deliveries(settings: Settings, subscriber_id: int | None = None) -> list[Delivery]:
+    query = select(Delivery).where(Delivery.step != "confirmation").order_by(Delivery.id)
+    if subscriber_id is not None:
+        query = query.where(Delivery.subscriber_id == subscriber_id)
+    with session_scope(settings.database_url) as session:
+        return list(session.scalars(query))
+
+
+def enrollment_of(settings: Settings, subscriber_id: int) -> Enrollment:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Enrollment).where(Enrollment.subscriber_id == subscriber_id))
+
+
+@BOTH_DATABASES
+def test_due_enrollment_gets_one_delivery_and_moves_on(settings):
+    subscriber_id = enroll(settings, "ann@example.com", now=T0)
+    before = enrollment_of(settings, subscriber_id)
+    assert (before.status, before.next_step, before.next_due_at) == ("active", "welcome", T0)
+
+    broker = Broker()
+    result = run(settings, T0, broker)
+
+    [delivery] = course_deliveries(settings)
+    assert (delivery.sequence, delivery.step, delivery.status) == (SEQUENCE, "welcome", "queued")
+    assert delivery.subscriber_id == subscriber_id
+    assert delivery.enrollment_id == before.id
+    assert delivery.message_id.startswith("<") and delivery.message_id.endswith("@nurture.test>")
+    assert delivery.enqueued_at == T0
+    assert broker.ids == [delivery.id]
+    assert (result.created, result.enqueued) == (1, 1)
+
+    after = enrollment_of(settings, subscriber_id)
+    assert after.status == "active"
+    assert after.next_step == "product-manager"
+    # Day 1 at 09:00 local (UTC here), which is more than the minimum gap away.
+    assert after.next_due_at == at(2026, 6, 2, 9, 0)
+
+
+@BOTH_DATABASES
+def test_dispatch_twice_at_the_same_now_creates_nothing_new(settings):
+    enroll(settings, "ann@example.com", now=T0)
+    broker = Broker()
+    run(settings, T0, broker)
+    again = run(settings, T0, broker)
+    assert (again.created, again.enqueued) == (0, 0)
+    assert len(course_deliveries(settings)) == 1
+    assert len(broker.ids) == 1
+
+
+@BOTH_DATABASES
+def test_nothing_before_it_is_due(settings):
+    subscriber_id = enroll(settings, "ann@example.com", now=T0, timezone="America/New_York")
+    enroll(settings, "unconfirmed@example.com", now=T0, confirmed=False)
+    broker = Broker()
+    run(settings, T0, broker)
+    assert [d.step for d in course_deliveries(settings)] == ["welcome"]
+
+    due = enrollment_of(settings, subscriber_id).next_due_at
+    assert due == at(2026, 6, 2, 9, 0, tz=NEW_YORK)
+    early = run(settings, due - timedelta(seconds=1), broker)
+    assert early.created == 0
+    assert len(course_deliveries(settings)) == 1
+    on_time = run(settings, due, broker)
+    assert on_time.created == 1
+    deliveries = course_deliveries(settings)
+    assert [d.step for d in deliveries] == ["welcome", "product-manager"]
+    assert broker.ids[-1] == deliveries[-1].id
+
+
+@BOTH_DATABASES
+def test_a_rewound_enrollment_does_not_deliver_a_step_twice(settings):
+    subscriber_id = enroll(settings, "ann@example.com", now=T0)
+    run(settings, T0, Broker())
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Enrollment)
+            .where(Enrollment.subscriber_id == subscriber_id)
+            .values(next_step="welcome", next_due_at=T0)
+        )
+    for tick in range(8 * 4 + 1):
+        run(settings, T0 + timedelta(minutes=1) + timedelta(hours=6 * tick), Broker())
+    steps = [d.step for d in course_deliveries(settings)]
+    assert sorted(steps) == sorted(COURSE_KEYS), steps
+
+
+@BOTH_DATABASES
+def test_a_returning_subscriber_gets_each_step_once_and_none_skipped(settings):
+    subscriber_id = enroll(settings, "ann@example.com", now=T0)
+    run(settings, T0, Broker())
+    pm_due = enrollment_of(settings, subscriber_id).next_due_at
+    run(settings, pm_due, Broker())
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.step == "welcome")
+            .values(status=DeliveryStatus.SENT, sent_at=T0)
+        )
+        # Leaves before the product-manager email went out: it is cancelled.
+        unsubscribe(session, subscriber_id, now=pm_due + timedelta(minutes=1), how="one-click")
+    assert {d.step: d.status for d in course_deliveries(settings)} == {
+        "welcome": "sent",
+        "product-manager": "cancelled",
+    }
+
+    back = T0 + timedelta(days=10)
+    assert enroll(settings, "ann@example.com", now=back) == subscriber_id
+    broker = Broker()
+    for tick in range(8 * 4 + 1):
+        run(settings, back + timedelta(hours=6 * tick), broker)
+
+    deliveries = course_deliveries(settings)
+    assert sorted(d.step for d in deliveries) == sorted(COURSE_KEYS)
+    statuses = {d.step: d.status for d in deliveries}
+    assert statuses["welcome"] == "sent"
+    for key in COURSE_KEYS[1:]:
+        assert statuses[key] == "queued", (key, statuses)
+    assert set(broker.ids) == {d.id for d in deliveries if d.step != "welcome"}
+
+
+@BOTH_DATABASES
+def test_after_the_last_step_the_enrollment_waits_for_the_send(settings):
+    subscriber_id = enroll(settings, "ann@example.com", now=T0)
+    broker = Broker()
+    now = T0
+    for _ in COURSE_KEYS:
+        run(settings, now, broker)
+        due = enrollment_of(settings, subscriber_id).next_due_at
+        if due is None:
+            break
+        now = due
+    assert [d.step for d in course_deliveries(settings)] == COURSE_KEYS
+    enrollment = enrollment_of(settings, subscriber_id)
+    assert enrollment.next_step is None
+    assert enrollment.next_due_at is None
+    assert enrollment.status == EnrollmentStatus.ACTIVE
+    assert enrollment.completed_at is None
+
+    later = run(settings, now + timedelta(days=30), Broker())
+    assert later.created == 0
+    assert enrollment_of(settings, subscriber_id).status == EnrollmentStatus.ACTIVE
+
+
+@BOTH_DATABASES
+def test_broker_down_keeps_deliveries_for_the_next_tick(settings):
+    enroll(settings, "ann@example.com", now=T0)
+    enroll(settings, "bob@example.com", now=T0)
+
+    result = run(settings, T0, Broker(down=True))
+    assert result.created == 2
+    assert result.enqueued == 0
+    assert result.publish_failed == 2
+    deliveries = course_deliveries(settings)
+    assert len(deliveries) == 2
+    assert all(d.status == "queued" and d.enqueued_at is None for d in deliveries)
+
+    broker = Broker()
+    later = T0 + timedelta(minutes=1)
+    result = run(settings, later, broker)
+    assert result.created == 0
+    assert sorted(broker.ids) == sorted(d.id for d in deliveries)
+    assert all(d.enqueued_at == later for d in course_deliveries(settings))
+
+
+@BOTH_DATABASES
+def test_a_lost_broker_message_is_published_again(settings):
+    enroll(settings, "ann@example.com", now=T0)
+    broker = Broker()
+    run(settings, T0, broker)
+    [delivery] = course_deliveries(settings)
+    assert broker.ids == [delivery.id]
+
+    # Handed out a moment ago: the worker has it, do not publish it again.
+    run(settings, T0 + timedelta(seconds=10), broker)
+    run(settings, T0 + timedelta(seconds=settings.requeue_after - 1), broker)
+    assert broker.ids == [delivery.id]
+
+    # Still queued long after it was handed out: the message was lost.
+    late = T0 + timedelta(seconds=settings.requeue_after + 1)
+    result = run(settings, late, broker)
+    assert result.enqueued == 1
+    assert broker.ids == [delivery.id, delivery.id]
+    [delivery] = course_deliveries(settings)
+    assert delivery.enqueued_at == late
+    assert delivery.status == "queued"
+
+
+@BOTH_DATABASES
+def test_an_expired_lease_is_released(settings):
+    enroll(settings, "ann@example.com", now=T0)
+    run(settings, T0, Broker())
+    [delivery] = course_deliveries(settings)
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery.id)
+            .values(status=DeliveryStatus.SENDING, lease_until=T0 + timedelta(minutes=10))
+        )
+
+    broker = Broker()
+    result = run(settings, T0 + timedelta(minutes=5), broker)  # the worker is still on it
+    assert result.released == 0
+    assert course_deliveries(settings)[0].status == "sending"
+    assert broker.ids == []
+
+    later = T0 + timedelta(minutes=11)  # the worker died
+    result = run(settings, later, broker)
+    assert result.released == 1
+    [delivery] = course_deliveries(settings)
+    assert delivery.status == "queued"
+    assert delivery.lease_until is None
+    assert broker.ids == [delivery.id]
+    assert delivery.enqueued_at == later
+
+
+@BOTH_DATABASES
+def test_outage_catch_up_is_spaced_by_the_minimum_gap(settings):
+    subscriber_id = enroll(settings, "ann@example.com", now=T0)
+    run(settings, T0, Broker())
+    assert enrollment_of(settings, subscriber_id).next_due_at == at(2026, 6, 2, 9, 0)
+
+    now = at(2026, 6, 5, 10, 0)  # the service was down for three days
+    broker = Broker()
+    assert run(settings, now, broker).created == 1
+    assert [d.step for d in course_deliveries(settings)][-1] == "product-manager"
+    assert enrollment_of(settings, subscriber_id).next_due_at == now + timedelta(hours=20)
+
+    assert run(settings, now + timedelta(hours=1), broker).created == 0
+    assert run(settings, now + timedelta(hours=19, minutes=59), broker).created == 0
+    assert len(course_deliveries(settings)) == 2
+
+    assert run(settings, now + timedelta(hours=20), broker).created == 1
+    assert [d.step for d in course_deliveries(settings)] == [
+        "welcome",
+        "product-manager",
+        "project-manager",
+    ]
+
+
+@BOTH_DATABASES
+def test_a_week_of_ticks_sends_the_course_once_in_order(settings):
+    subscriber_id = enroll(settings, "ann@example.com", now=T0, timezone="America/New_York")
+    other_id = enroll(settings, "kenji@example.com", now=T0, timezone="Asia/Tokyo")
+    broker = Broker()
+    for tick in range(8 * 4 + 1):
+        run(settings, T0 + timedelta(hours=6 * tick), broker)
+
+    for who, tz in ((subscriber_id, NEW_YORK), (other_id, TOKYO)):
+        deliveries = course_deliveries(settings, who)
+        assert [d.step for d in deliveries] == COURSE_KEYS
+        created = [d.created_at for d in deliveries]
+        assert created == sorted(created)
+        for earlier, later in zip(created, created[1:], strict=False):
+            assert later - earlier >= timedelta(hours=settings.min_gap_hours)
+        # Every step after the welcome waits for 09:00 local on its day.
+        for delivery in deliveries[1:]:
+            local = delivery.created_at.astimezone(tz)
+            day = COURSE_KEYS.index(delivery.step)
+            assert local >= datetime.combine(
+                T0.astimezone(tz).date() + timedelta(days=day), time(9, 0), tzinfo=tz
+            )
+        enrollment = enrollment_of(settings, who)
+        assert (enrollment.next_step, enrollment.status) == (None, "active")
+
+    assert len(course_deliveries(settings)) == 14
+    assert set(broker.ids) == {d.id for d in course_deliveries(settings)}

@@ -1,0 +1,338 @@
+"""The signup form and API: validation, consent, no enumeration, no mail in the request."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import BOTH_DATABASES, csrf_token
+from sqlalchemy import func, select
+
+from nurture.app import create_app
+from nurture.db import session_scope
+from nurture.models import (
+    CONFIRMATION_STEP,
+    Consent,
+    Delivery,
+    DeliveryStatus,
+    Enrollment,
+    EnrollmentStatus,
+    Subscriber,
+    SubscriberStatus,
+)
+from nurture.subscribers import CONSENT_TEXT, latest_consent
+from nurture.tokens import make_confirm_token, make_unsubscribe_token
+
+API = "/api/v1/subscribers"
+USER_AGENT = "Mozilla/5.0 (nurture tests)"
+STATES = ("new", "pending", "confirmed", "gone")
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def form_signup(client, email: str, first_name: str = "Ann", timezone: str = "Europe/Paris"):
+    """Post the signup form as a browser would (with the CSRF token from the page)."""
+    data = {
+        "csrf_token": csrf_token(client),
+        "email": email,
+        "first_name": first_name,
+        "timezone": timezone,
+    }
+    return client.post("/subscribe", data=data, headers={"User-Agent": USER_AGENT})
+
+
+def api_signup(client, email: str, **fields):
+    return client.post(API, json={"email": email, **fields})
+
+
+def subscriber(settings, email: str) -> Subscriber | None:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Subscriber).where(Subscriber.email == email))
+
+
+def count(settings, model, *where) -> int:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def confirmation_deliveries(settings, subscriber_id: int) -> list[Delivery]:
+    with session_scope(settings.database_url) as session:
+        return list(
+            session.scalars(
+                select(Delivery).where(
+                    Delivery.subscriber_id == subscriber_id, Delivery.step == CONFIRMATION_STEP
+                )
+            )
+        )
+
+
+def confirm(client, settings, email: str) -> None:
+    """Confirm through the real link, as the subscriber would."""
+    with session_scope(settings.database_url) as session:
+        sub = session.scalar(select(Subscriber).where(Subscriber.email == email))
+        consent_id = latest_consent(session, sub.id).id
+    token = make_confirm_token(settings.secret_key, sub.id, consent_id)
+    assert client.get(f"/confirm/{token}").status_code == 200
+
+
+def unsubscribe(client, settings, email: str) -> None:
+    token = make_unsubscribe_token(settings.secret_key, subscriber(settings, email).id)
+    assert client.post(f"/unsubscribe/{token}", data={"confirm": "yes"}).status_code == 200
+
+
+# --- the form ----------------------------------------------------------------------
+
+
+def test_landing_page_has_the_signup_form(client):
+    response = client.get("/")
+    page = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert re.search(r'<form[^>]+method="post"[^>]+action="/subscribe"', page)
+    assert re.search(r'<input[^>]+name="email"', page)
+    assert re.search(r'<input[^>]+name="first_name"', page)
+    assert re.search(r'<input type="hidden" name="timezone"', page)
+    assert re.search(r'<input type="hidden" name="csrf_token" value="[^"]+"', page)
+    assert CONSENT_TEXT in page
+
+
+@BOTH_DATABASES
+def test_form_signup_stores_a_pending_subscriber_with_consent_and_no_mail(client, settings, smtp):
+    response = form_signup(client, "ann@example.com", first_name="Ann")
+
+    assert response.status_code == 303
+    assert response.headers["Location"].endswith("/thanks")
+    sub = subscriber(settings, "ann@example.com")
+    assert sub is not None
+    assert sub.status == SubscriberStatus.PENDING
+    assert sub.first_name == "Ann"
+    assert sub.timezone == "Europe/Paris"
+    with session_scope(settings.database_url) as session:
+        consents = list(session.scalars(select(Consent).where(Consent.subscriber_id == sub.id)))
+        enrollments = list(
+            session.scalars(select(Enrollment).where(Enrollment.subscriber_id == sub.id))
+        )
+    assert len(consents) == 1
+    consent = consents[0]
+    assert consent.source == "form"
+    assert consent.consent_text == CONSENT_TEXT
+    assert consent.ip == "127.0.0.1"
+    assert consent.user_agent == USER_AGENT
+    assert consent.created_at is not None
+    assert consent.confirmed_at is None
+    assert [(e.sequence, e.status) for e in enrollments] == [
+        ("product-vs-project", EnrollmentStatus.PENDING)
+    ]
+    deliveries = confirmation_deliveries(settings, sub.id)
+    assert [d.status for d in deliveries] == [DeliveryStatus.QUEUED]
+    # The request only handed the delivery over; no worker runs, so nothing was sent.
+    assert smtp.messages == []
+    assert client.get("/thanks").status_code == 200
+
+
+def test_form_without_csrf_token_is_refused(client, settings):
+    response = client.post(
+        "/subscribe", data={"email": "ann@example.com", "first_name": "Ann", "timezone": "UTC"}
+    )
+    page = response.get_data(as_text=True)
+
+    assert response.status_code == 400
+    assert response.mimetype == "text/html"
+    assert "security token" in page
+    assert "Traceback" not in page
+    assert count(settings, Subscriber) == 0
+
+
+@pytest.mark.parametrize(
+    ("email", "first_name", "field"),
+    [
+        ("", "Ann", "email"),
+        ("not-an-email", "Ann", "email"),
+        ("a@example.com\r\nBcc: x@example.com", "Ann", "email"),
+        ("a@example.com", "Ann\r\nBcc: x@example.com", "first_name"),
+        ("a@example.com", "<script>alert(1)</script>", "first_name"),
+        ("a@example.com", "A" * 101, "first_name"),
+    ],
+    ids=["missing-email", "not-an-email", "email-crlf", "name-crlf", "name-script", "name-long"],
+)
+def test_invalid_form_shows_the_form_again_with_a_message(
+    client, settings, email, first_name, field
+):
+    response = form_signup(client, email, first_name=first_name)
+    page = response.get_data(as_text=True)
+
+    assert response.status_code == 422
+    assert re.search(r'<input[^>]+name="email"', page), "the form is shown again"
+    error_id = {"email": "email-error", "first_name": "first-name-error"}[field]
+    other_id = {"email": "first-name-error", "first_name": "email-error"}[field]
+    assert re.search(rf'<span class="error" id="{error_id}">[^<]+</span>', page)
+    assert f'id="{other_id}"' not in page
+    assert "<script>alert(1)" not in page
+    if "script" in first_name:
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert count(settings, Subscriber) == 0
+
+
+def test_form_with_unknown_time_zone_falls_back_to_default(client, settings):
+    response = form_signup(client, "ann@example.com", timezone="Mars/Olympus_Mons")
+
+    assert response.status_code == 303
+    assert subscriber(settings, "ann@example.com").timezone == "UTC"
+
+
+def test_api_rejects_unknown_time_zone(client, settings):
+    response = api_signup(client, "ann@example.com", timezone="Mars/Olympus_Mons")
+
+    assert response.status_code == 422
+    assert set(response.get_json()["errors"]) == {"timezone"}
+    assert count(settings, Subscriber) == 0
+
+
+# --- the API -----------------------------------------------------------------------
+
+
+@BOTH_DATABASES
+def test_api_signup_is_accepted(client, settings, smtp):
+    response = api_signup(client, "bob@example.com", first_name="Bob", timezone="Asia/Tokyo")
+
+    assert response.status_code == 202
+    body = response.get_json()
+    assert body["status"] == "accepted"
+    assert body["message"]
+    sub = subscriber(settings, "bob@example.com")
+    assert (sub.status, sub.first_name, sub.timezone) == (
+        SubscriberStatus.PENDING,
+        "Bob",
+        "Asia/Tokyo",
+    )
+    with session_scope(settings.database_url) as session:
+        assert latest_consent(session, sub.id).source == "api"
+    assert len(confirmation_deliveries(settings, sub.id)) == 1
+    assert smtp.messages == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"email": "not-an-email"}, "email"),
+        ({"email": 5}, "email"),
+        ({"email": "ann@example.com", "first_name": ["Ann"]}, "first_name"),
+        ({"email": "ann@example.com", "sequence": "no-such-course"}, "sequence"),
+        ({"email": "ann@example.com", "is_admin": True}, "is_admin"),
+    ],
+    ids=["bad-email", "email-not-text", "name-not-text", "unknown-sequence", "unknown-field"],
+)
+def test_api_invalid_fields_get_422_naming_the_field(client, settings, body, field):
+    response = client.post(API, json=body)
+
+    assert response.status_code == 422
+    assert response.mimetype == "application/json"
+    errors = response.get_json()["errors"]
+    assert field in errors
+    assert isinstance(errors[field], str) and errors[field]
+    assert count(settings, Subscriber) == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ['{"email": "ann@example.com"', '["ann@example.com"]', '"ann@example.com"', ""],
+    ids=["malformed", "array", "string", "empty"],
+)
+def test_api_body_that_is_not_a_json_object_gets_400_json(client, settings, raw):
+    response = client.post(API, data=raw, content_type="application/json")
+
+    assert response.status_code == 400
+    assert response.mimetype == "application/json"
+    assert response.get_json()["errors"]
+    assert count(settings, Subscriber) == 0
+
+
+def test_api_huge_body_gets_413_json(client, settings):
+    raw = '{"email": "ann@example.com", "first_name": "' + "A" * 200_000 + '"}'
+    response = client.post(API, data=raw, content_type="application/json")
+
+    assert response.status_code == 413
+    assert response.mimetype == "application/json"
+    errors = response.get_json()["errors"]
+    assert "too large" in " ".join(errors.values())
+    assert count(settings, Subscriber) == 0
+
+
+# --- no enumeration, throttling, options -------------------------------------------
+
+
+def addresses_in_every_state(client, settings, prefix: str) -> list[str]:
+    """A new, a pending, a confirmed and an unsubscribed address."""
+    new, pending, confirmed, gone = (f"{prefix}-{kind}@example.com" for kind in STATES)
+    api_signup(client, pending)
+    api_signup(client, confirmed)
+    confirm(client, settings, confirmed)
+    api_signup(client, gone)
+    confirm(client, settings, gone)
+    unsubscribe(client, settings, gone)
+    assert subscriber(settings, new) is None
+    assert subscriber(settings, pending).status == SubscriberStatus.PENDING
+    assert subscriber(settings, confirmed).status == SubscriberStatus.ACTIVE
+    assert subscriber(settings, gone).status == SubscriberStatus.UNSUBSCRIBED
+    return [new, pending, confirmed, gone]
+
+
+@BOTH_DATABASES
+def test_same_answer_whatever_the_address_history(client, settings):
+    api_answers = {
+        (response.status_code, response.get_data())
+        for response in (
+            api_signup(client, email) for email in addresses_in_every_state(client, settings, "api")
+        )
+    }
+    form_answers = {
+        (response.status_code, response.headers.get("Location"), response.get_data())
+        for response in (
+            form_signup(client, email)
+            for email in addresses_in_every_state(client, settings, "form")
+        )
+    }
+
+    assert len(api_answers) == 1, api_answers
+    assert next(iter(api_answers))[0] == 202
+    assert len(form_answers) == 1, form_answers
+    assert next(iter(form_answers))[0] == 303
+
+
+@BOTH_DATABASES
+def test_second_signup_within_ten_minutes_queues_no_second_confirmation(client, settings):
+    assert api_signup(client, "ann@example.com").status_code == 202
+    assert form_signup(client, "ann@example.com").status_code == 303
+
+    sub = subscriber(settings, "ann@example.com")
+    assert sub.status == SubscriberStatus.PENDING
+    assert len(confirmation_deliveries(settings, sub.id)) == 1
+
+
+@BOTH_DATABASES
+def test_single_opt_in_activates_at_once(stack):
+    single = stack.with_env(DOUBLE_OPT_IN="0")
+    client = create_app(single.settings).test_client()
+
+    assert api_signup(client, "ann@example.com").status_code == 202
+
+    settings = single.settings
+    sub = subscriber(settings, "ann@example.com")
+    assert sub.status == SubscriberStatus.ACTIVE
+    assert sub.confirmed_at is not None
+    with session_scope(settings.database_url) as session:
+        enrollment = session.scalar(select(Enrollment).where(Enrollment.subscriber_id == sub.id))
+    assert enrollment.status == EnrollmentStatus.ACTIVE
+    assert enrollment.next_step == "welcome"
+    assert enrollment.next_due_at is not None
+    assert confirmation_deliveries(settings, sub.id) == []
+
+
+@BOTH_DATABASES
+def test_email_case_does_not_make_a_second_subscriber(client, settings):
+    assert api_signup(client, "Ann@Example.COM").status_code == 202
+    assert form_signup(client, "ann@example.com").status_code == 303
+
+    with session_scope(settings.database_url) as session:
+        emails = list(session.scalars(select(Subscriber.email)))
+    assert emails == ["ann@example.com"]
