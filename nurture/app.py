@@ -51,9 +51,10 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
     app.extensions["nurture"] = AppState(settings=settings, celery=celery or make_celery(settings))
     csrf.init_app(app)
 
-    from nurture import admin, health, signup
+    from nurture import admin, health, signup, tracking
 
     app.register_blueprint(signup.bp)
+    app.register_blueprint(tracking.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(admin.bp)
     _register_error_pages(app)

@@ -146,6 +146,24 @@ def dispatch(now_text: str | None) -> None:
 
 
 @main.command()
+@click.argument("email")
+def timeline(email: str) -> None:
+    """Print a subscriber's past and planned sends, in local time and UTC."""
+    from nurture.db import session_scope
+    from nurture.models import utcnow
+    from nurture.sequences import current_sequences
+    from nurture.timeline import format_timeline
+    from nurture.timeline import timeline as build
+
+    settings = _settings()
+    with session_scope(settings.database_url) as session:
+        line = build(session, settings, current_sequences(settings.templates_path), email, utcnow())
+        if line is None:
+            raise click.ClickException(f"no subscriber has the address {email}")
+        click.echo(format_timeline(line))
+
+
+@main.command()
 def lint() -> None:
     """Check every sequence and email; print file:line: message, exit 1 on errors."""
     from nurture.lint import lint_templates

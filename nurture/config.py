@@ -48,6 +48,11 @@ class Settings:
     confirm_max_age: int = 7 * 86400
     batch_size: int = 50
     outbox_path: Path = field(default=Path("instance/outbox"))
+    lease_seconds: int = 600
+    requeue_seconds: int | None = None
+    retry_base_seconds: int = 60
+    retry_horizon_hours: float = 72.0
+    webhook_secret: str = ""
 
     @property
     def is_dev(self) -> bool:
@@ -74,7 +79,7 @@ class Settings:
         A message the broker lost (Redis flushed, a worker killed before it
         acknowledged) is found again by the dispatcher after this long.
         """
-        return max(60, 5 * self.dispatch_interval)
+        return self.requeue_seconds or max(60, 5 * self.dispatch_interval)
 
     @property
     def mail_from_address(self) -> str:
@@ -101,6 +106,16 @@ def _positive_int(value: str, name: str) -> int:
     if number < 1:
         raise ConfigError(f"{name} must be at least 1, not {number}")
     return number
+
+
+def _hours(value: str, name: str) -> float:
+    try:
+        hours = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of hours, not {value!r}") from None
+    if hours < 0:
+        raise ConfigError(f"{name} cannot be negative")
+    return hours
 
 
 def _dev_secret_key(instance: Path) -> str:
@@ -147,10 +162,7 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
             raise ConfigError(f"{required} is required when NURTURE_ENV=production")
 
     day_seconds = _positive_int(get("NURTURE_DAY_SECONDS", "86400"), "NURTURE_DAY_SECONDS")
-    try:
-        min_gap = float(get("MIN_GAP_HOURS", "20"))
-    except ValueError:
-        raise ConfigError("MIN_GAP_HOURS must be a number of hours") from None
+    requeue = get("REQUEUE_AFTER_SECONDS")
 
     return Settings(
         env=env,
@@ -170,8 +182,13 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         ),
         templates_path=Path(get("NURTURE_TEMPLATES", str(root / "templates" / "emails"))),
         default_timezone=get("DEFAULT_TIMEZONE", "UTC"),
-        min_gap_hours=min_gap,
+        min_gap_hours=_hours(get("MIN_GAP_HOURS", "20"), "MIN_GAP_HOURS"),
         outbox_path=instance / "outbox",
+        lease_seconds=_positive_int(get("DELIVERY_LEASE_SECONDS", "600"), "DELIVERY_LEASE_SECONDS"),
+        requeue_seconds=_positive_int(requeue, "REQUEUE_AFTER_SECONDS") if requeue else None,
+        retry_base_seconds=_positive_int(get("RETRY_BASE_SECONDS", "60"), "RETRY_BASE_SECONDS"),
+        retry_horizon_hours=_hours(get("RETRY_HORIZON_HOURS", "72"), "RETRY_HORIZON_HOURS"),
+        webhook_secret=get("WEBHOOK_SECRET"),
     )
 
 

@@ -40,16 +40,13 @@ from nurture.models import (
     SubscriberStatus,
     utcnow,
 )
-from nurture.render import Renderer, RenderError
+from nurture.render import Renderer, RenderError, rewrite_links
 from nurture.sequences import Sequence
-from nurture.subscribers import latest_consent
+from nurture.subscribers import latest_consent, stop_enrollments
 
 log = logging.getLogger(__name__)
 
-LEASE = timedelta(minutes=10)
-RETRY_HORIZON = timedelta(days=3)
-BACKOFF_BASE = 60  # seconds before the first retry
-BACKOFF_MAX = 3600
+BACKOFF_MAX = 3600  # seconds: retries are at least hourly
 
 
 @dataclass
@@ -60,13 +57,17 @@ class BatchResult:
     skipped: int = 0
 
 
-def backoff(attempts: int) -> timedelta:
-    """Exponential backoff with full jitter: 1, 2, 4 ... 60 minutes at most."""
-    ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** max(0, attempts - 1))
+def backoff(attempts: int, base: int) -> timedelta:
+    """Exponential backoff with jitter: base, 2 x base, 4 x base ... an hour at most.
+
+    The jitter (half to all of the step) spreads retries of a batch that failed
+    together, so they do not hit a recovering server at the same moment.
+    """
+    ceiling = min(BACKOFF_MAX, base * 2 ** max(0, attempts - 1))
     return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
 
-def claim(session: Session, delivery_id: int, now: datetime) -> Delivery | None:
+def claim(session: Session, delivery_id: int, now: datetime, lease: timedelta) -> Delivery | None:
     """Take a delivery for this worker, or None if it is not ours to send.
 
     Only a queued delivery that the dispatcher has handed out (enqueued_at set)
@@ -84,7 +85,7 @@ def claim(session: Session, delivery_id: int, now: datetime) -> Delivery | None:
         )
         .values(
             status=DeliveryStatus.SENDING,
-            lease_until=now + LEASE,
+            lease_until=now + lease,
             attempts=Delivery.attempts + 1,
         )
     )
@@ -103,8 +104,10 @@ def _finish(session: Session, delivery: Delivery, **values) -> None:
     session.commit()
 
 
-def _complete_enrollment_if_done(session: Session, enrollment_id: int, now: datetime) -> None:
+def _complete_enrollment_if_done(session: Session, enrollment_id: int | None, now) -> None:
     """An enrollment is completed only when it has no step left and nothing unsent."""
+    if enrollment_id is None:
+        return
     unsent = session.scalar(
         select(func.count())
         .select_from(Delivery)
@@ -138,6 +141,10 @@ class Composer:
             course_url=settings.course_url,
         )
 
+    def click_url(self, delivery_id: int, url: str) -> str:
+        token = tokens.make_click_token(self.settings.secret_key, delivery_id, url)
+        return f"{self.settings.base_url}/r/{token}"
+
     def unsubscribe_url(self, subscriber_id: int) -> str:
         token = tokens.make_unsubscribe_token(self.settings.secret_key, subscriber_id)
         return f"{self.settings.base_url}/unsubscribe/{token}"
@@ -149,7 +156,12 @@ class Composer:
                 subscriber, consent.id if consent else 0, delivery.message_id, now
             )
         return self.course_step(
-            delivery.sequence or "", delivery.step, subscriber, delivery.message_id, now
+            delivery.sequence or "",
+            delivery.step,
+            subscriber,
+            delivery.message_id,
+            now,
+            delivery_id=delivery.id,
         )
 
     def confirmation(self, subscriber: Subscriber, consent_id: int, message_id: str, now):
@@ -170,8 +182,16 @@ class Composer:
         )
 
     def course_step(
-        self, sequence_name: str, step_key: str, subscriber: Subscriber, message_id, now
+        self,
+        sequence_name: str,
+        step_key: str,
+        subscriber: Subscriber,
+        message_id: str,
+        now: datetime,
+        *,
+        delivery_id: int | None = None,
     ):
+        """A course email; with a `delivery_id` its links are tracked through /r/."""
         sequence = self.sequences.get(sequence_name)
         step = sequence.step(step_key) if sequence else None
         if step is None:
@@ -183,6 +203,12 @@ class Composer:
             unsubscribe_url=unsubscribe_url,
             list_title=sequence.title,
         )
+        if delivery_id is not None:
+            rendered = rewrite_links(
+                rendered,
+                lambda url: self.click_url(delivery_id, url),
+                keep=frozenset({unsubscribe_url}),
+            )
         return build_message(
             rendered,
             to_email=subscriber.email,
@@ -196,8 +222,14 @@ class Composer:
         )
 
 
-def _may_send(session: Session, delivery: Delivery) -> tuple[Subscriber | None, str | None]:
-    """The subscriber, or the reason this delivery must not go out any more."""
+def _may_send(
+    session: Session, delivery: Delivery, sequences: Mapping[str, Sequence]
+) -> tuple[Subscriber | None, str | None]:
+    """The subscriber, or the reason this delivery must not go out any more.
+
+    Checked just before the SMTP send, so an unsubscribe, a bounce or a
+    conversion that happened after the delivery was queued still counts.
+    """
     subscriber = session.get(Subscriber, delivery.subscriber_id, populate_existing=True)
     if subscriber is None or subscriber.status in SubscriberStatus.SUPPRESSED:
         return None, f"subscriber is {subscriber.status if subscriber else 'gone'}"
@@ -210,6 +242,10 @@ def _may_send(session: Session, delivery: Delivery) -> tuple[Subscriber | None, 
     enrollment = session.get(Enrollment, delivery.enrollment_id, populate_existing=True)
     if enrollment is None or enrollment.status == EnrollmentStatus.STOPPED:
         return None, "enrollment stopped"
+    sequence = sequences.get(delivery.sequence or "")
+    step = sequence.step(delivery.step) if sequence else None
+    if step is not None and step.sales and enrollment.converted_at is not None:
+        return None, "converted: sales steps stop"
     return subscriber, None
 
 
@@ -226,19 +262,20 @@ def send_batch(
     result = BatchResult()
     composer = Composer(settings, sequences)
     smtp = connection or SMTPConnection(parse_smtp_url(settings.smtp_url))
+    lease = timedelta(seconds=settings.lease_seconds)
     pending = list(delivery_ids)
     with smtp:
         while pending:
             delivery_id = pending.pop(0)
             now = clock()
-            delivery = claim(session, delivery_id, now)
+            delivery = claim(session, delivery_id, now, lease)
             if delivery is None:
                 result.skipped += 1
                 continue
-            outcome = _send_one(session, composer, smtp, delivery, now)
+            outcome = _send_one(session, settings, composer, smtp, delivery, now)
             if outcome == "unreachable":
                 # No point trying the rest now: they wait for a later tick.
-                _defer(session, pending, now, "SMTP server unreachable")
+                _defer(session, settings, pending, now, "SMTP server unreachable")
                 result.retry += 1 + len(pending)
                 pending = []
             else:
@@ -246,28 +283,34 @@ def send_batch(
     return result
 
 
-def _defer(session: Session, ids: list[int], now: datetime, reason: str) -> None:
+def _defer(session: Session, settings: Settings, ids: list[int], now, reason: str) -> None:
+    """Put unclaimed deliveries back for a later tick, without counting an attempt."""
     if not ids:
         return
     session.execute(
         update(Delivery)
         .where(Delivery.id.in_(ids), Delivery.status == DeliveryStatus.QUEUED)
-        .values(enqueued_at=None, not_before=now + backoff(1), last_error=reason)
+        .values(
+            enqueued_at=None,
+            not_before=now + backoff(1, settings.retry_base_seconds),
+            last_error=reason,
+        )
     )
     session.commit()
 
 
-def _send_one(session, composer: Composer, smtp, delivery: Delivery, now) -> str:
+def _send_one(session, settings: Settings, composer: Composer, smtp, delivery, now) -> str:
     """Send one claimed delivery; return sent, retry, unreachable, failed or skipped."""
-    subscriber, reason = _may_send(session, delivery)
+    subscriber, reason = _may_send(session, delivery, composer.sequences)
     if subscriber is None:
         _finish(session, delivery, status=DeliveryStatus.CANCELLED, last_error=reason)
+        _complete_enrollment_if_done(session, delivery.enrollment_id, now)
         return "skipped"
     try:
         message = composer.compose(session, delivery, subscriber, now)
     except RenderError as error:
-        log.error("delivery %s not sent, the template is broken: %s", delivery.id, error)
-        _retry_or_fail(session, delivery, now, f"template error: {error}")
+        log.error("delivery %s held, its template is broken: %s", delivery.id, error)
+        _retry_or_fail(session, settings, delivery, now, f"template error: {error}")
         return "retry"
     try:
         smtp.send(message)
@@ -278,24 +321,25 @@ def _send_one(session, composer: Composer, smtp, delivery: Delivery, now) -> str
         return "failed"
     except TemporaryFailure as error:
         log.warning("delivery %s deferred: %s", delivery.id, error)
-        _retry_or_fail(session, delivery, now, str(error))
+        _retry_or_fail(session, settings, delivery, now, str(error))
         return "unreachable" if isinstance(error, ServerUnreachable) else "retry"
     _finish(session, delivery, status=DeliveryStatus.SENT, sent_at=now, last_error=None)
-    if delivery.enrollment_id is not None:
-        _complete_enrollment_if_done(session, delivery.enrollment_id, now)
+    _complete_enrollment_if_done(session, delivery.enrollment_id, now)
     return "sent"
 
 
-def _retry_or_fail(session: Session, delivery: Delivery, now: datetime, reason: str) -> None:
-    if now - delivery.created_at > RETRY_HORIZON:
+def _retry_or_fail(session, settings: Settings, delivery: Delivery, now, reason: str) -> None:
+    """Back off and try again, until the retry horizon; then fail with the reason."""
+    if now - delivery.created_at > timedelta(hours=settings.retry_horizon_hours):
         _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=f"gave up: {reason}")
+        _complete_enrollment_if_done(session, delivery.enrollment_id, now)
         return
     _finish(
         session,
         delivery,
         status=DeliveryStatus.QUEUED,
         enqueued_at=None,
-        not_before=now + backoff(delivery.attempts),
+        not_before=now + backoff(delivery.attempts, settings.retry_base_seconds),
         last_error=reason,
     )
 
@@ -306,14 +350,7 @@ def _suppress_bounced(session, subscriber_id: int, now, reason: str, delivery_id
         .where(Subscriber.id == subscriber_id)
         .values(status=SubscriberStatus.BOUNCED)
     )
-    session.execute(
-        update(Enrollment)
-        .where(
-            Enrollment.subscriber_id == subscriber_id,
-            Enrollment.status.in_([EnrollmentStatus.PENDING, EnrollmentStatus.ACTIVE]),
-        )
-        .values(status=EnrollmentStatus.STOPPED, next_due_at=None)
-    )
+    stop_enrollments(session, subscriber_id)
     session.add(
         Event(
             subscriber_id=subscriber_id,

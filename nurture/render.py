@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +147,26 @@ def markdown_to_text(source: str) -> str:
     text = EMPHASIS.sub(r"\2", text)
     text = re.sub(r"\x00(\d+)\x00", lambda m: kept[int(m.group(1))], text)
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+HREF = re.compile(r'href="(https?://[^"]+)"')
+
+
+def rewrite_links(
+    email: RenderedEmail, rewrite: Callable[[str], str], keep: frozenset[str] = frozenset()
+) -> RenderedEmail:
+    """The same email with every http(s) link but those in `keep` rewritten.
+
+    Used for click tracking: the HTML's hrefs and the same URLs spelled out in
+    the text part both go through `rewrite`.
+    """
+    urls = {html.unescape(u) for u in HREF.findall(email.html)} - keep
+    page, text = email.html, email.text
+    for url in sorted(urls, key=len, reverse=True):
+        target = rewrite(url)
+        page = page.replace(f'href="{html.escape(url)}"', f'href="{html.escape(target)}"')
+        text = re.sub(re.escape(url) + r"(?=[\s)>\]]|$)", lambda _m, t=target: t, text)
+    return RenderedEmail(subject=email.subject, preheader=email.preheader, html=page, text=text)
 
 
 class Renderer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import and_, or_, select, update
@@ -37,21 +37,50 @@ def zone(name: str) -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
-def scheduled_at(step: Step, *, started_at: datetime, timezone: str, day_seconds: int) -> datetime:
+def _weekday(day: date, skip_weekends: bool) -> date:
+    """`day`, or the Monday after it when it is a weekend day we skip."""
+    if skip_weekends and day.weekday() >= 5:
+        return day + timedelta(days=7 - day.weekday())
+    return day
+
+
+def scheduled_at(
+    step: Step,
+    *,
+    started_at: datetime,
+    timezone: str,
+    day_seconds: int,
+    skip_weekends: bool = False,
+) -> datetime:
     """When `step` is meant to go out for an enrollment that started at `started_at`.
 
     In real time (`day_seconds` 86400) a step with a send time goes out at that
     local time on its day in the subscriber's zone; the wall clock is kept
-    across daylight-saving changes. With shrunk days, send times are ignored
-    and offsets shrink in proportion.
+    across daylight-saving changes, and with `skip_weekends` a Saturday or
+    Sunday becomes Monday. With shrunk days, send times and weekends are
+    ignored and offsets shrink in proportion.
     """
-    if step.send_at is None or day_seconds != 86400:
+    if day_seconds != 86400:
         return started_at + timedelta(seconds=step.day * day_seconds)
     tz = zone(timezone)
-    local_day = started_at.astimezone(tz).date() + timedelta(days=step.day)
-    local = datetime.combine(local_day, step.send_at, tzinfo=tz)
+    local_start = started_at.astimezone(tz)
+    planned_day = local_start.date() + timedelta(days=step.day)
+    local_day = _weekday(planned_day, skip_weekends)
+    if step.send_at is None:
+        return started_at + timedelta(days=step.day + (local_day - planned_day).days)
     # A time that does not exist (the spring-forward gap) comes out an hour later.
-    return local.astimezone(UTC)
+    return datetime.combine(local_day, step.send_at, tzinfo=tz).astimezone(UTC)
+
+
+def _next_slot(earliest: datetime, send_at: time, tz: ZoneInfo, skip_weekends: bool):
+    """The first local `send_at` at or after `earliest` (on a weekday, if asked)."""
+    day = earliest.astimezone(tz).date()
+    while True:
+        day = _weekday(day, skip_weekends)
+        slot = datetime.combine(day, send_at, tzinfo=tz).astimezone(UTC)
+        if slot >= earliest:
+            return slot
+        day += timedelta(days=1)
 
 
 def next_due(
@@ -61,16 +90,57 @@ def next_due(
     timezone: str,
     previous_send: datetime,
     settings: Settings,
+    skip_weekends: bool = False,
 ) -> datetime:
     """The step's scheduled time, but never sooner than the minimum gap after the last.
 
-    After an outage this spaces the overdue steps out one per gap, in order,
-    instead of sending several days of the course at once.
+    This is the lateness policy: after an outage, or for someone who confirmed
+    late in the evening, course emails go out at most one per MIN_GAP_HOURS,
+    in order; a step with a send time then waits for the next such local time,
+    so it still arrives when the marketer meant it to.
     """
     planned = scheduled_at(
-        step, started_at=started_at, timezone=timezone, day_seconds=settings.day_seconds
+        step,
+        started_at=started_at,
+        timezone=timezone,
+        day_seconds=settings.day_seconds,
+        skip_weekends=skip_weekends,
     )
-    return max(planned, previous_send + timedelta(seconds=settings.min_gap_seconds))
+    earliest = previous_send + timedelta(seconds=settings.min_gap_seconds)
+    if planned >= earliest:
+        return planned
+    if step.send_at is None or settings.day_seconds != 86400:
+        return earliest
+    return _next_slot(earliest, step.send_at, zone(timezone), skip_weekends)
+
+
+def plan(
+    enrollment: Enrollment, sequence: Sequence, timezone: str, settings: Settings, now: datetime
+) -> list[tuple[Step, datetime]]:
+    """The steps still to come for an enrollment, each with when it will go out.
+
+    Assumes each goes out when due, as the due-scan sends it; the first one
+    waits for `now` if it is overdue.
+    """
+    if enrollment.status != "active" or not enrollment.next_step or not enrollment.next_due_at:
+        return []
+    step = sequence.step(enrollment.next_step)
+    planned: list[tuple[Step, datetime]] = []
+    due = max(enrollment.next_due_at, now)
+    while step is not None:
+        if not (step.sales and enrollment.converted_at):
+            if planned:
+                due = next_due(
+                    step,
+                    started_at=enrollment.started_at or now,
+                    timezone=timezone,
+                    previous_send=planned[-1][1],
+                    settings=settings,
+                    skip_weekends=sequence.skip_weekends,
+                )
+            planned.append((step, due))
+        step = sequence.after(step.key)
+    return planned
 
 
 @dataclass
@@ -164,8 +234,9 @@ def create_due_deliveries(
 def _advance(session, settings, sequences, enrollment: Enrollment, timezone: str, now) -> int:
     """Write the due step's delivery and point the enrollment at the step after it.
 
-    Steps this subscriber already had (a returning subscriber) are passed over
-    in the same tick, so they neither repeat nor wait a gap each.
+    Steps this subscriber already had (a returning subscriber), and sales steps
+    after a conversion, are passed over in the same tick, so they neither
+    repeat nor wait a gap each.
     """
     sequence = sequences.get(enrollment.sequence)
     step = sequence.step(enrollment.next_step) if sequence and enrollment.next_step else None
@@ -180,7 +251,8 @@ def _advance(session, settings, sequences, enrollment: Enrollment, timezone: str
         return 0
     written = False
     while step is not None and not written:
-        written = _write_delivery(session, settings, enrollment, step, now)
+        converted = step.sales and enrollment.converted_at is not None
+        written = not converted and _write_delivery(session, settings, enrollment, step, now)
         step = sequence.after(step.key)
     enrollment.next_step = step.key if step else None
     enrollment.next_due_at = (
@@ -190,6 +262,7 @@ def _advance(session, settings, sequences, enrollment: Enrollment, timezone: str
             timezone=timezone,
             previous_send=now,
             settings=settings,
+            skip_weekends=sequence.skip_weekends,
         )
         if step
         else None

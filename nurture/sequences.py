@@ -38,6 +38,8 @@ class Sequence:
     description: str
     path: Path
     steps: tuple[Step, ...]
+    #: Steps that would land on a Saturday or Sunday (local time) move to Monday.
+    skip_weekends: bool = False
 
     def step(self, key: str) -> Step | None:
         return next((s for s in self.steps if s.key == key), None)
@@ -121,12 +123,17 @@ def load_sequence(folder: Path) -> Sequence:
             raise SequenceError(
                 f"{where}:{line}: step {step.key!r} has a day before the step above"
             )
+    skip_weekends = data.get("skip_weekends", False)
+    if not isinstance(skip_weekends, bool):
+        line = _line_of(text, "skip_weekends")
+        raise SequenceError(f"{where}:{line}: skip_weekends must be true or false")
     return Sequence(
         name=name,
         title=str(data.get("title", name)),
         description=str(data.get("description", "")),
         path=folder,
         steps=steps,
+        skip_weekends=skip_weekends,
     )
 
 
@@ -161,3 +168,11 @@ def current_sequences(templates_path: Path) -> dict[str, Sequence]:
 def first_steps(sequences: dict[str, Sequence]) -> dict[str, str]:
     """Each sequence's first step key, which is where an enrollment starts."""
     return {name: sequence.first.key for name, sequence in sequences.items()}
+
+
+def sales_steps(sequences: dict[str, Sequence]) -> dict[str, frozenset[str]]:
+    """Each sequence's steps marked `sales = true`: they stop once someone converts."""
+    return {
+        name: frozenset(step.key for step in sequence.steps if step.sales)
+        for name, sequence in sequences.items()
+    }

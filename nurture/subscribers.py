@@ -295,6 +295,18 @@ def confirm(
     return subscriber
 
 
+def stop_enrollments(session: Session, subscriber_id: int) -> None:
+    """Stop every enrollment of a subscriber who must not be mailed any more."""
+    session.execute(
+        update(Enrollment)
+        .where(
+            Enrollment.subscriber_id == subscriber_id,
+            Enrollment.status.in_([EnrollmentStatus.PENDING, EnrollmentStatus.ACTIVE]),
+        )
+        .values(status=EnrollmentStatus.STOPPED, next_due_at=None)
+    )
+
+
 def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str) -> bool:
     """Unsubscribe at once and for good; True if the subscriber exists.
 
@@ -309,14 +321,7 @@ def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str
         return True
     subscriber.status = SubscriberStatus.UNSUBSCRIBED
     subscriber.unsubscribed_at = now
-    session.execute(
-        update(Enrollment)
-        .where(
-            Enrollment.subscriber_id == subscriber_id,
-            Enrollment.status.in_([EnrollmentStatus.PENDING, EnrollmentStatus.ACTIVE]),
-        )
-        .values(status=EnrollmentStatus.STOPPED, next_due_at=None)
-    )
+    stop_enrollments(session, subscriber_id)
     session.execute(
         update(Delivery)
         .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.QUEUED)
@@ -324,3 +329,41 @@ def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str
     )
     session.add(Event(subscriber_id=subscriber_id, kind="unsubscribe", detail=how, created_at=now))
     return True
+
+
+def convert(
+    session: Session,
+    subscriber_id: int,
+    *,
+    now: datetime,
+    source: str,
+    sales_steps: Mapping[str, frozenset[str]],
+) -> int:
+    """Record that the subscriber took the course's goal; return enrollments converted.
+
+    Sales steps not yet sent are cancelled and will be passed over; the rest of
+    the course goes on. Converting twice changes nothing.
+    """
+    enrollments = session.scalars(
+        select(Enrollment).where(
+            Enrollment.subscriber_id == subscriber_id, Enrollment.converted_at.is_(None)
+        )
+    ).all()
+    for enrollment in enrollments:
+        enrollment.converted_at = now
+        steps = sales_steps.get(enrollment.sequence, frozenset())
+        if steps:
+            session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.enrollment_id == enrollment.id,
+                    Delivery.step.in_(steps),
+                    Delivery.status == DeliveryStatus.QUEUED,
+                )
+                .values(status=DeliveryStatus.CANCELLED, last_error="converted")
+            )
+    if enrollments:
+        session.add(
+            Event(subscriber_id=subscriber_id, kind="conversion", detail=source, created_at=now)
+        )
+    return len(enrollments)

@@ -144,7 +144,7 @@ def pure_settings(tmp_path, **env: str) -> Settings:
     return load_settings({"NURTURE_INSTANCE": str(tmp_path / "instance"), "SECRET_KEY": "k", **env})
 
 
-def test_minimum_gap_default(tmp_path):
+def test_minimum_gap_default_waits_for_the_next_send_time(tmp_path):
     settings = pure_settings(tmp_path)
     assert settings.min_gap_hours == 20
     started_at = at(2026, 6, 10, 15, 0)
@@ -156,6 +156,12 @@ def test_minimum_gap_default(tmp_path):
         timezone="UTC",
         previous_send=previous,
         settings=settings,
+    )
+    # 07:00 + 20 h is 03:00 the next day; the step keeps its 09:00 send time.
+    assert due == at(2026, 6, 12, 9, 0)
+    untimed = Step(key="untimed", day=1, file="x.md")
+    due = next_due(
+        untimed, started_at=started_at, timezone="UTC", previous_send=previous, settings=settings
     )
     assert due == previous + timedelta(hours=20)
 
@@ -466,13 +472,16 @@ def test_outage_catch_up_is_spaced_by_the_minimum_gap(settings):
     broker = Broker()
     assert run(settings, now, broker).created == 1
     assert [d.step for d in course_deliveries(settings)][-1] == "product-manager"
-    assert enrollment_of(settings, subscriber_id).next_due_at == now + timedelta(hours=20)
+    # 20 hours later is 06:00; the next step keeps its 09:00 send time.
+    next_morning = at(2026, 6, 6, 9, 0)
+    assert enrollment_of(settings, subscriber_id).next_due_at == next_morning
 
     assert run(settings, now + timedelta(hours=1), broker).created == 0
-    assert run(settings, now + timedelta(hours=19, minutes=59), broker).created == 0
+    assert run(settings, now + timedelta(hours=20), broker).created == 0
+    assert run(settings, next_morning - timedelta(minutes=1), broker).created == 0
     assert len(course_deliveries(settings)) == 2
 
-    assert run(settings, now + timedelta(hours=20), broker).created == 1
+    assert run(settings, next_morning, broker).created == 1
     assert [d.step for d in course_deliveries(settings)] == [
         "welcome",
         "product-manager",
