@@ -8,8 +8,10 @@ NURTURE_REQUIRE_SERVICES=1 (CI), where a missing service fails the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -247,7 +249,12 @@ class Process:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.popen = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so kill -9 takes the pool too
         )
 
     def output(self) -> str:
@@ -263,14 +270,20 @@ class Process:
             time.sleep(0.1)
         raise AssertionError(f"{pattern!r} not seen; output:\n{self.output()[-3000:]}")
 
-    def stop(self, sig: int = 15) -> None:
+    def kill(self) -> None:
+        """kill -9 the process and all its children, as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
             try:
                 self.popen.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+                pass
+        self.kill()  # and anything the process left behind
         self._log.close()
 
 
