@@ -13,7 +13,6 @@ import logging
 from datetime import datetime
 
 from celery import Celery, shared_task
-from celery.beat import PersistentScheduler, SchedulingError
 from celery.signals import worker_process_init
 from kombu import Exchange, Queue
 
@@ -65,7 +64,6 @@ def make_celery(settings: Settings) -> Celery:
             }
         },
         beat_schedule_filename=str(settings.instance_path / "celerybeat-schedule"),
-        beat_scheduler="nurture.tasks:BeatScheduler",
         timezone="UTC",
         worker_hijack_root_logger=False,
     )
@@ -73,44 +71,13 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def _unroutable(error: Exception) -> bool:
-    """Redis lost kombu's routing table (FLUSHDB, or a restart without persistence).
-
-    kombu then refuses every publish until the queue is declared again
-    (celery/kombu#1063), and a producer that declared it once never does so by
-    itself.
-    """
-    return "Cannot route message" in str(error)
-
-
 def publisher(app: Celery) -> scheduler.Publish:
     """A function that hands a list of delivery ids to the workers."""
 
     def publish(ids: list[int]) -> None:
-        try:
-            app.send_task("nurture.send_batch", args=[ids])
-        except Exception as error:
-            if not _unroutable(error):
-                raise
-            log.warning("the broker forgot its queues; declaring them again")
-            prepare_broker(app)
-            app.send_task("nurture.send_batch", args=[ids])
+        app.send_task("nurture.send_batch", args=[ids])
 
     return publish
-
-
-class BeatScheduler(PersistentScheduler):
-    """Celery beat's scheduler, but it survives the broker losing its queues."""
-
-    def apply_async(self, entry, producer=None, advance=True, **kwargs):
-        try:
-            return super().apply_async(entry, producer, advance, **kwargs)
-        except SchedulingError as error:
-            if not _unroutable(error):
-                raise
-            log.warning("the broker forgot its queues; declaring them again")
-            prepare_broker(self.app)
-            return super().apply_async(entry, None, False, **kwargs)
 
 
 def prepare_broker(app: Celery) -> None:
