@@ -279,10 +279,8 @@ class Process:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()  # and anything the process left behind
         self._log.close()
 
