@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from nurture import tokens
@@ -42,7 +42,7 @@ from nurture.models import (
 )
 from nurture.render import Renderer, RenderError, rewrite_links
 from nurture.sequences import Sequence
-from nurture.subscribers import latest_consent, stop_enrollments
+from nurture.subscribers import complete_if_done, latest_consent, stop_enrollments
 
 log = logging.getLogger(__name__)
 
@@ -105,28 +105,8 @@ def _finish(session: Session, delivery: Delivery, **values) -> None:
 
 
 def _complete_enrollment_if_done(session: Session, enrollment_id: int | None, now) -> None:
-    """An enrollment is completed only when it has no step left and nothing unsent."""
-    if enrollment_id is None:
-        return
-    unsent = session.scalar(
-        select(func.count())
-        .select_from(Delivery)
-        .where(
-            Delivery.enrollment_id == enrollment_id,
-            Delivery.status.in_(DeliveryStatus.UNSENT),
-        )
-    )
-    if unsent == 0:
-        session.execute(
-            update(Enrollment)
-            .where(
-                Enrollment.id == enrollment_id,
-                Enrollment.status == EnrollmentStatus.ACTIVE,
-                Enrollment.next_step.is_(None),
-            )
-            .values(status=EnrollmentStatus.COMPLETED, completed_at=now)
-        )
-        session.commit()
+    complete_if_done(session, enrollment_id, now)
+    session.commit()
 
 
 class Composer:
@@ -310,8 +290,7 @@ def _send_one(session, settings: Settings, composer: Composer, smtp, delivery, n
         message = composer.compose(session, delivery, subscriber, now)
     except RenderError as error:
         log.error("delivery %s held, its template is broken: %s", delivery.id, error)
-        _retry_or_fail(session, settings, delivery, now, f"template error: {error}")
-        return "retry"
+        return _retry_or_fail(session, settings, delivery, now, f"template error: {error}")
     try:
         smtp.send(message)
     except PermanentFailure as error:
@@ -321,19 +300,22 @@ def _send_one(session, settings: Settings, composer: Composer, smtp, delivery, n
         return "failed"
     except TemporaryFailure as error:
         log.warning("delivery %s deferred: %s", delivery.id, error)
-        _retry_or_fail(session, settings, delivery, now, str(error))
-        return "unreachable" if isinstance(error, ServerUnreachable) else "retry"
+        outcome = _retry_or_fail(session, settings, delivery, now, str(error))
+        return "unreachable" if isinstance(error, ServerUnreachable) else outcome
     _finish(session, delivery, status=DeliveryStatus.SENT, sent_at=now, last_error=None)
     _complete_enrollment_if_done(session, delivery.enrollment_id, now)
     return "sent"
 
 
-def _retry_or_fail(session, settings: Settings, delivery: Delivery, now, reason: str) -> None:
-    """Back off and try again, until the retry horizon; then fail with the reason."""
+def _retry_or_fail(session, settings: Settings, delivery: Delivery, now, reason: str) -> str:
+    """Back off and try again, until the retry horizon; then fail with the reason.
+
+    Returns the outcome: "retry" or "failed".
+    """
     if now - delivery.created_at > timedelta(hours=settings.retry_horizon_hours):
         _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=f"gave up: {reason}")
         _complete_enrollment_if_done(session, delivery.enrollment_id, now)
-        return
+        return "failed"
     _finish(
         session,
         delivery,
@@ -342,6 +324,7 @@ def _retry_or_fail(session, settings: Settings, delivery: Delivery, now, reason:
         not_before=now + backoff(delivery.attempts, settings.retry_base_seconds),
         last_error=reason,
     )
+    return "retry"
 
 
 def _suppress_bounced(session, subscriber_id: int, now, reason: str, delivery_id: int) -> None:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from nurture.config import Settings
 from nurture.models import Delivery, DeliveryStatus, Enrollment, EnrollmentStatus, Subscriber
 from nurture.sequences import Sequence, Step
-from nurture.subscribers import new_message_id
+from nurture.subscribers import complete_if_done, new_message_id
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,14 @@ def next_due(
     earliest = previous_send + timedelta(seconds=settings.min_gap_seconds)
     if planned >= earliest:
         return planned
-    if step.send_at is None or settings.day_seconds != 86400:
+    if settings.day_seconds != 86400:
         return earliest
-    return _next_slot(earliest, step.send_at, zone(timezone), skip_weekends)
+    tz = zone(timezone)
+    if step.send_at is None:  # keep the time of day, but not on a skipped weekend
+        local = earliest.astimezone(tz)
+        day = _weekday(local.date(), skip_weekends)
+        return datetime.combine(day, local.time(), tzinfo=tz).astimezone(UTC)
+    return _next_slot(earliest, step.send_at, tz, skip_weekends)
 
 
 def plan(
@@ -267,6 +272,8 @@ def _advance(session, settings, sequences, enrollment: Enrollment, timezone: str
         if step
         else None
     )
+    if step is None:
+        complete_if_done(session, enrollment.id, now)
     return int(written)
 
 

@@ -295,6 +295,39 @@ def confirm(
     return subscriber
 
 
+def complete_if_done(session: Session, enrollment_id: int | None, now: datetime) -> bool:
+    """Complete an active enrollment that has no step left and nothing unsent.
+
+    Called wherever the last piece can fall into place: a send, a cancellation,
+    a given-up retry, a conversion that ends the sales steps, the due-scan
+    passing over the last step. A sequence never shows as finished while any of
+    its deliveries is unsent.
+    """
+    if enrollment_id is None:
+        return False
+    session.flush()
+    unsent = session.scalar(
+        select(func.count())
+        .select_from(Delivery)
+        .where(
+            Delivery.enrollment_id == enrollment_id,
+            Delivery.status.in_(DeliveryStatus.UNSENT),
+        )
+    )
+    if unsent:
+        return False
+    result = session.execute(
+        update(Enrollment)
+        .where(
+            Enrollment.id == enrollment_id,
+            Enrollment.status == EnrollmentStatus.ACTIVE,
+            Enrollment.next_step.is_(None),
+        )
+        .values(status=EnrollmentStatus.COMPLETED, completed_at=now)
+    )
+    return result.rowcount == 1
+
+
 def stop_enrollments(session: Session, subscriber_id: int) -> None:
     """Stop every enrollment of a subscriber who must not be mailed any more."""
     session.execute(
@@ -362,6 +395,7 @@ def convert(
                 )
                 .values(status=DeliveryStatus.CANCELLED, last_error="converted")
             )
+        complete_if_done(session, enrollment.id, now)
     if enrollments:
         session.add(
             Event(subscriber_id=subscriber_id, kind="conversion", detail=source, created_at=now)

@@ -575,7 +575,9 @@ def test_forged_click_tokens_are_refused(settings, client):
         response = client.get(f"/r/{token}")
         assert response.status_code == 400, name
         assert "Location" not in response.headers, name
-        assert "evil.example" not in response.get_data(as_text=True), name
+        page = response.get_data(as_text=True)
+        assert "This link does not work" in page, name
+        assert "evil.example" not in page, name
     assert events(settings, "click") == []
 
     # The genuine token still works.
