@@ -6,20 +6,24 @@ from functools import wraps
 
 from flask import (
     Blueprint,
+    Response,
     abort,
+    json,
     redirect,
     render_template,
     request,
     session,
     url_for,
 )
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 
-from nurture import catcher, users
-from nurture.app import state
+from nurture import catcher, privacy, users
+from nurture.app import limiter, state
 from nurture.db import session_scope
-from nurture.models import Delivery
+from nurture.models import Consent, Delivery, Subscriber, utcnow
 from nurture.preview import parts, preview_message
+from nurture.sequences import current_sequences
+from nurture.timeline import timeline
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -42,6 +46,7 @@ def _safe_next(target: str | None) -> str:
 
 
 @bp.route("/login", methods=["GET", "POST"])
+@limiter.limit("10 per minute", methods=["POST"])
 def login():
     error = None
     if request.method == "POST":
@@ -117,3 +122,66 @@ def outbox_message(name: str):
         abort(404)
     text, html = parts(message)
     return render_template("admin/message.html", name=name, message=message, text=text, html=html)
+
+
+PAGE_SIZE = 50
+
+
+@bp.get("/subscribers")
+@login_required
+def subscribers():
+    query = request.args.get("q", "").strip()[:200]
+    status = request.args.get("status", "")
+    statement = select(Subscriber).order_by(Subscriber.id.desc()).limit(PAGE_SIZE)
+    if query:
+        pattern = f"%{query.lower()}%"
+        statement = statement.where(
+            or_(Subscriber.email.like(pattern), func.lower(Subscriber.first_name).like(pattern))
+        )
+    if status:
+        statement = statement.where(Subscriber.status == status)
+    with session_scope(state().settings.database_url) as db:
+        rows = db.scalars(statement).all()
+    return render_template("admin/subscribers.html", rows=rows, q=query, status=status)
+
+
+@bp.get("/subscribers/<int:subscriber_id>")
+@login_required
+def subscriber(subscriber_id: int):
+    settings = state().settings
+    with session_scope(settings.database_url) as db:
+        found = db.get(Subscriber, subscriber_id)
+        if found is None:
+            abort(404)
+        consents = db.scalars(
+            select(Consent).where(Consent.subscriber_id == subscriber_id).order_by(Consent.id)
+        ).all()
+        line = timeline(
+            db, settings, current_sequences(settings.templates_path), found.email, utcnow()
+        )
+    return render_template("admin/subscriber.html", s=found, consents=consents, line=line)
+
+
+@bp.get("/subscribers/<int:subscriber_id>/export.json")
+@login_required
+def subscriber_export(subscriber_id: int):
+    with session_scope(state().settings.database_url) as db:
+        data = privacy.export_data(db, subscriber_id)
+    if data is None:
+        abort(404)
+    return Response(
+        json.dumps(data, indent=2, ensure_ascii=False),
+        mimetype="application/json",
+        headers={"Content-Disposition": f"attachment; filename=subscriber-{subscriber_id}.json"},
+    )
+
+
+@bp.post("/subscribers/<int:subscriber_id>/erase")
+@login_required
+def subscriber_erase(subscriber_id: int):
+    if request.form.get("confirm") != "erase":
+        abort(400, "Type erase to confirm.")
+    with session_scope(state().settings.database_url) as db:
+        if not privacy.erase(db, subscriber_id, now=utcnow()):
+            abort(404)
+    return redirect(url_for("admin.subscriber", subscriber_id=subscriber_id), code=303)

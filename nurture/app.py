@@ -7,9 +7,12 @@ from dataclasses import dataclass
 
 from celery import Celery
 from flask import Flask, current_app, jsonify, render_template, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from nurture.config import Settings
 from nurture.sequences import Sequence, current_sequences
@@ -17,6 +20,7 @@ from nurture.tasks import make_celery
 
 log = logging.getLogger(__name__)
 csrf = CSRFProtect()
+limiter = Limiter(get_remote_address)
 
 MAX_BODY = 64 * 1024  # no form or JSON body of ours comes near this
 
@@ -47,9 +51,18 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.base_url.startswith("https://"),
         WTF_CSRF_TIME_LIMIT=None,  # a signup form may sit open in a tab for hours
+        RATELIMIT_STORAGE_URI=settings.rate_limit_storage,
+        # A rate limiter that cannot reach Redis must not stop signups.
+        RATELIMIT_SWALLOW_ERRORS=True,
+        RATELIMIT_HEADERS_ENABLED=True,
     )
+    if settings.trusted_proxies:  # behind a reverse proxy, the client is in X-Forwarded-For
+        app.wsgi_app = ProxyFix(
+            app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies
+        )
     app.extensions["nurture"] = AppState(settings=settings, celery=celery or make_celery(settings))
     csrf.init_app(app)
+    limiter.init_app(app)
 
     from nurture import admin, health, signup, tracking
 
@@ -94,6 +107,7 @@ def _register_error_pages(app: Flask) -> None:
             404: "There is nothing at this address.",
             405: "This address does not accept that kind of request.",
             413: f"The request body is too large (the limit is {MAX_BODY // 1024} KB).",
+            429: "Too many requests from your network. Please wait a minute and try again.",
         }
         message = messages.get(error.code or 500, error.description or error.name)
         return _error(error.code or 500, error.name, message)

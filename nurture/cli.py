@@ -163,6 +163,52 @@ def timeline(email: str) -> None:
         click.echo(format_timeline(line))
 
 
+@main.group()
+def subscribers() -> None:
+    """Subscribers' data: export and erasure."""
+
+
+def _subscriber_id(session, email: str) -> int:
+    from sqlalchemy import select
+
+    from nurture.models import Subscriber
+
+    subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email.lower()))
+    if subscriber_id is None:
+        raise click.ClickException(f"no subscriber has the address {email}")
+    return subscriber_id
+
+
+@subscribers.command("export-data")
+@click.argument("email")
+def subscribers_export_data(email: str) -> None:
+    """Print everything held about EMAIL as JSON (a data-access request)."""
+    import json
+
+    from nurture.db import session_scope
+    from nurture.privacy import export_data
+
+    with session_scope(_settings().database_url) as session:
+        data = export_data(session, _subscriber_id(session, email))
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@subscribers.command("erase")
+@click.argument("email")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def subscribers_erase(email: str, yes: bool) -> None:
+    """Remove EMAIL's personal data; keep only a hash that stops mail to it."""
+    from nurture.db import session_scope
+    from nurture.models import utcnow
+    from nurture.privacy import erase
+
+    if not yes:
+        click.confirm(f"Erase all personal data of {email}? This cannot be undone", abort=True)
+    with session_scope(_settings().database_url) as session:
+        erase(session, _subscriber_id(session, email), now=utcnow())
+    click.echo(f"erased {email}; the address stays suppressed as a hash")
+
+
 @main.command()
 def lint() -> None:
     """Check every sequence and email; print file:line: message, exit 1 on errors."""

@@ -53,6 +53,9 @@ class Settings:
     retry_base_seconds: int = 60
     retry_horizon_hours: float = 72.0
     webhook_secret: str = ""
+    unsubscribe_mailto: str = ""
+    signup_rate_limit: str = "10 per minute;200 per day"
+    trusted_proxies: int = 0
 
     @property
     def is_dev(self) -> bool:
@@ -80,6 +83,11 @@ class Settings:
         acknowledged) is found again by the dispatcher after this long.
         """
         return self.requeue_seconds or max(60, 5 * self.dispatch_interval)
+
+    @property
+    def rate_limit_storage(self) -> str:
+        """Rate-limit counters live in Redis when there is one, so every web process shares them."""
+        return self.broker_url if self.broker_url.startswith("redis") else "memory://"
 
     @property
     def mail_from_address(self) -> str:
@@ -116,6 +124,20 @@ def _hours(value: str, name: str) -> float:
     if hours < 0:
         raise ConfigError(f"{name} cannot be negative")
     return hours
+
+
+def _count(value: str, name: str) -> int:
+    if not value.isdigit():
+        raise ConfigError(f"{name} must be a whole number, not {value!r}")
+    return int(value)
+
+
+def _mailto(value: str) -> str:
+    if value and (parseaddr(value)[1] != value or "@" not in value):
+        raise ConfigError(
+            f"UNSUBSCRIBE_MAILTO must be a bare address like unsubscribe@example.com, not {value!r}"
+        )
+    return value
 
 
 def _dev_secret_key(instance: Path) -> str:
@@ -189,6 +211,11 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         retry_base_seconds=_positive_int(get("RETRY_BASE_SECONDS", "60"), "RETRY_BASE_SECONDS"),
         retry_horizon_hours=_hours(get("RETRY_HORIZON_HOURS", "72"), "RETRY_HORIZON_HOURS"),
         webhook_secret=get("WEBHOOK_SECRET"),
+        confirm_max_age=_positive_int(get("CONFIRM_MAX_AGE_DAYS", "7"), "CONFIRM_MAX_AGE_DAYS")
+        * 86400,
+        unsubscribe_mailto=_mailto(get("UNSUBSCRIBE_MAILTO")),
+        signup_rate_limit=get("SIGNUP_RATE_LIMIT", "10 per minute;200 per day"),
+        trusted_proxies=_count(get("TRUSTED_PROXIES", "0"), "TRUSTED_PROXIES"),
     )
 
 

@@ -148,7 +148,10 @@ class Composer:
         token = tokens.make_confirm_token(self.settings.secret_key, subscriber.id, consent_id)
         rendered = self.renderer.render(
             "confirmation.md",
-            {"first_name": subscriber.first_name},
+            {
+                "first_name": subscriber.first_name,
+                "confirm_days": self.settings.confirm_max_age // 86400,
+            },
             links={"confirm_url": f"{self.settings.base_url}/confirm/{token}"},
         )
         return build_message(
@@ -199,6 +202,7 @@ class Composer:
             date=now,
             list_id=f"{sequence.title} <{sequence.name}.{self.settings.mail_domain}>",
             unsubscribe_url=unsubscribe_url,
+            unsubscribe_mailto=self.settings.unsubscribe_mailto or None,
         )
 
 

@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+from email.message import EmailMessage
+
 from nurture.config import Settings
-from nurture.preview import preview_message
-from nurture.render import RenderError
+from nurture.preview import parts, preview_message
+from nurture.render import LAYOUT_HTML, LAYOUT_TEXT, RenderError
 from nurture.sequences import SequenceError, load_sequences
+
+
+def footer_problems(settings: Settings, message: EmailMessage) -> list[str]:
+    """A course email must show the unsubscribe link and the postal address, in both parts."""
+    text, html = parts(message)
+    unsubscribe = (message["List-Unsubscribe"] or "").split(",")[0].strip(" <>")
+    problems = []
+    for name, body in ((LAYOUT_HTML, html), (LAYOUT_TEXT, text)):
+        where = settings.templates_path / name
+        if not unsubscribe or unsubscribe not in body:
+            problems.append(
+                f"{where}:1: course emails must show the unsubscribe link "
+                "(keep {{ unsubscribe_url }} in the footer)"
+            )
+        if settings.postal_address not in body:
+            problems.append(
+                f"{where}:1: course emails must show the postal address "
+                "(keep {{ postal_address }} in the footer)"
+            )
+    return problems
 
 
 def lint_templates(settings: Settings) -> list[str]:
@@ -21,8 +43,10 @@ def lint_templates(settings: Settings) -> list[str]:
     for sequence, step in emails:
         for first_name in ("Alex", ""):
             try:
-                preview_message(settings, sequence, step, first_name=first_name)
+                message = preview_message(settings, sequence, step, first_name=first_name)
             except RenderError as error:
                 problems.append(str(error))
                 break
+            if step != "confirmation":
+                problems.extend(p for p in footer_problems(settings, message) if p not in problems)
     return problems

@@ -70,6 +70,7 @@ def build_message(
     date: datetime,
     list_id: str | None = None,
     unsubscribe_url: str | None = None,
+    unsubscribe_mailto: str | None = None,
 ) -> EmailMessage:
     """One email with text and HTML parts and the contract's headers.
 
@@ -87,7 +88,11 @@ def build_message(
     if list_id:
         message["List-Id"] = list_id
     if unsubscribe_url:
-        message["List-Unsubscribe"] = f"<{unsubscribe_url}>"
+        # RFC 8058: the https URL takes the one-click POST; a mailto is offered too if set.
+        targets = [f"<{unsubscribe_url}>"]
+        if unsubscribe_mailto:
+            targets.append(f"<mailto:{unsubscribe_mailto}?subject=unsubscribe>")
+        message["List-Unsubscribe"] = ", ".join(targets)
         message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     message.set_content(email.text)
     message.add_alternative(email.html, subtype="html")

@@ -54,8 +54,12 @@ class SubscriberStatus:
     ACTIVE = "active"  # confirmed
     UNSUBSCRIBED = "unsubscribed"
     BOUNCED = "bounced"
+    COMPLAINED = "complained"  # marked our mail as spam
+    ERASED = "erased"  # personal data removed on request
     #: Statuses that must never be mailed again.
-    SUPPRESSED = frozenset({UNSUBSCRIBED, BOUNCED})
+    SUPPRESSED = frozenset({UNSUBSCRIBED, BOUNCED, COMPLAINED, ERASED})
+    #: Of those, the ones a new signup (with a new confirmation) may lift.
+    REVERSIBLE = frozenset({UNSUBSCRIBED, ERASED})
 
 
 class Subscriber(Base):
@@ -83,6 +87,7 @@ class Consent(Base):
     subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id"), index=True)
     source: Mapped[str] = mapped_column(String(20))  # "form", "api", "import"
     consent_text: Mapped[str] = mapped_column(Text)
+    consent_version: Mapped[str] = mapped_column(String(40), default="")
     ip: Mapped[str] = mapped_column(String(45), default="")
     user_agent: Mapped[str] = mapped_column(String(512), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -174,6 +179,16 @@ class Event(Base):
     delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id"), index=True)
     kind: Mapped[str] = mapped_column(String(20))
     detail: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Suppression(Base):
+    """An address that must not be mailed, kept as a hash so it survives erasure."""
+
+    __tablename__ = "suppressions"
+
+    email_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(20))  # a SubscriberStatus
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
 from nurture import scheduler, subscribers, tokens
-from nurture.app import csrf, state
+from nurture.app import csrf, limiter, state
 from nurture.db import session_scope
 from nurture.models import utcnow
 from nurture.sequences import first_steps
@@ -67,8 +67,18 @@ def index():
     return render_template("index.html", values={}, errors={}, consent=subscribers.CONSENT_TEXT)
 
 
+def _signup_limit() -> str:
+    return state().settings.signup_rate_limit
+
+
+HONEYPOT = "website"  # a field people never see; bots fill it in
+
+
 @bp.post("/subscribe")
+@limiter.limit(_signup_limit)
 def subscribe():
+    if request.form.get(HONEYPOT):
+        return redirect(url_for("signup.thanks"), code=303)  # say nothing to the bot
     form = {key: request.form.get(key, "") for key in ("email", "first_name", "timezone")}
     clean, errors = _validate(form, strict_timezone=False)
     if errors:
@@ -87,6 +97,7 @@ def thanks():
 
 @bp.post("/api/v1/subscribers")
 @csrf.exempt
+@limiter.limit(_signup_limit)
 def api_subscribe():
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
@@ -109,7 +120,8 @@ def confirm(token: str):
             settings.secret_key, token, settings.confirm_max_age
         )
     except tokens.TokenError as error:
-        return render_template("confirm_invalid.html", expired=error.expired), (
+        days = settings.confirm_max_age // 86400
+        return render_template("confirm_invalid.html", expired=error.expired, days=days), (
             410 if error.expired else 400
         )
     with session_scope(settings.database_url) as session:
@@ -149,10 +161,16 @@ def unsubscribe(token: str):
     if subscriber_id is None:
         return render_template("unsubscribe_invalid.html"), 400
     one_click = request.form.get("List-Unsubscribe") == "One-Click"
-    if not one_click and request.form.get("confirm") != "yes":
+    action = request.form.get("action", "")
+    if not one_click and action not in ("unsubscribe", "pause"):
         return render_template("unsubscribe.html", token=token, missing_body=True), 400
     settings = state().settings
     with session_scope(settings.database_url) as session:
+        if action == "pause" and not one_click:
+            paused = subscribers.pause(
+                session, subscriber_id, now=utcnow(), days_scale=settings.day_scale
+            )
+            return render_template("paused.html", paused=paused, token=token)
         subscribers.unsubscribe(
             session, subscriber_id, now=utcnow(), how="one-click" if one_click else "page"
         )

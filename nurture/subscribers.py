@@ -7,6 +7,7 @@ as a delivery row and the caller hands its id to the broker after commit.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 import zoneinfo
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from datetime import datetime, timedelta
 from functools import cache
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from nurture.config import Settings
@@ -29,6 +30,7 @@ from nurture.models import (
     Event,
     Subscriber,
     SubscriberStatus,
+    Suppression,
 )
 
 DEFAULT_SEQUENCE = "product-vs-project"
@@ -36,6 +38,8 @@ CONSENT_TEXT = (
     "Yes, send me the free email course on product managers and project managers: "
     "one email a day for about a week. I can unsubscribe at any time."
 )
+#: Change the version whenever the consent text changes: each consent record keeps both.
+CONSENT_VERSION = "2026-11-25"
 RESEND_CONFIRMATION_AFTER = timedelta(minutes=10)
 MAX_EMAIL = 254
 MAX_NAME = 100
@@ -130,6 +134,35 @@ def _gap(settings: Settings) -> timedelta:
     return timedelta(seconds=settings.min_gap_seconds)
 
 
+def email_hash(email: str) -> str:
+    return hashlib.sha256(email.strip().lower().encode()).hexdigest()
+
+
+def suppression_of(session: Session, email: str) -> str | None:
+    """Why an address must not be mailed, if an erased record says so."""
+    return session.scalar(
+        select(Suppression.reason).where(Suppression.email_hash == email_hash(email))
+    )
+
+
+def suppress(session: Session, email: str, reason: str, now: datetime) -> None:
+    row = session.get(Suppression, email_hash(email))
+    if row is None:
+        session.add(Suppression(email_hash=email_hash(email), reason=reason, created_at=now))
+    elif row.reason in SubscriberStatus.REVERSIBLE:
+        row.reason = reason  # a bounce or complaint outranks an unsubscribe
+
+
+def lift_reversible(session: Session, email: str) -> None:
+    """A new, confirmed signup lifts an unsubscribe or erasure (never a bounce)."""
+    session.execute(
+        delete(Suppression).where(
+            Suppression.email_hash == email_hash(email),
+            Suppression.reason.in_(SubscriberStatus.REVERSIBLE),
+        )
+    )
+
+
 def new_message_id(settings: Settings) -> str:
     return f"<{uuid.uuid4().hex}@{settings.mail_domain}>"
 
@@ -202,8 +235,16 @@ def signup(
     suppressed; an unsubscribed address must confirm again.
     """
     subscriber = session.scalar(select(Subscriber).where(Subscriber.email == request.email))
-    if subscriber is not None and subscriber.status == SubscriberStatus.BOUNCED:
+    if subscriber is not None and subscriber.status in (
+        SubscriberStatus.BOUNCED,
+        SubscriberStatus.COMPLAINED,
+    ):
         return None
+    if subscriber is None and suppression_of(session, request.email) not in (
+        None,
+        *SubscriberStatus.REVERSIBLE,
+    ):
+        return None  # bounced or complained before the record was erased
     if subscriber is not None and subscriber.status == SubscriberStatus.PENDING:
         # Asked twice: resend, but at most once per RESEND_CONFIRMATION_AFTER. Within that
         # window nothing changes, so the link already sent stays the one that works.
@@ -235,6 +276,7 @@ def signup(
             subscriber_id=subscriber.id,
             source=request.source,
             consent_text=CONSENT_TEXT,
+            consent_version=CONSENT_VERSION,
             ip=request.ip[:45],
             user_agent=request.user_agent[:512],
             created_at=now,
@@ -286,6 +328,7 @@ def confirm(
         return subscriber
     subscriber.status = SubscriberStatus.ACTIVE
     subscriber.confirmed_at = now
+    lift_reversible(session, subscriber.email)
     if consent is not None:
         consent.confirmed_at = now
     for enrollment in subscriber.enrollments:
@@ -338,6 +381,45 @@ def stop_enrollments(session: Session, subscriber_id: int) -> None:
         )
         .values(status=EnrollmentStatus.STOPPED, next_due_at=None)
     )
+
+
+PAUSE = timedelta(days=14)
+
+
+def pause(session: Session, subscriber_id: int, *, now: datetime, days_scale: float = 1.0) -> bool:
+    """Hold a subscriber's course for two weeks instead of unsubscribing.
+
+    An email already queued is taken back and will be the first after the
+    pause, so nothing is skipped. True if there was a course to pause.
+    """
+    paused = False
+    enrollments = session.scalars(
+        select(Enrollment).where(
+            Enrollment.subscriber_id == subscriber_id,
+            Enrollment.status == EnrollmentStatus.ACTIVE,
+        )
+    ).all()
+    for enrollment in enrollments:
+        queued = session.scalars(
+            select(Delivery)
+            .where(
+                Delivery.enrollment_id == enrollment.id,
+                Delivery.status == DeliveryStatus.QUEUED,
+            )
+            .order_by(Delivery.id)
+        ).all()
+        for delivery in queued:
+            delivery.status = DeliveryStatus.CANCELLED
+            delivery.last_error = "paused"
+        if queued:
+            enrollment.next_step = queued[0].step
+        if enrollment.next_step is None:
+            continue  # nothing left to send
+        enrollment.next_due_at = now + PAUSE * days_scale
+        paused = True
+    if paused:
+        session.add(Event(subscriber_id=subscriber_id, kind="pause", created_at=now))
+    return paused
 
 
 def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str) -> bool:

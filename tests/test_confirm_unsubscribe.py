@@ -261,7 +261,7 @@ def test_unsubscribe_get_shows_a_button_and_changes_nothing(client, settings):
     page = response.get_data(as_text=True)
     assert response.status_code == 200
     assert f'<form method="post" action="/unsubscribe/{token}">' in page
-    assert '<input type="hidden" name="confirm" value="yes">' in page
+    assert 'name="action" value="unsubscribe"' in page and 'value="pause"' in page
     assert "<button" in page
     assert snapshot(settings, subscriber_id) == before
     assert before["subscriber"][0] == SubscriberStatus.ACTIVE
@@ -308,7 +308,7 @@ def test_unsubscribe_button_works(client, settings):
     subscriber_id = active_subscriber(client, settings, "ann@example.com")
     token = unsubscribe_token(settings, subscriber_id)
 
-    response = client.post(f"/unsubscribe/{token}", data={"confirm": "yes"})
+    response = client.post(f"/unsubscribe/{token}", data={"action": "unsubscribe"})
 
     assert response.status_code == 200
     assert snapshot(settings, subscriber_id)["subscriber"][0] == SubscriberStatus.UNSUBSCRIBED
@@ -327,7 +327,7 @@ def test_unsubscribe_post_without_the_right_body_changes_nothing(app, client, se
     response = one_click(app, unsubscribe_token(settings, subscriber_id), body)
 
     assert response.status_code == 400
-    assert "Please use the button" in response.get_data(as_text=True)
+    assert "Please choose one of the buttons" in response.get_data(as_text=True)
     assert snapshot(settings, subscriber_id) == before
 
 

@@ -78,7 +78,7 @@ def confirm(client, settings, email: str) -> None:
 
 def unsubscribe(client, settings, email: str) -> None:
     token = make_unsubscribe_token(settings.secret_key, subscriber(settings, email).id)
-    assert client.post(f"/unsubscribe/{token}", data={"confirm": "yes"}).status_code == 200
+    assert client.post(f"/unsubscribe/{token}", data={"action": "unsubscribe"}).status_code == 200
 
 
 # --- the form ----------------------------------------------------------------------
