@@ -56,6 +56,7 @@ class Settings:
     unsubscribe_mailto: str = ""
     signup_rate_limit: str = "10 per minute;200 per day"
     trusted_proxies: int = 0
+    queue: str = "nurture"
 
     @property
     def is_dev(self) -> bool:
@@ -216,6 +217,7 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         unsubscribe_mailto=_mailto(get("UNSUBSCRIBE_MAILTO")),
         signup_rate_limit=get("SIGNUP_RATE_LIMIT", "10 per minute;200 per day"),
         trusted_proxies=_count(get("TRUSTED_PROXIES", "0"), "TRUSTED_PROXIES"),
+        queue=get("NURTURE_QUEUE", "nurture"),
     )
 
 

@@ -24,7 +24,9 @@ from nurture.sequences import current_sequences
 
 log = logging.getLogger(__name__)
 
-QUEUE = "celery"
+
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name), routing_key=name)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -40,8 +42,8 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        task_default_queue=QUEUE,
-        task_queues=[Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)],
+        task_default_queue=settings.queue,
+        task_queues=[_queue(settings.queue)],
         task_ignore_result=True,
         # A task is acknowledged after it ran, so a worker killed mid-batch
         # leaves its message to be redelivered; each delivery is claimed in the
@@ -83,7 +85,7 @@ def publisher(app: Celery) -> scheduler.Publish:
 def prepare_broker(app: Celery) -> None:
     """Create the queue once, before worker and beat race to create it."""
     with app.connection_for_write() as connection:
-        Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)(connection.default_channel).declare()
+        _queue(app.conf.task_default_queue)(connection.default_channel).declare()
 
 
 def run_dispatch(app: Celery, now: datetime | None = None) -> scheduler.DispatchResult:

@@ -183,6 +183,8 @@ class Stack:
     settings: Settings = field(init=False)
 
     def __post_init__(self):
+        # Each test's broker queue is its own, so runs sharing a Redis never swap messages.
+        self.environ.setdefault("NURTURE_QUEUE", f"nurture-test-{uuid.uuid4().hex[:8]}")
         self.settings = load_settings(self.environ)
 
     def with_env(self, **changes: str) -> Stack:
