@@ -163,6 +163,33 @@ def timeline(email: str) -> None:
         click.echo(format_timeline(line))
 
 
+@main.command()
+@click.option("--generate", "generate_path", type=click.Path(), help="Write a new key here first.")
+def dkim(generate_path: str | None) -> None:
+    """Print the DNS TXT record that publishes the DKIM key."""
+    from pathlib import Path
+
+    from nurture.dkim import DKIMError, DKIMSigner, domain_of, generate_key
+
+    settings = _settings()
+    try:
+        if generate_path:
+            generate_key(Path(generate_path))
+            click.echo(f"wrote {generate_path}; set DKIM_PRIVATE_KEY to it and DKIM_SELECTOR")
+            if not settings.dkim_selector:
+                return
+        path = Path(generate_path) if generate_path else settings.dkim_private_key
+        if path is None:
+            raise click.ClickException(
+                "DKIM is off: set DKIM_PRIVATE_KEY and DKIM_SELECTOR "
+                "(or run `nurture dkim --generate dkim.pem`)"
+            )
+        signer = DKIMSigner.load(path, settings.dkim_selector, domain_of(settings.mail_from))
+    except DKIMError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(signer.dns_record_text())
+
+
 @main.group()
 def subscribers() -> None:
     """Subscribers' data: export and erasure."""

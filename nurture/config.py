@@ -57,6 +57,8 @@ class Settings:
     signup_rate_limit: str = "10 per minute;200 per day"
     trusted_proxies: int = 0
     queue: str = "nurture"
+    dkim_private_key: Path | None = None
+    dkim_selector: str = ""
 
     @property
     def is_dev(self) -> bool:
@@ -141,6 +143,16 @@ def _mailto(value: str) -> str:
     return value
 
 
+def _dkim(key_path: str, selector: str) -> dict:
+    """DKIM settings, checked now: a bad key stops start-up instead of every send."""
+    if not key_path and not selector:
+        return {}
+    if not (key_path and selector):
+        missing = "DKIM_SELECTOR" if key_path else "DKIM_PRIVATE_KEY"
+        raise ConfigError(f"{missing} is required when the other DKIM setting is set")
+    return {"dkim_private_key": Path(key_path), "dkim_selector": selector}
+
+
 def _dev_secret_key(instance: Path) -> str:
     """A secret generated once per checkout, so dev sessions survive restarts."""
     path = instance / "secret_key"
@@ -187,7 +199,7 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
     day_seconds = _positive_int(get("NURTURE_DAY_SECONDS", "86400"), "NURTURE_DAY_SECONDS")
     requeue = get("REQUEUE_AFTER_SECONDS")
 
-    return Settings(
+    settings = Settings(
         env=env,
         instance_path=instance,
         database_url=get("DATABASE_URL", f"sqlite:///{instance / 'nurture.db'}"),
@@ -218,7 +230,16 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         signup_rate_limit=get("SIGNUP_RATE_LIMIT", "10 per minute;200 per day"),
         trusted_proxies=_count(get("TRUSTED_PROXIES", "0"), "TRUSTED_PROXIES"),
         queue=get("NURTURE_QUEUE", "nurture"),
+        **_dkim(get("DKIM_PRIVATE_KEY"), get("DKIM_SELECTOR")),
     )
+    if settings.dkim_private_key:
+        from nurture.dkim import DKIMError, dkim_signer
+
+        try:
+            dkim_signer(settings)
+        except DKIMError as error:
+            raise ConfigError(str(error)) from None
+    return settings
 
 
 def startup_settings() -> Settings:

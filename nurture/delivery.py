@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from nurture import tokens
 from nurture.config import Settings
+from nurture.dkim import dkim_signer
 from nurture.mailer import (
     PermanentFailure,
     ServerUnreachable,
@@ -120,6 +121,7 @@ class Composer:
             postal_address=settings.postal_address,
             course_url=settings.course_url,
         )
+        self.signer = dkim_signer(settings)
 
     def click_url(self, delivery_id: int, url: str) -> str:
         token = tokens.make_click_token(self.settings.secret_key, delivery_id, url)
@@ -295,8 +297,13 @@ def _send_one(session, settings: Settings, composer: Composer, smtp, delivery, n
     except RenderError as error:
         log.error("delivery %s held, its template is broken: %s", delivery.id, error)
         return _retry_or_fail(session, settings, delivery, now, f"template error: {error}")
+    except ValueError as error:  # an address or header the email package refuses
+        log.error("delivery %s cannot be written as an email: %s", delivery.id, error)
+        _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=f"invalid: {error}")
+        _complete_enrollment_if_done(session, delivery.enrollment_id, now)
+        return "failed"
     try:
-        smtp.send(message)
+        smtp.send(message, signer=composer.signer)
     except PermanentFailure as error:
         log.warning("delivery %s refused for good: %s", delivery.id, error)
         _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=str(error))

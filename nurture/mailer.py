@@ -18,6 +18,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from nurture.dkim import DKIMSigner
 from nurture.render import RenderedEmail
 
 #: Headers are not folded below SMTP's own 998-character limit: a folded
@@ -99,6 +100,16 @@ def build_message(
     return message
 
 
+def wire_bytes(message: EmailMessage) -> bytes:
+    """The message exactly as it goes over SMTP (before dot-stuffing).
+
+    Serialised here once, rather than by `smtplib.send_message`, whose generator
+    rewrites body lines starting with "From " and would break a DKIM signature
+    made over other bytes.
+    """
+    return message.as_bytes(policy=MESSAGE_POLICY.clone(linesep="\r\n"))
+
+
 class TemporaryFailure(Exception):
     """Try again later: 4xx, a timeout, a refused or dropped connection."""
 
@@ -153,18 +164,23 @@ class SMTPConnection:
             smtp.login(s.username, s.password or "")
         return smtp
 
-    def send(self, message: EmailMessage) -> None:
-        """Send one message; raise TemporaryFailure or PermanentFailure.
+    def send(self, message: EmailMessage, signer: DKIMSigner | None = None) -> None:
+        """Send one message, DKIM-signed if a signer is given.
 
-        A connection that the server dropped between two messages is reopened
-        once: servers close idle or long-lived sessions, and that is no reason
-        to give up on the message.
+        Raises TemporaryFailure or PermanentFailure. A connection that the
+        server dropped between two messages is reopened once: servers close
+        idle or long-lived sessions, and that is no reason to give up.
         """
+        data = wire_bytes(message)
+        if signer is not None:
+            data = signer.sign(data) + data
+        sender = message["From"].addresses[0].addr_spec
+        recipients = [address.addr_spec for address in message["To"].addresses]
         for attempt in (1, 2):
             try:
                 if self._smtp is None:
                     self._smtp = self._connect()
-                self._smtp.send_message(message)
+                self._smtp.sendmail(sender, recipients, data)
                 return
             except smtplib.SMTPServerDisconnected as error:
                 self._smtp = None

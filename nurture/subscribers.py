@@ -94,7 +94,9 @@ def validate_signup(
         errors["email"] = "That does not look like an email address."
     else:
         try:
-            clean["email"] = validate_email(email, check_deliverability=False).normalized.lower()
+            # ASCII only (a punycode domain is fine): the address must go into SMTP as is.
+            valid = validate_email(email, check_deliverability=False, allow_smtputf8=False)
+            clean["email"] = valid.ascii_email.lower()
         except EmailNotValidError as error:
             errors["email"] = str(error)
 

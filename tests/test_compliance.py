@@ -1,0 +1,913 @@
+"""Compliance: one-click unsubscribe, pause, suppression, consent evidence, data rights.
+
+Everything runs on the real parts: a real database, a real SMTP server
+(aiosmtpd), the Flask test client and the real `nurture` console script. Time
+is passed in as `now` to the due-scan and the sender; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import BOTH_DATABASES, csrf_token
+from itsdangerous import TimestampSigner, URLSafeTimedSerializer
+from sqlalchemy import func, select, update
+
+import nurture
+from nurture.app import create_app
+from nurture.config import ConfigError, load_settings
+from nurture.db import session_scope
+from nurture.delivery import claim, send_batch
+from nurture.lint import lint_templates
+from nurture.models import (
+    CONFIRMATION_STEP,
+    Base,
+    Consent,
+    Delivery,
+    DeliveryStatus,
+    Enrollment,
+    EnrollmentStatus,
+    Event,
+    Subscriber,
+    SubscriberStatus,
+    Suppression,
+    utcnow,
+)
+from nurture.privacy import erase, export_data
+from nurture.scheduler import dispatch
+from nurture.sequences import current_sequences
+from nurture.subscribers import CONSENT_TEXT, CONSENT_VERSION, latest_consent
+from nurture.tokens import make_click_token, make_confirm_token, make_unsubscribe_token
+from nurture.users import add_user
+
+SEQUENCE = "product-vs-project"
+COURSE_KEYS = [
+    "welcome",
+    "product-manager",
+    "project-manager",
+    "overlap",
+    "which-fits",
+    "six-month-course",
+    "last-reminder",
+]
+API = "/api/v1/subscribers"
+ONE_CLICK = "List-Unsubscribe=One-Click"
+FORM = "application/x-www-form-urlencoded"
+ADMIN = "admin@example.com"
+PASSWORD = "a long enough password"
+PAUSE = timedelta(days=14)
+
+
+# --- helpers -----------------------------------------------------------------------
+
+
+def tick(settings, now: datetime) -> list[int]:
+    """One due-scan as of `now`; the delivery ids it handed to the workers."""
+    ids: list[int] = []
+    with session_scope(settings.database_url) as session:
+        sequences = current_sequences(settings.templates_path)
+        dispatch(session, settings, sequences, now=now, publish=ids.extend)
+    return ids
+
+
+def send(settings, ids: list[int], now: datetime):
+    """What a worker does with the ids it was given, as of `now`."""
+    with session_scope(settings.database_url) as session:
+        sequences = current_sequences(settings.templates_path)
+        return send_batch(session, settings, sequences, ids, clock=lambda: now)
+
+
+def subscriber_id_of(settings, email: str) -> int | None:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Subscriber.id).where(Subscriber.email == email))
+
+
+def subscriber(settings, subscriber_id: int) -> Subscriber:
+    with session_scope(settings.database_url) as session:
+        return session.get(Subscriber, subscriber_id)
+
+
+def enrollment(settings, subscriber_id: int) -> Enrollment:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Enrollment).where(Enrollment.subscriber_id == subscriber_id))
+
+
+def deliveries(settings, subscriber_id: int, step: str | None = None) -> list[Delivery]:
+    query = select(Delivery).where(Delivery.subscriber_id == subscriber_id).order_by(Delivery.id)
+    if step is not None:
+        query = query.where(Delivery.step == step)
+    with session_scope(settings.database_url) as session:
+        return list(session.scalars(query))
+
+
+def delivery(settings, delivery_id: int) -> Delivery:
+    with session_scope(settings.database_url) as session:
+        return session.get(Delivery, delivery_id)
+
+
+def events(settings, subscriber_id: int, kind: str | None = None) -> list[Event]:
+    query = select(Event).where(Event.subscriber_id == subscriber_id).order_by(Event.id)
+    if kind is not None:
+        query = query.where(Event.kind == kind)
+    with session_scope(settings.database_url) as session:
+        return list(session.scalars(query))
+
+
+def count(settings, model, *where) -> int:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def database_rows(settings) -> dict[str, list[tuple]]:
+    """Every row of every table, in primary-key order: a snapshot of all we hold."""
+    with session_scope(settings.database_url) as session:
+        return {
+            table.name: [
+                tuple(row)
+                for row in session.execute(
+                    select(table).order_by(*table.primary_key.columns)
+                ).all()
+            ]
+            for table in Base.metadata.sorted_tables
+        }
+
+
+def places_holding(settings, *needles: str) -> list[str]:
+    """`table.column` for every stored value that contains one of `needles`."""
+    found = []
+    with session_scope(settings.database_url) as session:
+        for table in Base.metadata.sorted_tables:
+            for row in session.execute(select(table)).mappings():
+                for column, value in row.items():
+                    text = str(value).lower()
+                    if any(needle.lower() in text for needle in needles):
+                        found.append(f"{table.name}.{column}")
+    return found
+
+
+def messages_to(smtp, email: str, step: str | None = None):
+    """Received messages for `email`: course emails only, or the one `step` given."""
+    found = []
+    for message in smtp.messages:
+        if email not in str(message["To"]):
+            continue
+        label = message["X-Nurture-Step"]
+        if step is None and label != CONFIRMATION_STEP or label == step:
+            found.append(message)
+    return found
+
+
+def course_steps(smtp, email: str) -> list[str]:
+    return [m["X-Nurture-Step"].removeprefix(f"{SEQUENCE}/") for m in messages_to(smtp, email)]
+
+
+def text_part(message) -> str:
+    return message.get_body(preferencelist=("plain",)).get_content()
+
+
+def html_part(message) -> str:
+    return message.get_body(preferencelist=("html",)).get_content()
+
+
+def link_in(message, route: str) -> str:
+    """The one link to `route` (e.g. "/confirm/") in the email's text part."""
+    links = set(re.findall(rf"https?://[^\s\"'<>()]+{route}[\w.-]+", text_part(message)))
+    assert len(links) == 1, links
+    return links.pop()
+
+
+def path_of(url: str) -> str:
+    return urlsplit(url).path
+
+
+def api_signup(client, email: str, **fields):
+    return client.post(API, json={"email": email, **fields})
+
+
+def form_signup(client, email: str, **extra):
+    """Post the landing page's form as a browser does (with its CSRF token)."""
+    environ = extra.pop("environ_base", {})
+    headers = extra.pop("headers", {})
+    data = {
+        "csrf_token": csrf_token(client),
+        "email": email,
+        "first_name": "",
+        "timezone": "",
+        **extra,
+    }
+    return client.post("/subscribe", data=data, headers=headers, environ_base=environ)
+
+
+def send_confirmation(settings, smtp, email: str):
+    """Let a worker send the newest confirmation email; return the message."""
+    subscriber_id = subscriber_id_of(settings, email)
+    newest = deliveries(settings, subscriber_id, CONFIRMATION_STEP)[-1]
+    assert newest.status == DeliveryStatus.QUEUED and newest.enqueued_at is not None
+    assert send(settings, [newest.id], utcnow()).sent == 1
+    return messages_to(smtp, email, CONFIRMATION_STEP)[-1]
+
+
+def join(client, settings, smtp, email: str, **fields) -> int:
+    """Sign up through the API, receive the confirmation email and click its link."""
+    assert api_signup(client, email, **fields).status_code == 202
+    message = send_confirmation(settings, smtp, email)
+    fresh = client.application.test_client()  # the mail client, not the signup page
+    response = fresh.get(path_of(link_in(message, "/confirm/")))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    subscriber_id = subscriber_id_of(settings, email)
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.ACTIVE
+    return subscriber_id
+
+
+def send_due(settings, subscriber_id: int) -> datetime:
+    """Run the due-scan at the enrollment's due time and send what it hands out."""
+    now = enrollment(settings, subscriber_id).next_due_at
+    assert now is not None
+    result = send(settings, tick(settings, now), now)
+    assert result.sent == 1, result
+    return now
+
+
+def one_click(app, path: str, body: str = ONE_CLICK):
+    """POST as Gmail does (RFC 8058): a fresh client, no cookies, no CSRF token."""
+    return app.test_client().post(path, data=body, content_type=FORM)
+
+
+def run_nurture(stack, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """The real console script, as `python -m nurture`."""
+    return subprocess.run(
+        [sys.executable, "-m", "nurture", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=stack.process_env(),
+        cwd=nurture.ROOT,
+        timeout=60,
+    )
+
+
+def signed_in_admin(app, settings):
+    with session_scope(settings.database_url) as session:
+        add_user(session, ADMIN, PASSWORD)
+    admin = app.test_client()
+    login = {"csrf_token": csrf_token(admin, "/admin/login"), "email": ADMIN, "password": PASSWORD}
+    assert admin.post("/admin/login", data=login).status_code == 303
+    return admin
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- 1. One-click unsubscribe, as Gmail does it ------------------------------------
+
+
+@BOTH_DATABASES
+def test_one_click_unsubscribe_mid_course_stops_everything(app, client, settings, smtp):
+    email = "ann@example.com"
+    subscriber_id = join(client, settings, smtp, email, first_name="Ann")
+    for _ in range(3):
+        send_due(settings, subscriber_id)
+    assert course_steps(smtp, email) == COURSE_KEYS[:3]
+
+    last = messages_to(smtp, email)[-1]
+    assert last["List-Unsubscribe-Post"] == ONE_CLICK
+    header = re.fullmatch(r"<(https?://[^>]+)>", last["List-Unsubscribe"])
+    assert header, last["List-Unsubscribe"]
+    url = header.group(1)
+    assert url.startswith(f"{settings.base_url}/unsubscribe/")
+
+    # Step 4 is queued (dispatched, not sent); step 5 is already in a worker's hands.
+    due = enrollment(settings, subscriber_id).next_due_at
+    [queued_id] = tick(settings, due)
+    assert delivery(settings, queued_id).step == "overlap"
+    due = enrollment(settings, subscriber_id).next_due_at
+    handed = tick(settings, due)  # which-fits, and overlap again (unsent a day later)
+    [claimed_id] = [i for i in handed if delivery(settings, i).step == "which-fits"]
+    lease = timedelta(minutes=5)
+    with session_scope(settings.database_url) as session:
+        assert claim(session, claimed_id, due, lease) is not None
+    assert delivery(settings, claimed_id).status == DeliveryStatus.SENDING
+
+    response = one_click(app, path_of(url))
+
+    assert 200 <= response.status_code < 300
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.UNSUBSCRIBED
+    assert delivery(settings, queued_id).status == DeliveryStatus.CANCELLED
+    # The worker that had the queued id, and another that takes over the lapsed claim,
+    # both check again just before SMTP: nothing goes out.
+    later = due + lease + timedelta(minutes=1)
+    result = send(settings, [queued_id, claimed_id], later)
+    assert result.sent == 0
+    assert delivery(settings, queued_id).status == DeliveryStatus.CANCELLED
+    assert delivery(settings, claimed_id).status == DeliveryStatus.CANCELLED
+    assert course_steps(smtp, email) == COURSE_KEYS[:3]
+
+    received = len(smtp.messages)
+    for hours in range(6, 8 * 24 + 1, 6):  # the rest of the week, every six hours
+        now = later + timedelta(hours=hours)
+        send(settings, tick(settings, now), now)
+    assert len(smtp.messages) == received
+    assert course_steps(smtp, email) == COURSE_KEYS[:3]
+    sent = [d.step for d in deliveries(settings, subscriber_id) if d.status == DeliveryStatus.SENT]
+    assert sent == [CONFIRMATION_STEP, *COURSE_KEYS[:3]]
+    stopped = enrollment(settings, subscriber_id)
+    assert stopped.status == EnrollmentStatus.STOPPED and stopped.next_due_at is None
+
+    again = one_click(app, path_of(url))
+
+    assert 200 <= again.status_code < 300
+    assert [e.detail for e in events(settings, subscriber_id, "unsubscribe")] == ["one-click"]
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.UNSUBSCRIBED
+
+
+# --- 2. List-Unsubscribe with a mailto ---------------------------------------------
+
+
+def test_list_unsubscribe_offers_a_mailto_when_configured(stack, smtp):
+    settings = stack.with_env(UNSUBSCRIBE_MAILTO="unsubscribe@nurture.test").settings
+    app = create_app(settings)
+    client = app.test_client()
+    email = "ann@example.com"
+    subscriber_id = join(client, settings, smtp, email)
+
+    send_due(settings, subscriber_id)
+
+    [welcome] = messages_to(smtp, email)
+    token = make_unsubscribe_token(settings.secret_key, subscriber_id)
+    assert welcome["List-Unsubscribe"] == (
+        f"<http://nurture.test/unsubscribe/{token}>, "
+        "<mailto:unsubscribe@nurture.test?subject=unsubscribe>"
+    )
+    assert welcome["List-Unsubscribe-Post"] == ONE_CLICK
+    [confirmation] = messages_to(smtp, email, CONFIRMATION_STEP)
+    assert confirmation["List-Unsubscribe"] is None  # transactional: no list headers
+    assert one_click(app, f"/unsubscribe/{token}").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "unsubscribe",
+        "mailto:unsubscribe@nurture.test",
+        "Unsubscribe <unsubscribe@nurture.test>",
+        "unsubscribe@nurture.test, other@nurture.test",
+        "@nurture.test",
+        "un subscribe@nurture.test",
+        "unsubscribe@nurture.test?subject=stop",
+    ],
+)
+def test_a_bad_unsubscribe_mailto_is_a_config_error(tmp_path, value):
+    environ = {"NURTURE_INSTANCE": str(tmp_path), "SECRET_KEY": "k", "UNSUBSCRIBE_MAILTO": value}
+
+    with pytest.raises(ConfigError, match="UNSUBSCRIBE_MAILTO"):
+        load_settings(environ)
+
+
+# --- 3. The footer link: unsubscribe or pause --------------------------------------
+
+
+@BOTH_DATABASES
+def test_footer_link_offers_a_pause_that_holds_the_course_without_skipping(
+    app, client, settings, smtp
+):
+    email = "ann@example.com"
+    subscriber_id = join(client, settings, smtp, email)
+    send_due(settings, subscriber_id)
+    [welcome] = messages_to(smtp, email)
+    header_url = welcome["List-Unsubscribe"].strip("<>")
+    footer = set(re.findall(r'href="([^"]*/unsubscribe/[^"]+)"', html_part(welcome)))
+    assert footer == {header_url}, "the footer link is the unsubscribe URL, not a tracked one"
+    assert link_in(welcome, "/unsubscribe/") == header_url
+    path = path_of(header_url)
+    before = database_rows(settings)
+
+    page = app.test_client().get(path)
+
+    html = page.get_data(as_text=True)
+    assert page.status_code == 200
+    assert html.count(f'<form method="post" action="{path}">') == 2
+    assert 'name="action" value="unsubscribe"' in html
+    assert 'name="action" value="pause"' in html
+    assert database_rows(settings) == before, "a GET (a mail scanner) changes nothing"
+
+    due = enrollment(settings, subscriber_id).next_due_at
+    [queued_id] = tick(settings, due)  # product-manager, handed to a worker, not yet sent
+    assert delivery(settings, queued_id).step == "product-manager"
+    paused_at = utcnow()
+
+    response = app.test_client().post(path, data={"action": "pause"}, content_type=FORM)
+
+    assert response.status_code == 200
+    assert "Your course is paused" in response.get_data(as_text=True)
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.ACTIVE
+    held = enrollment(settings, subscriber_id)
+    assert held.status == EnrollmentStatus.ACTIVE
+    assert held.next_step == "product-manager"
+    assert paused_at + PAUSE <= held.next_due_at <= utcnow() + PAUSE
+    assert delivery(settings, queued_id).status == DeliveryStatus.CANCELLED
+    assert len(events(settings, subscriber_id, "pause")) == 1
+    assert events(settings, subscriber_id, "unsubscribe") == []
+
+    assert send(settings, [queued_id], due).sent == 0  # the worker finds it taken back
+    thirteen_days = paused_at + timedelta(days=13)
+    send(settings, tick(settings, thirteen_days), thirteen_days)
+    assert course_steps(smtp, email) == ["welcome"], "held for two weeks"
+
+    fifteen_days = paused_at + timedelta(days=15)
+    result = send(settings, tick(settings, fifteen_days), fifteen_days)
+
+    assert result.sent == 1
+    assert course_steps(smtp, email) == ["welcome", "product-manager"]
+    while enrollment(settings, subscriber_id).next_due_at is not None:
+        send_due(settings, subscriber_id)
+    assert course_steps(smtp, email) == COURSE_KEYS, "nothing skipped, nothing twice"
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.ACTIVE
+    assert enrollment(settings, subscriber_id).status == EnrollmentStatus.COMPLETED
+
+
+# --- 4. Suppression and erasure ----------------------------------------------------
+
+
+@BOTH_DATABASES
+def test_bounced_address_stays_suppressed_and_erasure_keeps_only_a_hash(client, settings, smtp):
+    email = "zephyrine.bounce@example.com"
+    name = "Zephyrine"
+    first = api_signup(client, email, first_name=name)
+    assert first.status_code == 202
+    subscriber_id = subscriber_id_of(settings, email)
+    [confirmation] = deliveries(settings, subscriber_id)
+    smtp.handler.refuse_with = f"550 5.1.1 <{email}>: Recipient address rejected: User unknown"
+
+    assert send(settings, [confirmation.id], utcnow()).failed == 1
+
+    smtp.handler.refuse_with = None
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.BOUNCED
+    assert len(events(settings, subscriber_id, "bounce")) == 1
+    fresh = api_signup(client, "someone.new@example.com")
+    again = api_signup(client, email, first_name=name)
+    assert (again.status_code, again.get_json()) == (fresh.status_code, fresh.get_json())
+    by_form = form_signup(client, email)
+    assert by_form.status_code == 303 and path_of(by_form.headers["Location"]) == "/thanks"
+    assert len(deliveries(settings, subscriber_id)) == 1, "no new confirmation for a bounce"
+    assert count(settings, Consent, Consent.subscriber_id == subscriber_id) == 1
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.BOUNCED
+    event_count = len(events(settings, subscriber_id))
+
+    with session_scope(settings.database_url) as session:
+        assert erase(session, subscriber_id, now=utcnow())
+
+    with session_scope(settings.database_url) as session:
+        suppressions = session.execute(select(Suppression.email_hash, Suppression.reason)).all()
+    assert [tuple(row) for row in suppressions] == [(sha256(email), "bounced")]
+    erased = subscriber(settings, subscriber_id)
+    assert erased.status == SubscriberStatus.ERASED
+    row = database_rows(settings)["subscribers"]
+    [erased_row] = [r for r in row if r[0] == subscriber_id]
+    assert not any(email in str(v) or name in str(v) for v in erased_row), erased_row
+    assert count(settings, Consent, Consent.subscriber_id == subscriber_id) == 0
+    assert len(deliveries(settings, subscriber_id)) == 1, "anonymous counts stay"
+    assert len(events(settings, subscriber_id)) >= event_count
+    assert len(events(settings, subscriber_id, "bounce")) == 1
+
+    total = count(settings, Delivery)
+    again = api_signup(client, email, first_name=name)
+    assert (again.status_code, again.get_json()) == (fresh.status_code, fresh.get_json())
+    assert form_signup(client, email).status_code == 303
+    assert subscriber_id_of(settings, email) is None
+    assert count(settings, Delivery) == total, "an erased bounce is still never mailed"
+
+    assert places_holding(settings, email, name) == [], "erasure left the address behind"
+
+
+def test_complained_address_signing_up_again_gets_no_email(client, settings, smtp):
+    email = "spam.button@example.com"
+    subscriber_id = join(client, settings, smtp, email)
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Subscriber)
+            .where(Subscriber.id == subscriber_id)
+            .values(status=SubscriberStatus.COMPLAINED)
+        )
+    total = count(settings, Delivery)
+    fresh = api_signup(client, "someone.new@example.com")
+
+    again = api_signup(client, email)
+    by_form = form_signup(client, email)
+
+    assert (again.status_code, again.get_json()) == (fresh.status_code, fresh.get_json())
+    assert by_form.status_code == 303 and path_of(by_form.headers["Location"]) == "/thanks"
+    assert count(settings, Delivery) == total + 1  # only the new address's confirmation
+    assert len(deliveries(settings, subscriber_id, CONFIRMATION_STEP)) == 1
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.COMPLAINED
+
+
+@BOTH_DATABASES
+def test_erasing_an_unsubscribed_address_can_be_undone_by_a_confirmed_signup(
+    app, client, settings, smtp
+):
+    email = "comes.back@example.com"
+    subscriber_id = join(client, settings, smtp, email)
+    token = make_unsubscribe_token(settings.secret_key, subscriber_id)
+    assert one_click(app, f"/unsubscribe/{token}").status_code == 200
+    with session_scope(settings.database_url) as session:
+        assert erase(session, subscriber_id, now=utcnow())
+    with session_scope(settings.database_url) as session:
+        reason = session.scalar(
+            select(Suppression.reason).where(Suppression.email_hash == sha256(email))
+        )
+    assert reason in SubscriberStatus.REVERSIBLE
+    assert subscriber_id_of(settings, email) is None
+
+    assert api_signup(client, email).status_code == 202
+
+    new_id = subscriber_id_of(settings, email)
+    assert new_id is not None and new_id != subscriber_id
+    assert subscriber(settings, new_id).status == SubscriberStatus.PENDING
+    [confirmation] = deliveries(settings, new_id)
+    assert (confirmation.step, confirmation.status) == (CONFIRMATION_STEP, DeliveryStatus.QUEUED)
+    message = send_confirmation(settings, smtp, email)
+    assert app.test_client().get(path_of(link_in(message, "/confirm/"))).status_code == 200
+    assert subscriber(settings, new_id).status == SubscriberStatus.ACTIVE
+    assert count(settings, Suppression, Suppression.email_hash == sha256(email)) == 0
+
+
+# --- 5. Coming back after an unsubscribe -------------------------------------------
+
+
+@BOTH_DATABASES
+def test_signup_after_unsubscribe_needs_a_new_confirmation(app, client, settings, smtp):
+    email = "ann@example.com"
+    subscriber_id = join(client, settings, smtp, email)
+    old_link = link_in(messages_to(smtp, email, CONFIRMATION_STEP)[0], "/confirm/")
+    start = send_due(settings, subscriber_id)
+    token = make_unsubscribe_token(settings.secret_key, subscriber_id)
+    assert one_click(app, f"/unsubscribe/{token}").status_code == 200
+
+    assert api_signup(client, email).status_code == 202
+
+    assert subscriber_id_of(settings, email) == subscriber_id
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.PENDING
+    assert enrollment(settings, subscriber_id).status == EnrollmentStatus.PENDING
+    confirmations = deliveries(settings, subscriber_id, CONFIRMATION_STEP)
+    assert [d.status for d in confirmations] == [DeliveryStatus.SENT, DeliveryStatus.QUEUED]
+
+    for days in (1, 2, 3):  # not active until confirmed: only the confirmation goes out
+        now = start + timedelta(days=days)
+        send(settings, tick(settings, now), now)
+    assert course_steps(smtp, email) == ["welcome"]
+    [_, second] = messages_to(smtp, email, CONFIRMATION_STEP)
+    new_link = link_in(second, "/confirm/")
+    assert new_link != old_link
+    assert app.test_client().get(path_of(old_link)).status_code == 400
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.PENDING
+
+    assert app.test_client().get(path_of(new_link)).status_code == 200
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.ACTIVE
+    assert enrollment(settings, subscriber_id).status == EnrollmentStatus.ACTIVE
+
+
+# --- 6. Consent evidence, export and erasure ---------------------------------------
+
+
+def test_consent_evidence_is_kept_exported_shown_and_erasable(stack, app, client, settings, smtp):
+    email = "evidence@example.com"
+    ip = "203.0.113.7"
+    agent = "Mozilla/5.0 (X11; Linux x86_64) NurtureCompliance/1.0"
+    signed_up = utcnow()
+    response = form_signup(
+        client,
+        email,
+        first_name="Evi",
+        timezone="Europe/Paris",
+        headers={"User-Agent": agent},
+        environ_base={"REMOTE_ADDR": ip},
+    )
+    assert response.status_code == 303
+    confirmation = send_confirmation(settings, smtp, email)
+    assert app.test_client().get(path_of(link_in(confirmation, "/confirm/"))).status_code == 200
+    confirmed = utcnow()
+    subscriber_id = subscriber_id_of(settings, email)
+    send_due(settings, subscriber_id)
+    [welcome] = messages_to(smtp, email)
+
+    with session_scope(settings.database_url) as session:
+        data = export_data(session, subscriber_id)
+
+    assert data["subscriber"]["email"] == email
+    assert data["subscriber"]["first_name"] == "Evi"
+    [consent] = data["consents"]
+    assert consent["source"] == "form"
+    assert consent["consent_text"] == CONSENT_TEXT
+    assert consent["consent_version"] == CONSENT_VERSION
+    assert consent["ip"] == ip
+    assert consent["user_agent"] == agent
+    signup_time = datetime.fromisoformat(consent["signed_up_at"])
+    confirm_time = datetime.fromisoformat(consent["confirmed_at"])
+    assert signed_up <= signup_time <= confirm_time <= confirmed
+    assert data["subscriber"]["signed_up_at"] == consent["signed_up_at"]
+    assert data["subscriber"]["confirmed_at"] == consent["confirmed_at"]
+    emails = [(e["step"], e["status"], e["message_id"]) for e in data["emails"]]
+    assert emails == [
+        (CONFIRMATION_STEP, DeliveryStatus.SENT, confirmation["Message-ID"]),
+        ("welcome", DeliveryStatus.SENT, welcome["Message-ID"]),
+    ]
+    assert all(e["sent_at"] for e in data["emails"])
+
+    cli = run_nurture(stack, "subscribers", "export-data", email)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout) == data
+
+    admin = signed_in_admin(app, settings)
+    assert email in admin.get("/admin/subscribers").get_data(as_text=True)
+    page = admin.get(f"/admin/subscribers/{subscriber_id}")
+    shown = page.get_data(as_text=True)
+    assert page.status_code == 200
+    for evidence in (CONSENT_TEXT, CONSENT_VERSION, ip, agent):
+        assert evidence in shown, evidence
+    download = admin.get(f"/admin/subscribers/{subscriber_id}/export.json")
+    assert download.status_code == 200
+    assert download.mimetype == "application/json"
+    assert "attachment" in download.headers["Content-Disposition"]
+    assert json.loads(download.get_data(as_text=True)) == data
+
+    token = re.search(r'name="csrf_token" value="([^"]+)"', shown).group(1)
+    erase_path = f"/admin/subscribers/{subscriber_id}/erase"
+    for typed in ({}, {"confirm": ""}, {"confirm": "yes"}, {"confirm": "ERASE please"}):
+        refused = admin.post(erase_path, data={"csrf_token": token, **typed})
+        assert refused.status_code == 400, typed
+    with session_scope(settings.database_url) as session:
+        assert export_data(session, subscriber_id) == data, "nothing erased"
+
+    erased = admin.post(erase_path, data={"csrf_token": token, "confirm": "erase"})
+
+    assert erased.status_code == 303
+    with session_scope(settings.database_url) as session:
+        after = export_data(session, subscriber_id)
+    assert after["subscriber"]["status"] == SubscriberStatus.ERASED
+    assert after["subscriber"]["email"] != email and after["subscriber"]["first_name"] == ""
+    assert after["consents"] == []
+    assert [e["step"] for e in after["emails"]] == [CONFIRMATION_STEP, "welcome"]
+    shown = admin.get(f"/admin/subscribers/{subscriber_id}").get_data(as_text=True)
+    assert ip not in shown and agent not in shown and email not in shown
+
+    other = "cli.erase@example.com"
+    assert api_signup(client, other).status_code == 202
+    other_id = subscriber_id_of(settings, other)
+    declined = run_nurture(stack, "subscribers", "erase", other, stdin="n\n")
+    assert declined.returncode != 0
+    assert subscriber(settings, other_id).status == SubscriberStatus.PENDING
+    assert count(settings, Consent, Consent.subscriber_id == other_id) == 1
+
+    done = run_nurture(stack, "subscribers", "erase", other.upper(), "--yes")
+
+    assert done.returncode == 0, done.stderr
+    assert subscriber(settings, other_id).status == SubscriberStatus.ERASED
+    assert count(settings, Consent, Consent.subscriber_id == other_id) == 0
+    for args in (("export-data", "nobody@example.com"), ("erase", "nobody@example.com", "--yes")):
+        unknown = run_nurture(stack, "subscribers", *args)
+        assert unknown.returncode != 0, args
+        assert "no subscriber has the address nobody@example.com" in unknown.stderr
+        assert "Traceback" not in unknown.stderr
+    gone = run_nurture(stack, "subscribers", "export-data", email)
+    assert gone.returncode != 0 and "no subscriber has the address" in gone.stderr
+
+
+# --- 7. Confirmation links expire --------------------------------------------------
+
+
+def expired_confirm_token(secret: str, subscriber_id: int, consent_id: int, age: int) -> str:
+    class OldSigner(TimestampSigner):
+        def get_timestamp(self) -> int:
+            return int(time.time()) - age
+
+    serializer = URLSafeTimedSerializer(secret, salt="confirm", signer=OldSigner)
+    return serializer.dumps([subscriber_id, consent_id])
+
+
+def test_expired_confirmation_offers_a_fresh_link(stack, smtp):
+    settings = stack.with_env(CONFIRM_MAX_AGE_DAYS="3").settings
+    app = create_app(settings)
+    email = "slow.reader@example.com"
+    assert api_signup(app.test_client(), email).status_code == 202
+    first = send_confirmation(settings, smtp, email)
+    assert "The link works for 3 days." in text_part(first)
+    assert "3 days" in html_part(first)
+    subscriber_id = subscriber_id_of(settings, email)
+    with session_scope(settings.database_url) as session:
+        consent_id = latest_consent(session, subscriber_id).id
+        session.execute(  # the signup was four days ago
+            update(Delivery)
+            .where(Delivery.subscriber_id == subscriber_id)
+            .values(created_at=utcnow() - timedelta(days=4))
+        )
+    token = expired_confirm_token(settings.secret_key, subscriber_id, consent_id, 3 * 86400 + 60)
+    visitor = app.test_client()
+
+    response = visitor.get(f"/confirm/{token}")
+
+    page = response.get_data(as_text=True)
+    assert response.status_code == 410
+    assert "expired" in page and "3 days" in page
+    form = re.search(r'<form method="post" action="([^"]+)"', page)
+    assert form and form.group(1) == "/subscribe"
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert csrf, "the form carries a CSRF token"
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.PENDING
+
+    resent = visitor.post(
+        "/subscribe", data={"csrf_token": csrf.group(1), "email": email, "timezone": ""}
+    )
+
+    assert resent.status_code == 303
+    confirmations = deliveries(settings, subscriber_id, CONFIRMATION_STEP)
+    assert [d.status for d in confirmations] == [DeliveryStatus.SENT, DeliveryStatus.QUEUED]
+    second = send_confirmation(settings, smtp, email)
+    assert "The link works for 3 days." in text_part(second)
+    assert app.test_client().get(path_of(link_in(second, "/confirm/"))).status_code == 200
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.ACTIVE
+
+
+# --- 8. Signup abuse ---------------------------------------------------------------
+
+
+def test_signups_are_rate_limited_per_address(stack):
+    settings = stack.with_env(SIGNUP_RATE_LIMIT="3 per minute").settings
+    app = create_app(settings)
+    client = app.test_client()
+    for n in range(3):
+        assert api_signup(client, f"api{n}@example.com").status_code == 202
+
+    refused = api_signup(client, "api-refused@example.com")
+
+    assert refused.status_code == 429
+    assert refused.is_json and refused.get_json()["errors"]
+    assert "Retry-After" in refused.headers
+
+    for n in range(3):
+        assert form_signup(client, f"form{n}@example.com").status_code == 303
+    refused_form = form_signup(client, "form-refused@example.com")
+
+    page = refused_form.get_data(as_text=True)
+    assert refused_form.status_code == 429
+    assert refused_form.mimetype == "text/html"
+    assert "Too many requests" in page and "Traceback" not in page
+
+    elsewhere = {"REMOTE_ADDR": "198.51.100.23"}
+    other = client.post(API, json={"email": "other-api@example.com"}, environ_base=elsewhere)
+    assert other.status_code == 202
+    assert form_signup(client, "other-form@example.com", environ_base=elsewhere).status_code == 303
+
+    assert subscriber_id_of(settings, "api-refused@example.com") is None
+    assert subscriber_id_of(settings, "form-refused@example.com") is None
+    assert count(settings, Subscriber) == 8
+    assert count(settings, Delivery) == 8
+
+
+def test_honeypot_gets_the_same_answer_and_creates_nothing(client, settings):
+    landing = client.get("/").get_data(as_text=True)
+    assert re.search(r'<div class="honeypot" aria-hidden="true">(?:(?!</div>).)*name="website"', landing, re.S)
+    person = form_signup(client, "person@example.com")
+    before = database_rows(settings)
+
+    bot = form_signup(client, "bot@example.com", website="https://spam.example/")
+
+    assert bot.status_code == person.status_code == 303
+    assert bot.headers["Location"] == person.headers["Location"]
+    assert path_of(bot.headers["Location"]) == "/thanks"
+    assert subscriber_id_of(settings, "bot@example.com") is None
+    assert database_rows(settings) == before
+
+
+# --- 9. Bad tokens -----------------------------------------------------------------
+
+
+def _other(char: str) -> str:
+    return "A" if char != "A" else "B"
+
+
+def broken(token: str) -> dict[str, str]:
+    """Tampered and truncated versions of a token (each surely different)."""
+    payload, _, signature = token.rpartition(".")
+    return {
+        "tampered-payload": _other(token[0]) + token[1:],
+        "tampered-signature": f"{payload}.{_other(signature[0])}{signature[1:]}",
+        "truncated-half": token[: len(token) // 2],
+        "truncated-end": token[:-3],
+        "no-signature": payload,
+    }
+
+
+def test_bad_tokens_get_a_4xx_page_and_change_nothing(app, client, settings, smtp):
+    ann = join(client, settings, smtp, "ann@example.com")
+    send_due(settings, ann)
+    assert api_signup(client, "bob@example.com").status_code == 202
+    bob = subscriber_id_of(settings, "bob@example.com")
+    secret = settings.secret_key
+    with session_scope(settings.database_url) as session:
+        consents = {sid: latest_consent(session, sid).id for sid in (ann, bob)}
+    [welcome] = deliveries(settings, ann, "welcome")
+    good = {
+        "confirm": {sid: make_confirm_token(secret, sid, consents[sid]) for sid in (ann, bob)},
+        "unsubscribe": {sid: make_unsubscribe_token(secret, sid) for sid in (ann, bob)},
+        "click": {ann: make_click_token(secret, welcome.id, "https://example.com/page")},
+    }
+    bad: dict[str, dict[str, str]] = {kind: {} for kind in good}
+    for kind, tokens in good.items():
+        for sid, token in tokens.items():
+            for damage, value in broken(token).items():
+                bad[kind][f"{damage} {kind} token of {sid}"] = value
+    common = {"garbage": "not-a-token", "dots": "...", "long": "A" * 4000, "slash": "a/b"}
+    foreign_secret = {
+        "confirm": make_confirm_token("another-secret", bob, consents[bob]),
+        "unsubscribe": make_unsubscribe_token("another-secret", ann),
+        "click": make_click_token("another-secret", welcome.id, "https://example.com/page"),
+    }
+    routes = {  # route -> (kind of token it takes, how to call it)
+        "GET /unsubscribe/": ("unsubscribe", lambda c, t: c.get(f"/unsubscribe/{t}")),
+        "POST /unsubscribe/ one-click": (
+            "unsubscribe",
+            lambda c, t: c.post(f"/unsubscribe/{t}", data=ONE_CLICK, content_type=FORM),
+        ),
+        "POST /unsubscribe/ button": (
+            "unsubscribe",
+            lambda c, t: c.post(f"/unsubscribe/{t}", data={"action": "unsubscribe"}),
+        ),
+        "POST /unsubscribe/ pause": (
+            "unsubscribe",
+            lambda c, t: c.post(f"/unsubscribe/{t}", data={"action": "pause"}),
+        ),
+        "GET /confirm/": ("confirm", lambda c, t: c.get(f"/confirm/{t}")),
+        "GET /r/": ("click", lambda c, t: c.get(f"/r/{t}")),
+    }
+    before = database_rows(settings)
+
+    for route, (kind, call) in routes.items():
+        tokens = {**bad[kind], **common, f"{kind} token, another secret": foreign_secret[kind]}
+        for other_kind, by_subscriber in good.items():
+            if other_kind != kind:
+                for sid, token in by_subscriber.items():
+                    tokens[f"foreign: {other_kind} token of {sid}"] = token
+        for label, token in tokens.items():
+            response = call(app.test_client(), token)
+            page = response.get_data(as_text=True)
+            assert 400 <= response.status_code < 500, (route, label, response.status_code)
+            assert response.mimetype == "text/html", (route, label)
+            assert "Traceback" not in page, (route, label)
+
+    assert database_rows(settings) == before
+    # The good tokens do work, so the bad ones failed for being bad.
+    assert app.test_client().get(f"/unsubscribe/{good['unsubscribe'][ann]}").status_code == 200
+    followed = app.test_client().get(f"/r/{good['click'][ann]}")
+    assert (followed.status_code, followed.headers["Location"]) == (302, "https://example.com/page")
+    assert app.test_client().get(f"/confirm/{good['confirm'][bob]}").status_code == 200
+    assert subscriber(settings, bob).status == SubscriberStatus.ACTIVE
+
+
+# --- 10. Lint: the footer ----------------------------------------------------------
+
+
+def broken_templates(tmp_path, layout: str, remove: str):
+    copy = tmp_path / f"emails-without-{layout}"
+    shutil.copytree(nurture.ROOT / "templates" / "emails", copy)
+    path = copy / layout
+    source = path.read_text()
+    assert remove in source
+    path.write_text(source.replace(remove, ""))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("layout", "remove", "problem"),
+    [
+        ("_layout.html", "{{ unsubscribe_url }}", "course emails must show the unsubscribe link"),
+        ("_layout.txt", "{{ postal_address }}", "course emails must show the postal address"),
+    ],
+)
+def test_lint_reports_a_footer_without_its_link_or_address(stack, tmp_path, layout, remove, problem):
+    copy = broken_templates(tmp_path, layout, remove)
+    broken_stack = stack.with_env(NURTURE_TEMPLATES=str(copy))
+
+    problems = lint_templates(broken_stack.settings)
+
+    expected = f"{copy / layout}:1: {problem}"
+    assert any(p.startswith(expected) for p in problems), problems
+    assert all(p.startswith(f"{copy / layout}:1: ") for p in problems), problems
+    cli = run_nurture(broken_stack, "lint")
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    assert expected in cli.stdout
+
+
+def test_lint_passes_the_shipped_templates(stack):
+    assert lint_templates(stack.settings) == []
+    cli = run_nurture(stack, "lint")
+    assert cli.returncode == 0, cli.stdout + cli.stderr
