@@ -25,6 +25,7 @@ from markupsafe import Markup
 
 LAYOUT_HTML = "_layout.html"
 LAYOUT_TEXT = "_layout.txt"
+SNIPPETS = "_snippets/"  # reusable pieces: {% include "_snippets/NAME.md" %}
 MAX_HTML_BYTES = 100 * 1024  # Gmail clips messages at about 102 KB
 FRONT_MATTER_KEYS = ("subject", "preheader")
 MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()>#+\-.!|])")
@@ -97,7 +98,7 @@ class _EmailLoader(FileSystemLoader):
 
     def get_source(self, environment, template):
         source, filename, uptodate = super().get_source(environment, template)
-        if template.endswith(".md"):
+        if template.endswith(".md") and not template.startswith(SNIPPETS):
             _, source = split_front_matter(source, filename)
         return source, filename, uptodate
 
@@ -169,6 +170,23 @@ def rewrite_links(
     return RenderedEmail(subject=email.subject, preheader=email.preheader, html=page, text=text)
 
 
+def button(label: str, url: str) -> Markup:
+    """The call to action: `{{ button("Read about the course", course_url) }}`."""
+    return Markup(f"[{label}]({url}){{.button}}")
+
+
+def quote(text: str, author: str = "") -> Markup:
+    """A pull quote: `{{ quote("Words", "Who said them") }}`."""
+    lines = [f"> {line}" for line in str(text).splitlines() or [""]]
+    if author:
+        lines += [">", f"> — {author}"]
+    return Markup("\n".join(lines))
+
+
+#: Helpers every email can use without importing anything.
+SNIPPET_FUNCTIONS = {"button": button, "quote": quote}
+
+
 class Renderer:
     """Renders the email files under one templates folder."""
 
@@ -185,6 +203,8 @@ class Renderer:
         self._text_body_env = SandboxedEnvironment(
             **common, finalize=_escape_markdown_only, autoescape=False
         )
+        for env in (self._html_env, self._text_env, self._text_body_env):
+            env.globals.update(SNIPPET_FUNCTIONS)
         self._layout_env = SandboxedEnvironment(
             **common, autoescape=select_autoescape(["html"], default_for_string=False)
         )

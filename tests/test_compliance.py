@@ -133,9 +133,7 @@ def database_rows(settings) -> dict[str, list[tuple]]:
         return {
             table.name: [
                 tuple(row)
-                for row in session.execute(
-                    select(table).order_by(*table.primary_key.columns)
-                ).all()
+                for row in session.execute(select(table).order_by(*table.primary_key.columns)).all()
             ]
             for table in Base.metadata.sorted_tables
         }
@@ -775,7 +773,8 @@ def test_signups_are_rate_limited_per_address(stack):
 
 def test_honeypot_gets_the_same_answer_and_creates_nothing(client, settings):
     landing = client.get("/").get_data(as_text=True)
-    assert re.search(r'<div class="honeypot" aria-hidden="true">(?:(?!</div>).)*name="website"', landing, re.S)
+    hidden = r'<div class="honeypot" aria-hidden="true">(?:(?!</div>).)*name="website"'
+    assert re.search(hidden, landing, re.S), "the trap is in the form, hidden from people"
     person = form_signup(client, "person@example.com")
     before = database_rows(settings)
 
@@ -893,7 +892,9 @@ def broken_templates(tmp_path, layout: str, remove: str):
         ("_layout.txt", "{{ postal_address }}", "course emails must show the postal address"),
     ],
 )
-def test_lint_reports_a_footer_without_its_link_or_address(stack, tmp_path, layout, remove, problem):
+def test_lint_reports_a_footer_without_its_link_or_address(
+    stack, tmp_path, layout, remove, problem
+):
     copy = broken_templates(tmp_path, layout, remove)
     broken_stack = stack.with_env(NURTURE_TEMPLATES=str(copy))
 
