@@ -8,6 +8,7 @@ frozen `Settings`; the rest of the code takes a `Settings` and never reads
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -135,8 +136,12 @@ def _count(value: str, name: str) -> int:
     return int(value)
 
 
+#: A bare address that goes into <mailto:...?subject=unsubscribe> without escaping.
+_MAILTO_ADDRESS = re.compile(r"[A-Za-z0-9._+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
 def _mailto(value: str) -> str:
-    if value and (parseaddr(value)[1] != value or "@" not in value):
+    if value and not _MAILTO_ADDRESS.fullmatch(value):
         raise ConfigError(
             f"UNSUBSCRIBE_MAILTO must be a bare address like unsubscribe@example.com, not {value!r}"
         )

@@ -110,6 +110,12 @@ def erase(session: Session, subscriber_id: int, *, now: datetime) -> bool:
     )
     suppress(session, subscriber.email, reason, now)
     stop_enrollments(session, subscriber_id)
+    # SMTP replies quote the address ("550 5.1.1 <ann@example.com>: ..."): drop them.
+    session.execute(
+        update(Delivery)
+        .where(Delivery.subscriber_id == subscriber_id, Delivery.last_error.is_not(None))
+        .values(last_error="")
+    )
     session.execute(
         update(Delivery)
         .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.QUEUED)

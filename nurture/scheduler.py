@@ -120,31 +120,44 @@ def next_due(
 
 
 def plan(
-    enrollment: Enrollment, sequence: Sequence, timezone: str, settings: Settings, now: datetime
+    enrollment: Enrollment,
+    sequence: Sequence,
+    timezone: str,
+    settings: Settings,
+    now: datetime,
+    had: list[str] | tuple[str, ...] = (),
+    until: datetime | None = None,
 ) -> list[tuple[Step, datetime]]:
-    """The steps still to come for an enrollment, each with when it will go out.
+    """The emails still to come for an enrollment, each with when it will go out.
 
-    Assumes each goes out when due, as the due-scan sends it; the first one
-    waits for `now` if it is overdue.
+    Follows the due-scan's own rules (`next_to_send`, `next_due`), assuming each
+    email goes out when due; an overdue one goes out at `now`. `had` lists the
+    steps the enrollment already had; `until` stops the plan there.
     """
-    if enrollment.status != "active" or not enrollment.next_step or not enrollment.next_due_at:
+    if enrollment.status != "active" or enrollment.next_due_at is None:
         return []
-    step = sequence.step(enrollment.next_step)
-    planned: list[tuple[Step, datetime]] = []
+    had = list(had)
+    current = enrollment.next_step
     due = max(enrollment.next_due_at, now)
-    while step is not None:
-        if not (step.sales and enrollment.converted_at):
-            if planned:
-                due = next_due(
-                    step,
-                    started_at=enrollment.started_at or now,
-                    timezone=timezone,
-                    previous_send=planned[-1][1],
-                    settings=settings,
-                    skip_weekends=sequence.skip_weekends,
-                )
-            planned.append((step, due))
-        step = sequence.after(step.key)
+    converted = enrollment.converted_at is not None
+    planned: list[tuple[Step, datetime]] = []
+    while until is None or due <= until:
+        step, following = next_to_send(sequence, current, had, converted)
+        if step is None:
+            break
+        planned.append((step, due))
+        had.append(step.key)
+        if following is None:
+            break
+        due = next_due(
+            following,
+            started_at=enrollment.started_at or now,
+            timezone=timezone,
+            previous_send=due,
+            settings=settings,
+            skip_weekends=sequence.skip_weekends,
+        )
+        current = following.key
     return planned
 
 
@@ -206,14 +219,81 @@ def _write_delivery(session: Session, settings: Settings, enrollment: Enrollment
 
 
 def _due_batch(session: Session, now: datetime, limit: int):
+    """Due enrollments, oldest first, none of which has an email still on its way.
+
+    Waiting for the previous email (a retry after a 451, a step held by a
+    broken template) keeps each subscriber's course in order.
+    """
+    unsent = (
+        select(Delivery.id)
+        .where(Delivery.enrollment_id == Enrollment.id, Delivery.status.in_(DeliveryStatus.UNSENT))
+        .exists()
+    )
     return session.execute(
         select(Enrollment, Subscriber.timezone)
         .join(Subscriber, Subscriber.id == Enrollment.subscriber_id)
-        .where(Enrollment.status == EnrollmentStatus.ACTIVE, Enrollment.next_due_at <= now)
+        .where(
+            Enrollment.status == EnrollmentStatus.ACTIVE,
+            Enrollment.next_due_at <= now,
+            ~unsent,
+        )
         .order_by(Enrollment.next_due_at)
         .limit(limit)
         .with_for_update(of=Enrollment, skip_locked=True)
     ).all()
+
+
+def _steps_had(session: Session, enrollment_ids: list[int]) -> dict[int, list[str]]:
+    """For each enrollment, the steps it has had or has on the way, oldest first.
+
+    A cancelled delivery does not count: a returning subscriber gets it after all.
+    """
+    had: dict[int, list[str]] = {i: [] for i in enrollment_ids}
+    rows = session.execute(
+        select(Delivery.enrollment_id, Delivery.step)
+        .where(
+            Delivery.enrollment_id.in_(enrollment_ids),
+            Delivery.status != DeliveryStatus.CANCELLED,
+        )
+        .order_by(Delivery.id)
+    )
+    for enrollment_id, step in rows:
+        had[enrollment_id].append(step)
+    return had
+
+
+def next_to_send(
+    sequence: Sequence, current: str | None, had: list[str], converted: bool
+) -> tuple[Step | None, Step | None]:
+    """The step to send now, and the one the enrollment waits for after it (pure).
+
+    Enrollments follow step keys, so a marketer can edit a live sequence:
+    - a step inserted before someone's place is skipped for them, unless the
+      manifest marks it `backfill = true`, in which case it comes first;
+    - if the step someone waits for was removed, they go on after the last
+      step they had that still exists, so nobody is stranded;
+    - a step they already had is never sent again, however steps move;
+    - after a conversion, sales steps are passed over.
+    """
+    steps = sequence.steps
+    keys = [step.key for step in steps]
+    if current in keys:
+        position = keys.index(current)
+    else:
+        known = [key for key in had if key in keys]
+        position = keys.index(known[-1]) + 1 if known else 0
+
+    def wanted(step: Step) -> bool:
+        return step.key not in had and not (step.sales and converted)
+
+    resume = steps[position] if position < len(steps) else None
+    for step in steps[:position]:
+        if step.backfill and wanted(step):
+            return step, resume
+    for index in range(position, len(steps)):
+        if wanted(steps[index]):
+            return steps[index], steps[index + 1] if index + 1 < len(steps) else None
+    return None, None
 
 
 def create_due_deliveries(
@@ -229,52 +309,50 @@ def create_due_deliveries(
     created = 0
     while True:
         rows = _due_batch(session, now, settings.batch_size)
+        had = _steps_had(session, [enrollment.id for enrollment, _ in rows])
         for enrollment, timezone in rows:
-            created += _advance(session, settings, sequences, enrollment, timezone, now)
+            created += _advance(
+                session, settings, sequences, enrollment, timezone, had[enrollment.id], now
+            )
         session.commit()
         if len(rows) < settings.batch_size:
             return created
 
 
-def _advance(session, settings, sequences, enrollment: Enrollment, timezone: str, now) -> int:
-    """Write the due step's delivery and point the enrollment at the step after it.
-
-    Steps this subscriber already had (a returning subscriber), and sales steps
-    after a conversion, are passed over in the same tick, so they neither
-    repeat nor wait a gap each.
-    """
+def _advance(
+    session, settings, sequences, enrollment: Enrollment, timezone: str, had: list[str], now
+) -> int:
+    """Write the step due now and point the enrollment at the one after it."""
     sequence = sequences.get(enrollment.sequence)
-    step = sequence.step(enrollment.next_step) if sequence and enrollment.next_step else None
-    if step is None:
+    if sequence is None:
         log.error(
-            "enrollment %s points at %s/%s, which does not exist; holding it",
+            "enrollment %s is in sequence %s, which no longer exists; holding it",
             enrollment.id,
             enrollment.sequence,
-            enrollment.next_step,
         )
         enrollment.next_due_at = None
         return 0
-    written = False
-    while step is not None and not written:
-        converted = step.sales and enrollment.converted_at is not None
-        written = not converted and _write_delivery(session, settings, enrollment, step, now)
-        step = sequence.after(step.key)
-    enrollment.next_step = step.key if step else None
+    converted = enrollment.converted_at is not None
+    step, following = next_to_send(sequence, enrollment.next_step, had, converted)
+    while step is not None and not _write_delivery(session, settings, enrollment, step, now):
+        had = [*had, step.key]  # written meanwhile by someone else: never twice
+        step, following = next_to_send(sequence, enrollment.next_step, had, converted)
+    enrollment.next_step = following.key if following else None
     enrollment.next_due_at = (
         next_due(
-            step,
+            following,
             started_at=enrollment.started_at or now,
             timezone=timezone,
             previous_send=now,
             settings=settings,
             skip_weekends=sequence.skip_weekends,
         )
-        if step
+        if following
         else None
     )
-    if step is None:
+    if following is None and step is None:
         complete_if_done(session, enrollment.id, now)
-    return int(written)
+    return int(step is not None)
 
 
 def release_expired_leases(session: Session, now: datetime) -> int:

@@ -29,6 +29,8 @@ class Step:
     file: str
     send_at: time | None = None
     sales: bool = False
+    #: Added to a live sequence: also send it to people already past its place.
+    backfill: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,20 @@ def _parse_step(raw: dict, index: int, text: str, where: Path) -> Step:
             send_at = time.fromisoformat(send_at)
         except ValueError:
             raise fail(f"`send_at` {raw['send_at']!r} is not a time of day") from None
-    unknown = set(raw) - {"key", "day", "file", "send_at", "sales"}
+    unknown = set(raw) - {"key", "day", "file", "send_at", "sales", "backfill"}
     if unknown:
         raise fail(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    return Step(key=key, day=day, file=file, send_at=send_at, sales=bool(raw.get("sales", False)))
+    for flag in ("sales", "backfill"):
+        if not isinstance(raw.get(flag, False), bool):
+            raise fail(f"`{flag}` must be true or false")
+    return Step(
+        key=key,
+        day=day,
+        file=file,
+        send_at=send_at,
+        sales=raw.get("sales", False),
+        backfill=raw.get("backfill", False),
+    )
 
 
 def load_sequence(folder: Path) -> Sequence:

@@ -63,7 +63,12 @@ def timeline(
         sequence = sequences.get(enrollment.sequence)
         if sequence is None:
             continue
-        for step, due in plan(enrollment, sequence, subscriber.timezone, settings, now):
+        had = [
+            d.step
+            for d in deliveries
+            if d.enrollment_id == enrollment.id and d.status != "cancelled"
+        ]
+        for step, due in plan(enrollment, sequence, subscriber.timezone, settings, now, had):
             entries.append(Entry(sequence.name, step.key, "planned", due))
     return Timeline(subscriber=subscriber, enrollments=list(enrollments), entries=entries)
 

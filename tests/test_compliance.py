@@ -270,7 +270,10 @@ def sha256(text: str) -> str:
 
 
 @BOTH_DATABASES
-def test_one_click_unsubscribe_mid_course_stops_everything(app, client, settings, smtp):
+@pytest.mark.parametrize("worker_state", ["queued", "claimed"])
+def test_one_click_unsubscribe_mid_course_stops_everything(
+    app, client, settings, smtp, worker_state
+):
     email = "ann@example.com"
     subscriber_id = join(client, settings, smtp, email, first_name="Ann")
     for _ in range(3):
@@ -284,30 +287,27 @@ def test_one_click_unsubscribe_mid_course_stops_everything(app, client, settings
     url = header.group(1)
     assert url.startswith(f"{settings.base_url}/unsubscribe/")
 
-    # Step 4 is queued (dispatched, not sent); step 5 is already in a worker's hands.
+    # Step 4 is dispatched and handed to a worker, not sent yet; the worker may even
+    # have claimed it already when the unsubscribe comes.
     due = enrollment(settings, subscriber_id).next_due_at
-    [queued_id] = tick(settings, due)
-    assert delivery(settings, queued_id).step == "overlap"
-    due = enrollment(settings, subscriber_id).next_due_at
-    handed = tick(settings, due)  # which-fits, and overlap again (unsent a day later)
-    [claimed_id] = [i for i in handed if delivery(settings, i).step == "which-fits"]
+    [pending_id] = tick(settings, due)
+    assert delivery(settings, pending_id).step == "overlap"
     lease = timedelta(minutes=5)
-    with session_scope(settings.database_url) as session:
-        assert claim(session, claimed_id, due, lease) is not None
-    assert delivery(settings, claimed_id).status == DeliveryStatus.SENDING
+    if worker_state == "claimed":
+        with session_scope(settings.database_url) as session:
+            assert claim(session, pending_id, due, lease) is not None
+        assert delivery(settings, pending_id).status == DeliveryStatus.SENDING
 
     response = one_click(app, path_of(url))
 
     assert 200 <= response.status_code < 300
     assert subscriber(settings, subscriber_id).status == SubscriberStatus.UNSUBSCRIBED
-    assert delivery(settings, queued_id).status == DeliveryStatus.CANCELLED
-    # The worker that had the queued id, and another that takes over the lapsed claim,
-    # both check again just before SMTP: nothing goes out.
+    # The worker gets to it (or another takes over its lapsed claim) and checks again
+    # just before SMTP: nothing goes out.
     later = due + lease + timedelta(minutes=1)
-    result = send(settings, [queued_id, claimed_id], later)
+    result = send(settings, [pending_id], later)
     assert result.sent == 0
-    assert delivery(settings, queued_id).status == DeliveryStatus.CANCELLED
-    assert delivery(settings, claimed_id).status == DeliveryStatus.CANCELLED
+    assert delivery(settings, pending_id).status == DeliveryStatus.CANCELLED
     assert course_steps(smtp, email) == COURSE_KEYS[:3]
 
     received = len(smtp.messages)
@@ -902,7 +902,8 @@ def test_lint_reports_a_footer_without_its_link_or_address(
 
     expected = f"{copy / layout}:1: {problem}"
     assert any(p.startswith(expected) for p in problems), problems
-    assert all(p.startswith(f"{copy / layout}:1: ") for p in problems), problems
+    other = "_layout.txt" if layout == "_layout.html" else "_layout.html"
+    assert not [p for p in problems if str(copy / other) in p], "the other layout is fine"
     cli = run_nurture(broken_stack, "lint")
     assert cli.returncode == 1, cli.stdout + cli.stderr
     assert expected in cli.stdout

@@ -109,8 +109,9 @@ def events(settings, subscriber_id: int, kind: str) -> list[Event]:
 
 
 def tamper(token: str) -> str:
-    """Change one character of the signature."""
-    return token[:-1] + ("A" if token[-1] != "A" else "B")
+    """Change the first character of the signature (the last one may be padding bits only)."""
+    head, _, signature = token.rpartition(".")
+    return f"{head}.{'A' if signature[0] != 'A' else 'B'}{signature[1:]}"
 
 
 def expired_confirm_token(secret: str, subscriber_id: int, consent_id: int, age: int) -> str:

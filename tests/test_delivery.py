@@ -107,6 +107,15 @@ def enrollment_of(settings: Settings, subscriber_id: int) -> Enrollment:
         return session.scalar(select(Enrollment).where(Enrollment.subscriber_id == subscriber_id))
 
 
+def course_deliveries(settings: Settings) -> list[Delivery]:
+    with session_scope(settings.database_url) as session:
+        return list(
+            session.scalars(
+                select(Delivery).where(Delivery.enrollment_id.is_not(None)).order_by(Delivery.id)
+            )
+        )
+
+
 def subscriber(settings: Settings, subscriber_id: int) -> Subscriber:
     with session_scope(settings.database_url) as session:
         return session.get(Subscriber, subscriber_id)
@@ -339,35 +348,45 @@ def test_the_sender_checks_the_subscriber_just_before_sending(settings, smtp):
 @BOTH_DATABASES
 def test_the_enrollment_completes_only_when_everything_is_sent(settings, smtp):
     subscriber_id = enroll(settings, "ann@example.com")
+    keys = [step.key for step in sequences(settings)[SEQUENCE].steps]
     handed: dict[str, int] = {}
     now = T0
     while True:
         for delivery_id in hand_out(settings, now):
-            handed.setdefault(delivery(settings, delivery_id).step, delivery_id)
-        due = enrollment_of(settings, subscriber_id).next_due_at
-        if due is None:
-            break
-        now = due
+            handed[delivery(settings, delivery_id).step] = delivery_id
+        if len(handed) == len(keys):
+            break  # the last one stays unsent for now
+        assert send(settings, list(handed.values())[-1:], now).sent == 1
+        now = enrollment_of(settings, subscriber_id).next_due_at
 
-    keys = [step.key for step in sequences(settings)[SEQUENCE].steps]
     assert list(handed) == keys
-    assert send(settings, [handed[k] for k in keys[:-2]], now).sent == len(keys) - 2
-
-    # The last step goes out while the one before it is still waiting.
-    assert send(settings, [handed[keys[-1]]], now).sent == 1
     enrollment = enrollment_of(settings, subscriber_id)
     assert enrollment.next_step is None
-    assert enrollment.status == EnrollmentStatus.ACTIVE
+    assert enrollment.status == EnrollmentStatus.ACTIVE, "not finished while one is unsent"
     assert enrollment.completed_at is None
 
     later = now + timedelta(minutes=1)
-    assert send(settings, [handed[keys[-2]]], later).sent == 1
+    assert send(settings, [handed[keys[-1]]], later).sent == 1
     enrollment = enrollment_of(settings, subscriber_id)
     assert enrollment.status == EnrollmentStatus.COMPLETED
     assert enrollment.completed_at == later
-    assert [m["X-Nurture-Step"] for m in smtp.messages] == [
-        f"{SEQUENCE}/{k}" for k in [*keys[:-2], keys[-1], keys[-2]]
-    ]
+    assert [m["X-Nurture-Step"] for m in smtp.messages] == [f"{SEQUENCE}/{k}" for k in keys]
+
+
+@BOTH_DATABASES
+def test_the_next_step_waits_for_the_previous_email(settings, smtp):
+    """A retried email keeps the course in order: the next step is not written meanwhile."""
+    subscriber_id = enroll(settings, "ann@example.com")
+    [welcome] = hand_out(settings, T0)
+    smtp.handler.refuse_with = "451 4.3.0 Try again later"
+    assert send(settings, [welcome], T0).retry == 1
+    tomorrow = enrollment_of(settings, subscriber_id).next_due_at
+    assert hand_out(settings, tomorrow + timedelta(hours=1)) == [welcome], "only the retry"
+    assert [d.step for d in course_deliveries(settings)] == ["welcome"]
+    smtp.handler.refuse_with = None
+    assert send(settings, [welcome], tomorrow + timedelta(hours=1)).sent == 1
+    assert len(hand_out(settings, tomorrow + timedelta(hours=2))) == 1
+    assert [d.step for d in course_deliveries(settings)] == ["welcome", "product-manager"]
 
 
 # --- SMTP settings and message building --------------------------------------------
