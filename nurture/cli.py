@@ -123,6 +123,27 @@ def preview(sequence: str, step: str, fmt: str, first_name: str) -> None:
         click.echo(html if fmt == "html" else text)
 
 
+@main.command("send-test")
+@click.argument("sequence")
+@click.argument("step")
+@click.option("--to", "to", required=True, help="Where to send the test.")
+@click.option("--first-name", default="Alex", help="Sample first name ('' for none).")
+def send_test(sequence: str, step: str, to: str, first_name: str) -> None:
+    """Send one email now to ADDRESS, marked [Test], as it would go out."""
+    from email_validator import EmailNotValidError, validate_email
+
+    from nurture.mailer import PermanentFailure, TemporaryFailure
+    from nurture.preview import send_test as send
+    from nurture.render import RenderError
+
+    try:
+        address = validate_email(to, check_deliverability=False, allow_smtputf8=False)
+        send(_settings(), sequence, step, address.ascii_email, first_name=first_name)
+    except (EmailNotValidError, RenderError, TemporaryFailure, PermanentFailure) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"sent {sequence}/{step} to {to}")
+
+
 @main.command()
 @click.option("--now", "now_text", help="Scan as of this ISO-8601 time (default: now).")
 def dispatch(now_text: str | None) -> None:
@@ -238,13 +259,13 @@ def subscribers_erase(email: str, yes: bool) -> None:
 
 @main.command()
 def lint() -> None:
-    """Check every sequence and email; print file:line: message, exit 1 on errors."""
+    """Check every sequence and email: `file:line: message`; exit 1 on errors, 0 on warnings."""
     from nurture.lint import lint_templates
 
-    settings = _settings()
-    problems = lint_templates(settings)
+    problems = lint_templates(_settings())
     for problem in problems:
-        click.echo(problem)
-    if problems:
+        click.echo(str(problem))
+    errors = [p for p in problems if not p.warning]
+    if errors:
         sys.exit(1)
-    click.echo("all emails render")
+    click.echo("all emails render" + (f" ({len(problems)} warnings)" if problems else ""))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from email.message import EmailMessage
+from email.utils import make_msgid
 
 from nurture.config import Settings
 from nurture.delivery import Composer
+from nurture.dkim import dkim_signer
+from nurture.mailer import SMTPConnection, parse_smtp_url
 from nurture.models import Subscriber, utcnow
 from nurture.sequences import current_sequences
 
@@ -29,3 +32,24 @@ def parts(message: EmailMessage) -> tuple[str, str]:
     text = message.get_body(preferencelist=("plain",))
     html = message.get_body(preferencelist=("html",))
     return (text.get_content() if text else "", html.get_content() if html else "")
+
+
+def send_test(
+    settings: Settings, sequence: str, step: str, to: str, *, first_name: str = "Alex"
+) -> EmailMessage:
+    """Send one email now, as it would go out, to `to`, marked as a test.
+
+    For marketers checking a change in a real inbox; it bypasses the schedule
+    and the database entirely. Raises mailer.TemporaryFailure or
+    PermanentFailure with the server's reason.
+    """
+    message = preview_message(settings, sequence, step, first_name=first_name)
+    subject = message["Subject"]
+    del message["To"], message["Subject"], message["Message-ID"]
+    message["To"] = to
+    message["Subject"] = f"[Test] {subject}"
+    message["Message-ID"] = make_msgid(domain=settings.mail_domain)
+    message["X-Nurture-Test"] = "1"
+    with SMTPConnection(parse_smtp_url(settings.smtp_url)) as smtp:
+        smtp.send(message, signer=dkim_signer(settings))
+    return message

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from flask import Blueprint, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
 
 from nurture import scheduler, subscribers, tokens
 from nurture.app import csrf, limiter, state
 from nurture.db import session_scope
 from nurture.models import utcnow
 from nurture.sequences import first_steps
+from nurture.subscribers import DEFAULT_SEQUENCE
 from nurture.tasks import publisher
 
 bp = Blueprint("signup", __name__)
@@ -40,6 +41,7 @@ def _record_signup(clean: dict[str, str], source: str) -> None:
         timezone=clean["timezone"],
         sequence=clean["sequence"],
         source=source,
+        consent_text=subscribers.consent_text(app_state.sequences()[clean["sequence"]].title),
         ip=_client_ip(),
         user_agent=request.headers.get("User-Agent", ""),
     )
@@ -62,9 +64,29 @@ def _validate(data, *, strict_timezone: bool):
     )
 
 
+def _form_page(values: dict, errors: dict, status: int = 200):
+    sequence = state().sequences().get(values.get("sequence") or DEFAULT_SEQUENCE)
+    page = render_template(
+        "index.html",
+        values=values,
+        errors=errors,
+        consent=subscribers.consent_text(sequence.title if sequence else ""),
+        sequence=sequence if values.get("sequence") else None,
+    )
+    return page, status
+
+
 @bp.get("/")
 def index():
-    return render_template("index.html", values={}, errors={}, consent=subscribers.CONSENT_TEXT)
+    return _form_page({}, {})
+
+
+@bp.get("/join/<name>")
+def join(name: str):
+    """The signup form for any sequence, e.g. /join/career-switch-checklist."""
+    if name not in state().sequences():
+        abort(404)
+    return _form_page({"sequence": name}, {})
 
 
 def _signup_limit() -> str:
@@ -79,13 +101,11 @@ HONEYPOT = "website"  # a field people never see; bots fill it in
 def subscribe():
     if request.form.get(HONEYPOT):
         return redirect(url_for("signup.thanks"), code=303)  # say nothing to the bot
-    form = {key: request.form.get(key, "") for key in ("email", "first_name", "timezone")}
+    fields = ("email", "first_name", "timezone", "sequence")
+    form = {key: request.form.get(key, "") for key in fields}
     clean, errors = _validate(form, strict_timezone=False)
     if errors:
-        page = render_template(
-            "index.html", values=form, errors=errors, consent=subscribers.CONSENT_TEXT
-        )
-        return page, 422
+        return _form_page(form, errors, 422)
     _record_signup(clean, "form")
     return redirect(url_for("signup.thanks"), code=303)
 

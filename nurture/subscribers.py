@@ -34,10 +34,18 @@ from nurture.models import (
 )
 
 DEFAULT_SEQUENCE = "product-vs-project"
-CONSENT_TEXT = (
-    "Yes, send me the free email course on product managers and project managers: "
-    "one email a day for about a week. I can unsubscribe at any time."
-)
+
+
+def consent_text(sequence_title: str) -> str:
+    """The consent sentence shown next to a signup form, and stored with the signup."""
+    return (
+        f"Yes, send me the free email course \u201c{sequence_title}\u201d: a few short emails "
+        "over the coming days. I can unsubscribe at any time."
+    )
+
+
+#: The main course's consent sentence (its signup form is the landing page).
+CONSENT_TEXT = consent_text("Product manager or project manager?")
 #: Change the version whenever the consent text changes: each consent record keeps both.
 CONSENT_VERSION = "2026-11-25"
 RESEND_CONFIRMATION_AFTER = timedelta(minutes=10)
@@ -57,6 +65,7 @@ class SignupRequest:
     timezone: str
     sequence: str
     source: str  # "form" or "api"
+    consent_text: str = CONSENT_TEXT
     ip: str = ""
     user_agent: str = ""
 
@@ -277,7 +286,7 @@ def signup(
         Consent(
             subscriber_id=subscriber.id,
             source=request.source,
-            consent_text=CONSENT_TEXT,
+            consent_text=request.consent_text,
             consent_version=CONSENT_VERSION,
             ip=request.ip[:45],
             user_agent=request.user_agent[:512],

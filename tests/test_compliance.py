@@ -898,7 +898,7 @@ def test_lint_reports_a_footer_without_its_link_or_address(
     copy = broken_templates(tmp_path, layout, remove)
     broken_stack = stack.with_env(NURTURE_TEMPLATES=str(copy))
 
-    problems = lint_templates(broken_stack.settings)
+    problems = [str(p) for p in lint_templates(broken_stack.settings)]
 
     expected = f"{copy / layout}:1: {problem}"
     assert any(p.startswith(expected) for p in problems), problems

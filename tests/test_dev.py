@@ -80,7 +80,12 @@ def test_dev_runs_the_whole_course_in_seconds(tmp_path):
     try:
         _wait(lambda: _get(f"{base}/healthz")[0] == 200, 60, "/healthz")
         status, body = _get(f"{base}/healthz")
-        assert json.loads(body) == {"status": "ok", "database": "ok", "broker": "ok"}
+        assert json.loads(body) == {
+            "status": "ok",
+            "database": "ok",
+            "broker": "ok",
+            "templates": "ok",
+        }
         printed = output.read_text()
         assert f"nurture is running at {base}" in printed
         assert re.search(r"admin@example\.com / \S+", printed), "the admin login is printed"
