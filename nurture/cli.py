@@ -166,6 +166,30 @@ def dispatch(now_text: str | None) -> None:
         sys.exit(1)
 
 
+@main.command("plan")
+@click.option("--days", default=7, show_default=True, help="How far ahead to look.")
+def plan_command(days: int) -> None:
+    """Dry run: who gets what in the next days, published version vs the files on disk."""
+    from nurture.db import session_scope
+    from nurture.models import utcnow
+    from nurture.publishing import compare, format_diff, published_sequences
+    from nurture.sequences import SequenceError, load_sequences
+
+    settings = _settings()
+    try:
+        proposed = load_sequences(settings.templates_path)
+    except SequenceError as error:
+        raise click.ClickException(str(error)) from None
+    with session_scope(settings.database_url) as session:
+        published = published_sequences(session)
+        for name, (_, since) in sorted(published.items()):
+            click.echo(f"{name}: published {since:%Y-%m-%d %H:%M} UTC")
+        if not published:
+            click.echo("nothing published yet: every sequence is new to the service")
+        live = {name: sequence for name, (sequence, _) in published.items()}
+        click.echo(format_diff(compare(session, settings, live, proposed, utcnow(), days)))
+
+
 @main.command()
 @click.argument("email")
 def timeline(email: str) -> None:

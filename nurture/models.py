@@ -192,6 +192,19 @@ class Suppression(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class SequenceVersion(Base):
+    """A sequence as the service last ran it, so a change can be compared before it goes live."""
+
+    __tablename__ = "sequence_versions"
+    __table_args__ = (UniqueConstraint("sequence", "digest"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sequence: Mapped[str] = mapped_column(String(100), index=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[str] = mapped_column(Text)  # JSON: title, skip_weekends, steps
+    published_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class User(Base):
     """A marketer or operator who may sign in to /admin."""
 

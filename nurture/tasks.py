@@ -20,6 +20,7 @@ from nurture import delivery, scheduler
 from nurture.config import Settings
 from nurture.db import dispose_all, session_scope
 from nurture.models import utcnow
+from nurture.publishing import record_published
 from nurture.sequences import current_sequences
 
 log = logging.getLogger(__name__)
@@ -90,14 +91,11 @@ def prepare_broker(app: Celery) -> None:
 
 def run_dispatch(app: Celery, now: datetime | None = None) -> scheduler.DispatchResult:
     settings: Settings = app.nurture_settings
+    now = now or utcnow()
+    sequences = current_sequences(settings.templates_path)
     with session_scope(settings.database_url) as session:
-        return scheduler.dispatch(
-            session,
-            settings,
-            current_sequences(settings.templates_path),
-            now=now or utcnow(),
-            publish=publisher(app),
-        )
+        record_published(session, sequences, now)
+        return scheduler.dispatch(session, settings, sequences, now=now, publish=publisher(app))
 
 
 @shared_task(name="nurture.dispatch", bind=True)
