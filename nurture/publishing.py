@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from nurture.config import Settings
 from nurture.models import Delivery, DeliveryStatus, Enrollment, SequenceVersion, Subscriber
-from nurture.scheduler import plan
+from nurture.scheduler import plan, zone
 from nurture.sequences import Sequence, Step
 
 
@@ -171,9 +171,10 @@ def format_diff(diff: PlanDiff, limit: int = 20) -> str:
         return "\n".join(lines)
     lines.append(f"{len(diff.changes)} subscribers would get something different, e.g.:")
     for change in diff.changes[:limit]:
-        old = ", ".join(f"{k} {d:%a %d %b %H:%M}" for k, d in change.before) or "nothing"
-        new = ", ".join(f"{k} {d:%a %d %b %H:%M}" for k, d in change.after) or "nothing"
-        lines.append(
-            f"  {change.email} ({change.sequence})\n    now:      {old}\n    proposed: {new}"
-        )
+        tz = zone(change.timezone)
+        old = ", ".join(f"{k} {d.astimezone(tz):%a %d %b %H:%M}" for k, d in change.before)
+        new = ", ".join(f"{k} {d.astimezone(tz):%a %d %b %H:%M}" for k, d in change.after)
+        lines.append(f"  {change.email} ({change.sequence}, local time {change.timezone})")
+        lines.append(f"    now:      {old or 'nothing'}")
+        lines.append(f"    proposed: {new or 'nothing'}")
     return "\n".join(lines)
