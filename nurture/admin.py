@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime, time
 from functools import wraps
+from pathlib import Path
 
 from flask import (
     Blueprint,
@@ -20,8 +22,11 @@ from sqlalchemy import func, or_, select
 from nurture import catcher, privacy, users
 from nurture.app import limiter, state
 from nurture.db import session_scope
-from nurture.models import Consent, Delivery, Subscriber, utcnow
-from nurture.preview import parts, preview_message
+from nurture.mailer import PermanentFailure, TemporaryFailure
+from nurture.models import Consent, Delivery, Enrollment, Subscriber, User, utcnow
+from nurture.preview import parts, preview_message, send_test
+from nurture.render import LAYOUT_HTML, LAYOUT_TEXT, RenderError
+from nurture.scheduler import plan, zone
 from nurture.sequences import current_sequences
 from nurture.timeline import timeline
 
@@ -86,24 +91,101 @@ def index():
     return render_template("admin/index.html", sequences=state().sequences(), counts=counts)
 
 
+def _previewed(sequence: str, step: str):
+    """The sequence (None for the confirmation email), or 404 for an unknown email."""
+    seq = state().sequences().get(sequence)
+    if step != "confirmation" and (seq is None or seq.step(step) is None):
+        abort(404)
+    return seq
+
+
+def _source_files(seq, step: str) -> list[Path]:
+    """The files a preview is made of, to reload it when one changes."""
+    root = state().settings.templates_path
+    files = [root / LAYOUT_HTML, root / LAYOUT_TEXT, *sorted((root / "_snippets").glob("*"))]
+    if seq is None:
+        return [*files, root / "confirmation.md"]
+    return [*files, seq.path / "sequence.toml", seq.path / seq.step(step).file]
+
+
 @bp.get("/preview/<sequence>/<step>")
 @login_required
 def preview(sequence: str, step: str):
-    app_state = state()
-    seq = app_state.sequences().get(sequence)
-    if step != "confirmation" and (seq is None or seq.step(step) is None):
-        abort(404)
+    seq = _previewed(sequence, step)
     first_name = request.args.get("first_name", "Alex")[:100]
-    message = preview_message(app_state.settings, sequence, step, first_name=first_name)
+    try:
+        message = preview_message(state().settings, sequence, step, first_name=first_name)
+    except RenderError as error:
+        return render_template("admin/preview_error.html", error=str(error)), 422
     text, html = parts(message)
     return render_template(
         "admin/preview.html",
+        sequence=sequence,
+        step=step,
         label=f"{sequence}/{step}" if seq else step,
         message=message,
         text=text,
         html=html,
         first_name=first_name,
+        sent=request.args.get("sent"),
     )
+
+
+@bp.get("/preview/<sequence>/<step>.eml")
+@login_required
+def preview_eml(sequence: str, step: str):
+    _previewed(sequence, step)
+    first_name = request.args.get("first_name", "Alex")[:100]
+    message = preview_message(state().settings, sequence, step, first_name=first_name)
+    return Response(
+        message.as_bytes(),
+        mimetype="message/rfc822",
+        headers={"Content-Disposition": f"attachment; filename={sequence}-{step}.eml"},
+    )
+
+
+@bp.get("/preview/<sequence>/<step>/stamp")
+@login_required
+def preview_stamp(sequence: str, step: str):
+    """Changes whenever a file behind the preview changes; the page polls it."""
+    seq = _previewed(sequence, step)
+    stamps = [p.stat().st_mtime_ns for p in _source_files(seq, step) if p.exists()]
+    return {"stamp": str(max(stamps, default=0))}
+
+
+@bp.post("/preview/<sequence>/<step>/send-test")
+@login_required
+def preview_send_test(sequence: str, step: str):
+    """Send this email to the signed-in marketer, marked [Test]."""
+    _previewed(sequence, step)
+    with session_scope(state().settings.database_url) as db:
+        to = db.get(User, session["user_id"]).email
+    try:
+        send_test(state().settings, sequence, step, to)
+    except (TemporaryFailure, PermanentFailure) as error:
+        return render_template("admin/preview_error.html", error=f"Not sent: {error}"), 502
+    return redirect(url_for("admin.preview", sequence=sequence, step=step, sent=to), code=303)
+
+
+@bp.get("/sequences/<name>")
+@login_required
+def calendar(name: str):
+    """The sequence as a calendar for a sample subscriber who confirms today at 08:00."""
+    settings = state().settings
+    seq = state().sequences().get(name)
+    if seq is None:
+        abort(404)
+    timezone = request.args.get("timezone", settings.default_timezone)
+    tz = zone(timezone)
+    start = datetime.combine(utcnow().astimezone(tz).date(), time(8, 0), tzinfo=tz)
+    sample = Enrollment(
+        status="active", next_step=seq.first.key, next_due_at=start, started_at=start
+    )
+    rows = [
+        (step, due.astimezone(tz), preview_message(settings, name, step.key)["Subject"])
+        for step, due in plan(sample, seq, timezone, settings, start)
+    ]
+    return render_template("admin/calendar.html", sequence=seq, rows=rows, timezone=timezone)
 
 
 @bp.get("/outbox")
