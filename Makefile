@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format clean
+.PHONY: run test test-tools lint format clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -17,10 +17,23 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/nurture dev
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# Debian packages some tests use (SpamAssassin scores the emails); installed when
+# missing and this user may, otherwise those tests say what to install.
+TEST_PACKAGES := spamassassin:spamassassin
+test-tools:
+	@for pair in $(TEST_PACKAGES); do \
+		command -v $${pair##*:} >/dev/null 2>&1 && continue; \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing $${pair%%:*}"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q $${pair%%:*} >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $${pair%%:*} >/dev/null; }; \
+		else echo "note: $${pair%%:*} is not installed; the tests that need it will say so"; fi; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
