@@ -64,12 +64,13 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
     csrf.init_app(app)
     limiter.init_app(app)
 
-    from nurture import admin, health, signup, tracking
+    from nurture import admin, health, metrics, signup, tracking
 
     app.register_blueprint(signup.bp)
     app.register_blueprint(tracking.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(metrics.bp)
     _register_error_pages(app)
     return app
 

@@ -58,6 +58,8 @@ class Settings:
     signup_rate_limit: str = "10 per minute;200 per day"
     trusted_proxies: int = 0
     queue: str = "nurture"
+    track_opens: bool = True
+    metrics_token: str = ""
     dkim_private_key: Path | None = None
     dkim_selector: str = ""
 
@@ -235,6 +237,8 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         signup_rate_limit=get("SIGNUP_RATE_LIMIT", "10 per minute;200 per day"),
         trusted_proxies=_count(get("TRUSTED_PROXIES", "0"), "TRUSTED_PROXIES"),
         queue=get("NURTURE_QUEUE", "nurture"),
+        track_opens=_flag(get("TRACK_OPENS", "1"), "TRACK_OPENS"),
+        metrics_token=get("METRICS_TOKEN"),
         **_dkim(get("DKIM_PRIVATE_KEY"), get("DKIM_SELECTOR")),
     )
     if settings.dkim_private_key:

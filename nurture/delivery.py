@@ -41,7 +41,7 @@ from nurture.models import (
     SubscriberStatus,
     utcnow,
 )
-from nurture.render import Renderer, RenderError, rewrite_links
+from nurture.render import Renderer, RenderError, add_open_pixel, rewrite_links
 from nurture.sequences import Sequence
 from nurture.subscribers import complete_if_done, latest_consent, stop_enrollments
 
@@ -123,6 +123,10 @@ class Composer:
         )
         self.signer = dkim_signer(settings)
 
+    def open_url(self, delivery_id: int) -> str:
+        token = tokens.make_open_token(self.settings.secret_key, delivery_id)
+        return f"{self.settings.base_url}/o/{token}"
+
     def click_url(self, delivery_id: int, url: str) -> str:
         token = tokens.make_click_token(self.settings.secret_key, delivery_id, url)
         return f"{self.settings.base_url}/r/{token}"
@@ -194,6 +198,8 @@ class Composer:
                 lambda url: self.click_url(delivery_id, url),
                 keep=frozenset({unsubscribe_url}),
             )
+            if self.settings.track_opens:
+                rendered = add_open_pixel(rendered, self.open_url(delivery_id))
         return build_message(
             rendered,
             to_email=subscriber.email,

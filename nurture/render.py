@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import css_inline
@@ -167,7 +167,7 @@ def rewrite_links(
         target = rewrite(url)
         page = page.replace(f'href="{html.escape(url)}"', f'href="{html.escape(target)}"')
         text = re.sub(re.escape(url) + r"(?=[\s)>\]]|$)", lambda _m, t=target: t, text)
-    return RenderedEmail(subject=email.subject, preheader=email.preheader, html=page, text=text)
+    return replace(email, html=page, text=text)
 
 
 def button(label: str, url: str) -> Markup:
@@ -185,6 +185,17 @@ def quote(text: str, author: str = "") -> Markup:
 
 #: Helpers every email can use without importing anything.
 SNIPPET_FUNCTIONS = {"button": button, "quote": quote}
+
+
+def add_open_pixel(email: RenderedEmail, url: str) -> RenderedEmail:
+    """The email with a 1x1 image that reports an open.
+
+    Opens are an estimate: many clients block images, and privacy proxies fetch
+    every image whether or not anyone reads the email.
+    """
+    pixel = f'<img src="{html.escape(url)}" width="1" height="1" alt="" style="display:block">'
+    page = email.html.replace("</body>", pixel + "</body>", 1)
+    return replace(email, html=page)
 
 
 class Renderer:

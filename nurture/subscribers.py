@@ -382,6 +382,20 @@ def complete_if_done(session: Session, enrollment_id: int | None, now: datetime)
     return result.rowcount == 1
 
 
+def last_sent_delivery(session: Session, subscriber_id: int) -> int | None:
+    """The course email a subscriber got last: what an unsubscribe or conversion answers."""
+    return session.scalar(
+        select(Delivery.id)
+        .where(
+            Delivery.subscriber_id == subscriber_id,
+            Delivery.status == DeliveryStatus.SENT,
+            Delivery.enrollment_id.is_not(None),
+        )
+        .order_by(Delivery.sent_at.desc(), Delivery.id.desc())
+        .limit(1)
+    )
+
+
 def stop_enrollments(session: Session, subscriber_id: int) -> None:
     """Stop every enrollment of a subscriber who must not be mailed any more."""
     session.execute(
@@ -453,7 +467,15 @@ def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str
         .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.QUEUED)
         .values(status=DeliveryStatus.CANCELLED, last_error=f"unsubscribed ({how})")
     )
-    session.add(Event(subscriber_id=subscriber_id, kind="unsubscribe", detail=how, created_at=now))
+    session.add(
+        Event(
+            subscriber_id=subscriber_id,
+            delivery_id=last_sent_delivery(session, subscriber_id),
+            kind="unsubscribe",
+            detail=how,
+            created_at=now,
+        )
+    )
     return True
 
 
@@ -464,6 +486,7 @@ def convert(
     now: datetime,
     source: str,
     sales_steps: Mapping[str, frozenset[str]],
+    delivery_id: int | None = None,
 ) -> int:
     """Record that the subscriber took the course's goal; return enrollments converted.
 
@@ -491,6 +514,12 @@ def convert(
         complete_if_done(session, enrollment.id, now)
     if enrollments:
         session.add(
-            Event(subscriber_id=subscriber_id, kind="conversion", detail=source, created_at=now)
+            Event(
+                subscriber_id=subscriber_id,
+                delivery_id=delivery_id or last_sent_delivery(session, subscriber_id),
+                kind="conversion",
+                detail=source,
+                created_at=now,
+            )
         )
     return len(enrollments)

@@ -10,16 +10,19 @@ that the next due-scan cannot find again.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 
 from celery import Celery, shared_task
 from celery.signals import worker_process_init
 from kombu import Exchange, Queue
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from nurture import delivery, scheduler
 from nurture.config import Settings
 from nurture.db import dispose_all, session_scope
-from nurture.models import utcnow
+from nurture.models import Heartbeat, utcnow
 from nurture.publishing import record_published
 from nurture.sequences import current_sequences
 
@@ -92,10 +95,25 @@ def prepare_broker(app: Celery) -> None:
 def run_dispatch(app: Celery, now: datetime | None = None) -> scheduler.DispatchResult:
     settings: Settings = app.nurture_settings
     now = now or utcnow()
+    started = time.perf_counter()
     sequences = current_sequences(settings.templates_path)
     with session_scope(settings.database_url) as session:
         record_published(session, sequences, now)
-        return scheduler.dispatch(session, settings, sequences, now=now, publish=publisher(app))
+        result = scheduler.dispatch(session, settings, sequences, now=now, publish=publisher(app))
+        beat(session, "dispatch", now, time.perf_counter() - started)
+    return result
+
+
+def beat(session, name: str, now: datetime, seconds: float) -> None:
+    """Record that a periodic job ran, and how long it took (read by /metrics)."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    statement = insert(Heartbeat).values(name=name, at=now, seconds=seconds)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"at": statement.excluded.at, "seconds": statement.excluded.seconds},
+        )
+    )
 
 
 @shared_task(name="nurture.dispatch", bind=True)

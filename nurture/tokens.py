@@ -78,3 +78,15 @@ def read_click_token(secret: str, token: str) -> tuple[int, str]:
     ):
         raise TokenError("invalid")
     return payload[0], payload[1]
+
+
+def make_open_token(secret: str, delivery_id: int) -> str:
+    return URLSafeSerializer(secret, salt="open").dumps(delivery_id)
+
+
+def read_open_token(secret: str, token: str) -> int:
+    try:
+        payload = URLSafeSerializer(secret, salt="open").loads(token)
+    except BadSignature:
+        raise TokenError("invalid") from None
+    return _ints([payload], 1)[0]

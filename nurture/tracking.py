@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import logging
 
-from flask import Blueprint, jsonify, redirect, render_template, request
+from flask import Blueprint, Response, jsonify, redirect, render_template, request
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
@@ -52,6 +52,7 @@ def _record_click(delivery_id: int, url: str) -> None:
                 now=now,
                 source=f"click:{delivery.sequence}/{delivery.step}",
                 sales_steps=sales_steps(app_state.sequences()),
+                delivery_id=delivery_id,
             )
 
 
@@ -71,6 +72,40 @@ def click(token: str):
     except DBAPIError as error:  # the reader still gets where they were going
         log.error("click on delivery %s not recorded: %s", delivery_id, error)
     return redirect(url, code=302)
+
+
+#: A transparent 1x1 GIF.
+PIXEL = bytes.fromhex(
+    "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
+)
+
+
+@bp.get("/o/<token>")
+def open_pixel(token: str):
+    """Record an open and answer with a transparent pixel, whatever happens."""
+    settings = state().settings
+    try:
+        delivery_id = tokens.read_open_token(settings.secret_key, token)
+    except tokens.TokenError:
+        delivery_id = None
+    if delivery_id is not None and settings.track_opens:
+        try:
+            with session_scope(settings.database_url) as session:
+                delivery = session.get(Delivery, delivery_id)
+                if delivery is not None:
+                    session.add(
+                        Event(
+                            subscriber_id=delivery.subscriber_id,
+                            delivery_id=delivery_id,
+                            kind="open",
+                            created_at=utcnow(),
+                        )
+                    )
+        except DBAPIError as error:
+            log.error("open of delivery %s not recorded: %s", delivery_id, error)
+    response = Response(PIXEL, mimetype="image/gif")
+    response.headers["Cache-Control"] = "no-store, private"
+    return response
 
 
 def _signature_ok(secret: str, body: bytes, header: str) -> bool:

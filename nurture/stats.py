@@ -1,0 +1,163 @@
+"""The numbers on the dashboard and at /metrics, each one query, straight from the tables.
+
+Per step, for a date range: emails scheduled (delivery rows written), sent,
+failed, unique opens (an estimate), unique clicks, unsubscribes, bounces and
+conversions; events carry the delivery they answer, so each lands on a step.
+The funnel follows the people who signed up in the range: confirmed, reached
+each step, converted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import and_, distinct, func, select
+from sqlalchemy.orm import Session
+
+from nurture.models import Delivery, DeliveryStatus, Enrollment, Event, Heartbeat, Subscriber
+from nurture.sequences import Sequence
+
+EVENT_COLUMNS = {
+    "opens": "open",
+    "clicks": "click",
+    "unsubscribes": "unsubscribe",
+    "bounces": "bounce",
+    "conversions": "conversion",
+}
+
+
+@dataclass
+class StepStats:
+    key: str
+    scheduled: int = 0
+    sent: int = 0
+    failed: int = 0
+    opens: int = 0  # unique: deliveries opened at least once
+    clicks: int = 0  # unique: deliveries clicked at least once
+    unsubscribes: int = 0
+    bounces: int = 0
+    conversions: int = 0
+
+
+@dataclass
+class Funnel:
+    signed_up: int = 0
+    confirmed: int = 0
+    steps: list[tuple[str, int]] = field(default_factory=list)
+    converted: int = 0
+
+
+def _by_step(session: Session, statement) -> dict[str, int]:
+    return {step: count for step, count in session.execute(statement)}
+
+
+def step_stats(
+    session: Session, sequence: Sequence, start: datetime, end: datetime
+) -> list[StepStats]:
+    """One row per step of `sequence`, for events in [start, end)."""
+    in_sequence = Delivery.sequence == sequence.name
+    scheduled = _by_step(
+        session,
+        select(Delivery.step, func.count())
+        .where(in_sequence, Delivery.created_at >= start, Delivery.created_at < end)
+        .group_by(Delivery.step),
+    )
+    sent = _by_step(
+        session,
+        select(Delivery.step, func.count())
+        .where(in_sequence, Delivery.sent_at >= start, Delivery.sent_at < end)
+        .group_by(Delivery.step),
+    )
+    failed = _by_step(
+        session,
+        select(Delivery.step, func.count())
+        .where(
+            in_sequence,
+            Delivery.status == DeliveryStatus.FAILED,
+            Delivery.created_at >= start,
+            Delivery.created_at < end,
+        )
+        .group_by(Delivery.step),
+    )
+    events = {}
+    for column, kind in EVENT_COLUMNS.items():
+        events[column] = _by_step(
+            session,
+            select(Delivery.step, func.count(distinct(Event.delivery_id)))
+            .join(Delivery, Delivery.id == Event.delivery_id)
+            .where(
+                in_sequence, Event.kind == kind, Event.created_at >= start, Event.created_at < end
+            )
+            .group_by(Delivery.step),
+        )
+    return [
+        StepStats(
+            key=step.key,
+            scheduled=scheduled.get(step.key, 0),
+            sent=sent.get(step.key, 0),
+            failed=failed.get(step.key, 0),
+            **{column: counts.get(step.key, 0) for column, counts in events.items()},
+        )
+        for step in sequence.steps
+    ]
+
+
+def funnel(session: Session, sequence: Sequence, start: datetime, end: datetime) -> Funnel:
+    """People who signed up for `sequence` in [start, end), and how far they got."""
+    cohort = and_(
+        Enrollment.sequence == sequence.name,
+        Enrollment.created_at >= start,
+        Enrollment.created_at < end,
+    )
+    signed_up, confirmed, converted = session.execute(
+        select(
+            func.count(),
+            func.count(Enrollment.started_at),
+            func.count(Enrollment.converted_at),
+        ).where(cohort)
+    ).one()
+    reached = _by_step(
+        session,
+        select(Delivery.step, func.count(distinct(Delivery.enrollment_id)))
+        .join(Enrollment, Enrollment.id == Delivery.enrollment_id)
+        .where(cohort, Delivery.status == DeliveryStatus.SENT)
+        .group_by(Delivery.step),
+    )
+    return Funnel(
+        signed_up=signed_up,
+        confirmed=confirmed,
+        steps=[(step.key, reached.get(step.key, 0)) for step in sequence.steps],
+        converted=converted,
+    )
+
+
+def service_counts(session: Session, now: datetime) -> dict[str, float]:
+    """Totals for /metrics: counters since the start, and the due-queue lag."""
+    signups = session.scalar(select(func.count()).select_from(Subscriber))
+    confirmations = session.scalar(select(func.count(Subscriber.confirmed_at)))
+    statuses = dict(
+        session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).tuples()
+    )
+    oldest_due = session.scalar(
+        select(func.min(Enrollment.next_due_at)).where(
+            Enrollment.status == "active", Enrollment.next_due_at <= now
+        )
+    )
+    oldest_queued = session.scalar(
+        select(func.min(Delivery.not_before)).where(
+            Delivery.status == DeliveryStatus.QUEUED, Delivery.not_before <= now
+        )
+    )
+    oldest = min((t for t in (oldest_due, oldest_queued) if t is not None), default=None)
+    dispatch = session.get(Heartbeat, "dispatch")
+    return {
+        "signups": signups,
+        "confirmations": confirmations,
+        "sent": statuses.get(DeliveryStatus.SENT, 0),
+        "failed": statuses.get(DeliveryStatus.FAILED, 0),
+        "queued": statuses.get(DeliveryStatus.QUEUED, 0) + statuses.get(DeliveryStatus.SENDING, 0),
+        "lag_seconds": (now - oldest).total_seconds() if oldest else 0.0,
+        "dispatch_seconds": dispatch.seconds if dispatch else 0.0,
+        "dispatch_age_seconds": (now - dispatch.at).total_seconds() if dispatch else -1.0,
+    }
