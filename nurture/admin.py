@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, time
+from datetime import UTC, date, datetime, time, timedelta
 from functools import wraps
 from pathlib import Path
 
@@ -10,6 +10,7 @@ from flask import (
     Blueprint,
     Response,
     abort,
+    g,
     json,
     redirect,
     render_template,
@@ -19,28 +20,57 @@ from flask import (
 )
 from sqlalchemy import func, or_, select
 
-from nurture import catcher, privacy, users
+from nurture import catcher, importer, privacy, stats, users
+from nurture import subscribers as lifecycle
 from nurture.app import limiter, state
 from nurture.db import session_scope
 from nurture.mailer import PermanentFailure, TemporaryFailure
-from nurture.models import Consent, Delivery, Enrollment, Subscriber, User, utcnow
+from nurture.models import Consent, Enrollment, Subscriber, User, utcnow
 from nurture.preview import parts, preview_message, send_test
 from nurture.render import LAYOUT_HTML, LAYOUT_TEXT, RenderError
-from nurture.scheduler import plan, zone
+from nurture.scheduler import hand_over, plan, zone
 from nurture.sequences import current_sequences
+from nurture.tasks import publisher
 from nurture.timeline import timeline
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 
-def login_required(view):
-    @wraps(view)
-    def wrapped(*args, **kwargs):
-        if not session.get("user_id"):
-            return redirect(url_for("admin.login", next=request.full_path))
-        return view(*args, **kwargs)
+def _role() -> str | None:
+    """The signed-in user's role, read each request so a change applies at once."""
+    if "role" not in g:
+        user_id = session.get("user_id")
+        with session_scope(state().settings.database_url) as db:
+            user = db.get(User, user_id) if user_id else None
+            g.role = user.role if user else None
+    return g.role
 
-    return wrapped
+
+def requires(role: str):
+    """Sign-in and at least `role` (viewer < editor < admin) for a view."""
+
+    def decorate(view):
+        @wraps(view)
+        def wrapped(*args, **kwargs):
+            current = _role()
+            if current is None:
+                session.clear()
+                return redirect(url_for("admin.login", next=request.full_path))
+            if not users.can(current, role):
+                abort(403, f"This needs the {role} role.")
+            return view(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
+
+
+login_required = requires("viewer")
+
+
+@bp.app_context_processor
+def _roles():
+    return {"can": lambda needed: users.can(_role(), needed) if session.get("user_id") else False}
 
 
 def _safe_next(target: str | None) -> str:
@@ -75,20 +105,39 @@ def logout():
     return redirect(url_for("admin.login"), code=303)
 
 
+def _date_range() -> tuple[date, date]:
+    """The dashboard's range from ?start=YYYY-MM-DD&end=YYYY-MM-DD, the last 30 days by default."""
+    today = utcnow().date()
+    try:
+        end = date.fromisoformat(request.args.get("end", "")) if request.args.get("end") else today
+        start = (
+            date.fromisoformat(request.args["start"])
+            if request.args.get("start")
+            else end - timedelta(days=29)
+        )
+    except ValueError:
+        abort(400, "Dates look like 2026-11-25.")
+    if start > end:
+        abort(400, "The start date is after the end date.")
+    return start, end
+
+
 @bp.get("/")
 @login_required
 def index():
-    settings = state().settings
-    with session_scope(settings.database_url) as db:
-        counts = {
-            (sequence, step, status): count
-            for sequence, step, status, count in db.execute(
-                select(Delivery.sequence, Delivery.step, Delivery.status, func.count()).group_by(
-                    Delivery.sequence, Delivery.step, Delivery.status
-                )
-            )
+    """The dashboard: per sequence and step, what went out and what readers did."""
+    start, end = _date_range()
+    since = datetime.combine(start, time(0), tzinfo=UTC)
+    until = datetime.combine(end + timedelta(days=1), time(0), tzinfo=UTC)
+    sequences = state().sequences()
+    with session_scope(state().settings.database_url) as db:
+        report = {
+            name: (stats.step_stats(db, seq, since, until), stats.funnel(db, seq, since, until))
+            for name, seq in sequences.items()
         }
-    return render_template("admin/index.html", sequences=state().sequences(), counts=counts)
+    return render_template(
+        "admin/index.html", sequences=sequences, report=report, start=start, end=end
+    )
 
 
 def _previewed(sequence: str, step: str):
@@ -154,7 +203,7 @@ def preview_stamp(sequence: str, step: str):
 
 
 @bp.post("/preview/<sequence>/<step>/send-test")
-@login_required
+@requires("editor")
 def preview_send_test(sequence: str, step: str):
     """Send this email to the signed-in marketer, marked [Test]."""
     _previewed(sequence, step)
@@ -222,9 +271,61 @@ def subscribers():
         )
     if status:
         statement = statement.where(Subscriber.status == status)
+    sequence = request.args.get("sequence", "")
+    if sequence:
+        statement = statement.where(
+            Subscriber.id.in_(
+                select(Enrollment.subscriber_id).where(Enrollment.sequence == sequence)
+            )
+        )
     with session_scope(state().settings.database_url) as db:
         rows = db.scalars(statement).all()
-    return render_template("admin/subscribers.html", rows=rows, q=query, status=status)
+    return render_template(
+        "admin/subscribers.html",
+        rows=rows,
+        q=query,
+        status=status,
+        sequence=sequence,
+        sequences=state().sequences(),
+    )
+
+
+@bp.get("/subscribers/export.csv")
+@requires("admin")
+def subscribers_export():
+    with session_scope(state().settings.database_url) as db:
+        body = importer.export_csv(db)
+    return Response(
+        body,
+        mimetype="text/csv",
+        headers={"Content-Disposition": "attachment; filename=subscribers.csv"},
+    )
+
+
+@bp.route("/subscribers/import", methods=["GET", "POST"])
+@requires("admin")
+def subscribers_import():
+    if request.method == "GET":
+        return render_template("admin/import.html", report=None, error=None)
+    upload = request.files.get("file")
+    data = upload.read() if upload else b""
+    settings = state().settings
+    try:
+        with session_scope(settings.database_url) as db:
+            report = importer.import_subscribers(
+                db,
+                settings,
+                state().sequences(),
+                data,
+                now=utcnow(),
+                sequence=request.form.get("sequence", "product-vs-project"),
+                confirmed=request.form.get("confirmed") == "yes",
+                consent_note=request.form.get("consent_note", ""),
+            )
+    except importer.CSVError as error:
+        message = f"{error} (nothing was imported)"
+        return render_template("admin/import.html", report=None, error=message), 422
+    return render_template("admin/import.html", report=report, error=None)
 
 
 @bp.get("/subscribers/<int:subscriber_id>")
@@ -245,7 +346,7 @@ def subscriber(subscriber_id: int):
 
 
 @bp.get("/subscribers/<int:subscriber_id>/export.json")
-@login_required
+@requires("admin")
 def subscriber_export(subscriber_id: int):
     with session_scope(state().settings.database_url) as db:
         data = privacy.export_data(db, subscriber_id)
@@ -259,7 +360,7 @@ def subscriber_export(subscriber_id: int):
 
 
 @bp.post("/subscribers/<int:subscriber_id>/erase")
-@login_required
+@requires("admin")
 def subscriber_erase(subscriber_id: int):
     if request.form.get("confirm") != "erase":
         abort(400, "Type erase to confirm.")
@@ -267,3 +368,51 @@ def subscriber_erase(subscriber_id: int):
         if not privacy.erase(db, subscriber_id, now=utcnow()):
             abort(404)
     return redirect(url_for("admin.subscriber", subscriber_id=subscriber_id), code=303)
+
+
+@bp.post("/subscribers/<int:subscriber_id>/<action>")
+@requires("editor")
+def subscriber_action(subscriber_id: int, action: str):
+    """Pause, resume, unsubscribe, or resend the confirmation, on a subscriber's behalf."""
+    app_state = state()
+    settings = app_state.settings
+    now = utcnow()
+    with session_scope(settings.database_url) as db:
+        if db.get(Subscriber, subscriber_id) is None:
+            abort(404)
+        if action == "pause":
+            lifecycle.pause(db, subscriber_id, now=now, days_scale=settings.day_scale)
+        elif action == "resume":
+            lifecycle.resume(db, subscriber_id, now=now)
+        elif action == "unsubscribe":
+            lifecycle.unsubscribe(db, subscriber_id, now=now, how="admin")
+        elif action == "resend-confirmation":
+            delivery_id = lifecycle.resend_confirmation(db, settings, subscriber_id, now)
+            db.commit()
+            if delivery_id is not None:
+                hand_over(db, [delivery_id], now, publisher(app_state.celery))
+        else:
+            abort(404)
+    return redirect(url_for("admin.subscriber", subscriber_id=subscriber_id), code=303)
+
+
+@bp.route("/users", methods=["GET", "POST"])
+@requires("admin")
+def users_page():
+    error = None
+    if request.method == "POST":
+        try:
+            with session_scope(state().settings.database_url) as db:
+                users.add_user(
+                    db,
+                    request.form.get("email", ""),
+                    request.form.get("password", ""),
+                    request.form.get("role", "viewer"),
+                )
+        except users.UserError as problem:
+            error = str(problem)
+    with session_scope(state().settings.database_url) as db:
+        accounts = db.scalars(select(User).order_by(User.email)).all()
+    return render_template("admin/users.html", accounts=accounts, error=error), (
+        422 if error else 200
+    )

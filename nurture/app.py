@@ -23,6 +23,7 @@ csrf = CSRFProtect()
 limiter = Limiter(get_remote_address)
 
 MAX_BODY = 64 * 1024  # no form or JSON body of ours comes near this
+MAX_UPLOAD = 50 * 1024 * 1024  # a subscriber CSV in the admin
 
 
 @dataclass
@@ -60,6 +61,12 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
         app.wsgi_app = ProxyFix(
             app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies
         )
+
+    @app.before_request
+    def _allow_csv_uploads():
+        if request.endpoint == "admin.subscribers_import":
+            request.max_content_length = MAX_UPLOAD
+
     app.extensions["nurture"] = AppState(settings=settings, celery=celery or make_celery(settings))
     csrf.init_app(app)
     limiter.init_app(app)

@@ -85,8 +85,15 @@ def users() -> None:
 @users.command("add")
 @click.argument("email")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-def users_add(email: str, password_stdin: bool) -> None:
-    """Create an admin account (or set its password)."""
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "editor", "viewer"]),
+    default="admin",
+    show_default=True,
+    help="admin manages users and data; editor previews and sends tests; viewer reads.",
+)
+def users_add(email: str, password_stdin: bool, role: str) -> None:
+    """Create an admin account (or set its password and role)."""
     from nurture.db import session_scope
     from nurture.users import UserError, add_user
 
@@ -96,10 +103,10 @@ def users_add(email: str, password_stdin: bool) -> None:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     try:
         with session_scope(_settings().database_url) as session:
-            add_user(session, email, password)
+            add_user(session, email, password, role)
     except UserError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(f"admin account {email} is ready; sign in at /admin")
+    click.echo(f"{role} account {email} is ready; sign in at /admin")
 
 
 @main.command()
@@ -237,7 +244,7 @@ def dkim(generate_path: str | None) -> None:
 
 @main.group()
 def subscribers() -> None:
-    """Subscribers' data: export and erasure."""
+    """Subscribers: import and export, and each one's data (export-data, erase)."""
 
 
 def _subscriber_id(session, email: str) -> int:
@@ -249,6 +256,62 @@ def _subscriber_id(session, email: str) -> int:
     if subscriber_id is None:
         raise click.ClickException(f"no subscriber has the address {email}")
     return subscriber_id
+
+
+@subscribers.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--sequence", default="product-vs-project", show_default=True)
+@click.option("--confirmed", is_flag=True, help="They already agreed: skip the confirmation email.")
+@click.option("--consent-note", default="", help="How they agreed (required with --confirmed).")
+def subscribers_import(path: str, sequence: str, confirmed: bool, consent_note: str) -> None:
+    """Import FILE.csv (columns email, first_name, timezone, consent_source)."""
+    from pathlib import Path
+
+    from nurture.db import session_scope
+    from nurture.importer import CSVError, import_subscribers, read_rows
+    from nurture.models import utcnow
+    from nurture.sequences import current_sequences
+
+    settings = _settings()
+    data = Path(path).read_bytes()
+    try:
+        total = len(read_rows(data)[1])
+        with (
+            session_scope(settings.database_url) as session,
+            click.progressbar(length=total, label="importing", file=sys.stderr) as bar,
+        ):
+            report = import_subscribers(
+                session,
+                settings,
+                current_sequences(settings.templates_path),
+                data,
+                now=utcnow(),
+                sequence=sequence,
+                confirmed=confirmed,
+                consent_note=consent_note,
+                progress=bar.update,
+            )
+    except CSVError as error:
+        raise click.ClickException(f"{path}: {error} (nothing was imported)") from None
+    for line in report.lines():
+        click.echo(line)
+
+
+@subscribers.command("export")
+@click.argument("path", type=click.Path(dir_okay=False, allow_dash=True))
+def subscribers_export(path: str) -> None:
+    """Write every subscriber to FILE.csv ("-" for standard output)."""
+    import csv
+
+    from nurture.db import session_scope
+    from nurture.importer import export_rows
+
+    with session_scope(_settings().database_url) as session:
+        if path == "-":
+            csv.writer(sys.stdout).writerows(export_rows(session))
+            return
+        with open(path, "w", encoding="utf-8", newline="") as out:
+            csv.writer(out).writerows(export_rows(session))
 
 
 @subscribers.command("export-data")

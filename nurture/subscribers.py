@@ -447,6 +447,32 @@ def pause(session: Session, subscriber_id: int, *, now: datetime, days_scale: fl
     return paused
 
 
+def resume(session: Session, subscriber_id: int, *, now: datetime) -> bool:
+    """End a pause: the next email is due at once (the minimum gap still holds)."""
+    enrollments = session.scalars(
+        select(Enrollment).where(
+            Enrollment.subscriber_id == subscriber_id,
+            Enrollment.status == EnrollmentStatus.ACTIVE,
+            Enrollment.next_due_at > now,
+        )
+    ).all()
+    for enrollment in enrollments:
+        enrollment.next_due_at = now
+    if enrollments:
+        session.add(Event(subscriber_id=subscriber_id, kind="resume", created_at=now))
+    return bool(enrollments)
+
+
+def resend_confirmation(
+    session: Session, settings: Settings, subscriber_id: int, now: datetime
+) -> int | None:
+    """Queue the confirmation email again for a pending subscriber; its delivery id."""
+    subscriber = session.get(Subscriber, subscriber_id)
+    if subscriber is None or subscriber.status != SubscriberStatus.PENDING:
+        return None
+    return _queue_confirmation(session, settings, subscriber, now)
+
+
 def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str) -> bool:
     """Unsubscribe at once and for good; True if the subscriber exists.
 

@@ -10,14 +10,18 @@ from werkzeug.security import check_password_hash, generate_password_hash
 from nurture.models import User
 
 MIN_PASSWORD = 10
+#: Each role can do what the ones before it can.
+ROLES = ("viewer", "editor", "admin")
 
 
 class UserError(ValueError):
     pass
 
 
-def add_user(session: Session, email: str, password: str) -> User:
-    """Create an account, or set a new password on an existing one."""
+def add_user(session: Session, email: str, password: str, role: str = "admin") -> User:
+    """Create an account, or set a new password and role on an existing one."""
+    if role not in ROLES:
+        raise UserError(f"the role must be one of {', '.join(ROLES)}, not {role!r}")
     try:
         email = validate_email(email, check_deliverability=False).normalized.lower()
     except EmailNotValidError as error:
@@ -29,6 +33,7 @@ def add_user(session: Session, email: str, password: str) -> User:
         user = User(email=email, password_hash="")
         session.add(user)
     user.password_hash = generate_password_hash(password)
+    user.role = role
     session.flush()
     return user
 
@@ -40,3 +45,8 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
         check_password_hash(generate_password_hash("x"), password)
         return None
     return user if check_password_hash(user.password_hash, password) else None
+
+
+def can(role: str | None, needed: str) -> bool:
+    """Whether `role` may do what `needed` allows."""
+    return role in ROLES and ROLES.index(role) >= ROLES.index(needed)

@@ -7,6 +7,7 @@ Time is always passed in: the pure schedule takes `started_at`, the due-scan a
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -15,9 +16,10 @@ from sqlalchemy import select, update
 
 from nurture.config import Settings, load_settings
 from nurture.db import session_scope
+from nurture.delivery import send_batch
 from nurture.models import Delivery, DeliveryStatus, Enrollment, EnrollmentStatus, Subscriber
-from nurture.scheduler import dispatch, next_due, scheduled_at
-from nurture.sequences import Step, first_steps, load_sequences
+from nurture.scheduler import dispatch, next_due, next_to_send, scheduled_at
+from nurture.sequences import Sequence, Step, first_steps, load_sequences
 from nurture.subscribers import SignupRequest, confirm, signup, unsubscribe
 
 SEQUENCE = "product-vs-project"
@@ -261,6 +263,20 @@ def enrollment_of(settings: Settings, subscriber_id: int) -> Enrollment:
         return session.scalar(select(Enrollment).where(Enrollment.subscriber_id == subscriber_id))
 
 
+def worker_sends(settings: Settings, now: datetime, subscriber_id: int | None = None) -> int:
+    """The worker, simulated: every queued delivery (of one subscriber) is sent at `now`.
+
+    The due-scan passes over an enrollment while it has an email still on its
+    way, so a test that walks through the course sends each email before the
+    next due-scan. Returns how many were sent.
+    """
+    query = update(Delivery).where(Delivery.status == DeliveryStatus.QUEUED)
+    if subscriber_id is not None:
+        query = query.where(Delivery.subscriber_id == subscriber_id)
+    with session_scope(settings.database_url) as session:
+        return session.execute(query.values(status=DeliveryStatus.SENT, sent_at=now)).rowcount
+
+
 @BOTH_DATABASES
 def test_due_enrollment_gets_one_delivery_and_moves_on(settings):
     subscriber_id = enroll(settings, "ann@example.com", now=T0)
@@ -304,6 +320,8 @@ def test_nothing_before_it_is_due(settings):
     broker = Broker()
     run(settings, T0, broker)
     assert [d.step for d in course_deliveries(settings)] == ["welcome"]
+    # The welcome goes out at once, so only the schedule holds the next step back.
+    assert worker_sends(settings, T0) == 1
 
     due = enrollment_of(settings, subscriber_id).next_due_at
     assert due == at(2026, 6, 2, 9, 0, tz=NEW_YORK)
@@ -321,6 +339,8 @@ def test_nothing_before_it_is_due(settings):
 def test_a_rewound_enrollment_does_not_deliver_a_step_twice(settings):
     subscriber_id = enroll(settings, "ann@example.com", now=T0)
     run(settings, T0, Broker())
+    assert worker_sends(settings, T0) == 1
+    [welcome] = course_deliveries(settings)
     with session_scope(settings.database_url) as session:
         session.execute(
             update(Enrollment)
@@ -328,26 +348,33 @@ def test_a_rewound_enrollment_does_not_deliver_a_step_twice(settings):
             .values(next_step="welcome", next_due_at=T0)
         )
     for tick in range(8 * 4 + 1):
-        run(settings, T0 + timedelta(minutes=1) + timedelta(hours=6 * tick), Broker())
-    steps = [d.step for d in course_deliveries(settings)]
-    assert sorted(steps) == sorted(COURSE_KEYS), steps
+        now = T0 + timedelta(minutes=1) + timedelta(hours=6 * tick)
+        run(settings, now, Broker())
+        worker_sends(settings, now)
+    deliveries = course_deliveries(settings)
+    steps = [d.step for d in deliveries]
+    assert steps == COURSE_KEYS, steps  # each step once, in order, none stranded
+    # The welcome was passed over, not written or sent again.
+    first = deliveries[0]
+    assert (first.id, first.message_id, first.sent_at) == (
+        welcome.id,
+        welcome.message_id,
+        T0,
+    )
 
 
 @BOTH_DATABASES
 def test_a_returning_subscriber_gets_each_step_once_and_none_skipped(settings):
     subscriber_id = enroll(settings, "ann@example.com", now=T0)
     run(settings, T0, Broker())
+    assert worker_sends(settings, T0) == 1  # the welcome went out
     pm_due = enrollment_of(settings, subscriber_id).next_due_at
     run(settings, pm_due, Broker())
     with session_scope(settings.database_url) as session:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.step == "welcome")
-            .values(status=DeliveryStatus.SENT, sent_at=T0)
-        )
         # Leaves before the product-manager email went out: it is cancelled.
         unsubscribe(session, subscriber_id, now=pm_due + timedelta(minutes=1), how="one-click")
-    assert {d.step: d.status for d in course_deliveries(settings)} == {
+    before = {d.step: d for d in course_deliveries(settings)}
+    assert {step: d.status for step, d in before.items()} == {
         "welcome": "sent",
         "product-manager": "cancelled",
     }
@@ -356,19 +383,27 @@ def test_a_returning_subscriber_gets_each_step_once_and_none_skipped(settings):
     assert enroll(settings, "ann@example.com", now=back) == subscriber_id
     broker = Broker()
     for tick in range(8 * 4 + 1):
-        run(settings, back + timedelta(hours=6 * tick), broker)
+        now = back + timedelta(hours=6 * tick)
+        run(settings, now, broker)
+        worker_sends(settings, now)
 
     deliveries = course_deliveries(settings)
-    assert sorted(d.step for d in deliveries) == sorted(COURSE_KEYS)
+    assert [d.step for d in deliveries] == COURSE_KEYS
     statuses = {d.step: d.status for d in deliveries}
-    assert statuses["welcome"] == "sent"
-    for key in COURSE_KEYS[1:]:
-        assert statuses[key] == "queued", (key, statuses)
-    assert set(broker.ids) == {d.id for d in deliveries if d.step != "welcome"}
+    assert all(status == "sent" for status in statuses.values()), statuses
+    by_step = {d.step: d for d in deliveries}
+    # The welcome is not sent again; the cancelled email comes back first, at once.
+    assert by_step["welcome"].sent_at == T0
+    assert by_step["product-manager"].id == before["product-manager"].id
+    assert by_step["product-manager"].created_at == back
+    returned = sorted(deliveries[1:], key=lambda d: d.created_at)
+    assert [d.step for d in returned] == COURSE_KEYS[1:]
+    # Each handed out exactly once.
+    assert sorted(broker.ids) == sorted(d.id for d in deliveries if d.step != "welcome")
 
 
 @BOTH_DATABASES
-def test_after_the_last_step_the_enrollment_waits_for_the_send(settings):
+def test_after_the_last_step_the_enrollment_waits_for_the_send(settings, smtp):
     subscriber_id = enroll(settings, "ann@example.com", now=T0)
     broker = Broker()
     now = T0
@@ -377,17 +412,30 @@ def test_after_the_last_step_the_enrollment_waits_for_the_send(settings):
         due = enrollment_of(settings, subscriber_id).next_due_at
         if due is None:
             break
+        assert worker_sends(settings, now) == 1  # every email but the last goes out
         now = due
-    assert [d.step for d in course_deliveries(settings)] == COURSE_KEYS
+    deliveries = course_deliveries(settings)
+    assert [d.step for d in deliveries] == COURSE_KEYS
+    assert [d.status for d in deliveries] == ["sent"] * (len(COURSE_KEYS) - 1) + ["queued"]
     enrollment = enrollment_of(settings, subscriber_id)
     assert enrollment.next_step is None
     assert enrollment.next_due_at is None
     assert enrollment.status == EnrollmentStatus.ACTIVE
     assert enrollment.completed_at is None
 
-    later = run(settings, now + timedelta(days=30), Broker())
-    assert later.created == 0
+    later = now + timedelta(days=30)
+    assert run(settings, later, Broker()).created == 0
     assert enrollment_of(settings, subscriber_id).status == EnrollmentStatus.ACTIVE
+
+    # Once the last email is sent, the enrollment is done.
+    with session_scope(settings.database_url) as session:
+        result = send_batch(
+            session, settings, sequences(settings), [deliveries[-1].id], clock=lambda: later
+        )
+    assert result.sent == 1
+    assert smtp.messages[-1]["X-Nurture-Step"] == f"{SEQUENCE}/last-reminder"
+    enrollment = enrollment_of(settings, subscriber_id)
+    assert (enrollment.status, enrollment.completed_at) == (EnrollmentStatus.COMPLETED, later)
 
 
 @BOTH_DATABASES
@@ -466,12 +514,15 @@ def test_an_expired_lease_is_released(settings):
 def test_outage_catch_up_is_spaced_by_the_minimum_gap(settings):
     subscriber_id = enroll(settings, "ann@example.com", now=T0)
     run(settings, T0, Broker())
+    assert worker_sends(settings, T0) == 1
     assert enrollment_of(settings, subscriber_id).next_due_at == at(2026, 6, 2, 9, 0)
 
     now = at(2026, 6, 5, 10, 0)  # the service was down for three days
     broker = Broker()
     assert run(settings, now, broker).created == 1
     assert [d.step for d in course_deliveries(settings)][-1] == "product-manager"
+    # It goes out at once, so only the minimum gap holds the next step back.
+    assert worker_sends(settings, now) == 1
     # 20 hours later is 06:00; the next step keeps its 09:00 send time.
     next_morning = at(2026, 6, 6, 9, 0)
     assert enrollment_of(settings, subscriber_id).next_due_at == next_morning
@@ -495,11 +546,14 @@ def test_a_week_of_ticks_sends_the_course_once_in_order(settings):
     other_id = enroll(settings, "kenji@example.com", now=T0, timezone="Asia/Tokyo")
     broker = Broker()
     for tick in range(8 * 4 + 1):
-        run(settings, T0 + timedelta(hours=6 * tick), broker)
+        now = T0 + timedelta(hours=6 * tick)
+        run(settings, now, broker)
+        worker_sends(settings, now)
 
     for who, tz in ((subscriber_id, NEW_YORK), (other_id, TOKYO)):
         deliveries = course_deliveries(settings, who)
         assert [d.step for d in deliveries] == COURSE_KEYS
+        assert all(d.status == "sent" for d in deliveries)
         created = [d.created_at for d in deliveries]
         assert created == sorted(created)
         for earlier, later in zip(created, created[1:], strict=False):
@@ -515,4 +569,151 @@ def test_a_week_of_ticks_sends_the_course_once_in_order(settings):
         assert (enrollment.next_step, enrollment.status) == (None, "active")
 
     assert len(course_deliveries(settings)) == 14
-    assert set(broker.ids) == {d.id for d in course_deliveries(settings)}
+    # Each handed out exactly once.
+    assert sorted(broker.ids) == sorted(d.id for d in course_deliveries(settings))
+
+
+# --- One email on its way per subscriber -------------------------------------------
+
+
+@BOTH_DATABASES
+def test_an_unsent_email_holds_back_the_next_step(settings):
+    ann = enroll(settings, "ann@example.com", now=T0)
+    bob = enroll(settings, "bob@example.com", now=T0)
+    assert run(settings, T0, Broker()).created == 2
+    pm_due = at(2026, 6, 2, 9, 0)
+    # Bob's welcome goes out; Ann's stays queued (a 451 retry, a broken template).
+    assert worker_sends(settings, T0, bob) == 1
+
+    much_later = T0 + timedelta(days=30)
+    assert run(settings, much_later, Broker()).created == 1
+    assert [d.step for d in course_deliveries(settings, bob)] == ["welcome", "product-manager"]
+    assert [d.step for d in course_deliveries(settings, ann)] == ["welcome"]
+    waiting = enrollment_of(settings, ann)
+    assert (waiting.next_step, waiting.next_due_at) == ("product-manager", pm_due)
+
+    # A worker holding it (sending, lease not yet expired) holds the course too.
+    [welcome] = course_deliveries(settings, ann)
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == welcome.id)
+            .values(status=DeliveryStatus.SENDING, lease_until=much_later + timedelta(hours=1))
+        )
+    assert run(settings, much_later + timedelta(minutes=1), Broker()).created == 0
+    assert [d.step for d in course_deliveries(settings, ann)] == ["welcome"]
+
+    # Once it is sent, the next step comes at the next tick, and only that one.
+    sent_at = much_later + timedelta(minutes=2)
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == welcome.id)
+            .values(status=DeliveryStatus.SENT, sent_at=sent_at, lease_until=None)
+        )
+    broker = Broker()
+    result = run(settings, sent_at + timedelta(minutes=1), broker)
+    assert result.created == 1
+    deliveries = course_deliveries(settings, ann)
+    assert [d.step for d in deliveries] == ["welcome", "product-manager"]
+    assert broker.ids == [deliveries[-1].id]
+    assert enrollment_of(settings, ann).next_step == "project-manager"
+
+
+# --- Which step comes next (pure) --------------------------------------------------
+
+
+def course(*steps: Step) -> Sequence:
+    return Sequence(name="s", title="s", description="", path=Path("."), steps=steps)
+
+
+def step(key: str, day: int, **flags: bool) -> Step:
+    return Step(key=key, day=day, file=f"{key}.md", **flags)
+
+
+A, B, C, D = step("a", 0), step("b", 1), step("c", 2), step("d", 3)
+SALE, LAST = step("sale", 4, sales=True), step("last", 5)
+
+
+def walk(sequence: Sequence, current: str | None, had: list[str], converted=False) -> list[str]:
+    """The steps the due-scan sends from here on, one per tick, as `_advance` does."""
+    had, sent = list(had), []
+    while True:
+        chosen, following = next_to_send(sequence, current, had, converted)
+        if chosen is None:
+            return sent
+        sent.append(chosen.key)
+        had.append(chosen.key)
+        if following is None:
+            return sent
+        current = following.key
+        assert len(sent) <= len(sequence.steps), sent
+
+
+def test_next_to_send_follows_the_course_in_order():
+    sequence = course(A, B, C, D)
+    assert next_to_send(sequence, "a", [], False) == (A, B)
+    assert next_to_send(sequence, "c", ["a", "b"], False) == (C, D)
+    assert next_to_send(sequence, "d", ["a", "b", "c"], False) == (D, None)
+    assert next_to_send(sequence, None, ["a", "b", "c", "d"], False) == (None, None)
+    assert walk(sequence, "a", []) == ["a", "b", "c", "d"]
+    # A step already had is passed over, wherever the enrollment points.
+    assert next_to_send(sequence, "a", ["a"], False) == (B, C)
+    assert walk(sequence, "a", ["a", "b"]) == ["c", "d"]
+
+
+def test_next_to_send_skips_an_inserted_step_unless_it_is_a_backfill():
+    inserted = step("inserted", 1)
+    sequence = course(A, inserted, B, C)
+    # Already past its place: not sent to them.
+    assert next_to_send(sequence, "b", ["a"], False) == (B, C)
+    assert walk(sequence, "b", ["a"]) == ["b", "c"]
+    # Not yet there: it is part of their course like any other step.
+    assert walk(sequence, "a", []) == ["a", "inserted", "b", "c"]
+
+    backfill = step("backfill", 1, backfill=True)
+    sequence = course(A, backfill, B, C)
+    # Past its place: it comes first, then the course resumes where it was.
+    assert next_to_send(sequence, "c", ["a", "b"], False) == (backfill, C)
+    assert walk(sequence, "c", ["a", "b"]) == ["backfill", "c"]
+    # Had it already, or not yet there: once, in its place.
+    assert walk(sequence, "c", ["a", "backfill", "b"]) == ["c"]
+    assert walk(sequence, "a", []) == ["a", "backfill", "b", "c"]
+
+
+def test_next_to_send_goes_on_after_a_removed_step():
+    # Waiting for c, which the marketer removed: on after b, the last step they had.
+    assert next_to_send(course(A, B, D), "c", ["a", "b"], False) == (D, None)
+    # b is gone too: on after a, the last one they had that still exists.
+    assert next_to_send(course(A, D), "c", ["a", "b"], False) == (D, None)
+    # Nothing they had still exists: from the start.
+    assert next_to_send(course(C, D), "b", ["a"], False) == (C, D)
+    # The last step they had is the one that counts, not the furthest along.
+    assert walk(course(A, B, C, D), "gone", ["a", "c"]) == ["d"]
+    # Removed and nothing after it: they are done.
+    assert next_to_send(course(A, B), "c", ["a", "b"], False) == (None, None)
+
+
+def test_next_to_send_never_repeats_a_step_after_a_reorder():
+    # Had a and b, waiting for c; the marketer moves b after c.
+    sequence = course(A, C, B, D)
+    assert next_to_send(sequence, "c", ["a", "b"], False) == (C, B)
+    assert walk(sequence, "c", ["a", "b"]) == ["c", "d"]
+    # Moved before the start: still not sent again.
+    assert walk(course(D, A, B, C), "c", ["a", "b"]) == ["c"]
+    for order in ((A, B, C, D), (D, C, B, A), (B, D, A, C)):
+        sent = walk(course(*order), "b", ["a"])
+        assert "a" not in sent
+        assert len(sent) == len(set(sent))
+
+
+def test_next_to_send_passes_over_sales_steps_after_a_conversion():
+    sequence = course(A, B, SALE, LAST)
+    assert walk(sequence, "b", ["a"]) == ["b", "sale", "last"]
+    assert walk(sequence, "b", ["a"], converted=True) == ["b", "last"]
+    assert next_to_send(sequence, "sale", ["a", "b"], True) == (LAST, None)
+    assert next_to_send(course(A, B, SALE), "sale", ["a", "b"], True) == (None, None)
+    # A sales step inserted as a backfill is not sent after a conversion either.
+    offer = step("offer", 1, sales=True, backfill=True)
+    assert next_to_send(course(A, offer, B, C), "c", ["a", "b"], True) == (C, None)
+    assert next_to_send(course(A, offer, B, C), "c", ["a", "b"], False) == (offer, C)
