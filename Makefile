@@ -22,9 +22,10 @@ test: $(STAMP) test-tools
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
-# Debian packages some tests use (SpamAssassin scores the emails); installed when
+# Debian packages some tests use (SpamAssassin scores the emails, Chromium runs the
+# browser tests through Playwright; no browser is ever downloaded); installed when
 # missing and this user may, otherwise those tests say what to install.
-TEST_PACKAGES := spamassassin:spamassassin
+TEST_PACKAGES := spamassassin:spamassassin chromium:chromium
 test-tools:
 	@for pair in $(TEST_PACKAGES); do \
 		command -v $${pair##*:} >/dev/null 2>&1 && continue; \
