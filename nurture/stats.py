@@ -136,9 +136,12 @@ def service_counts(session: Session, now: datetime) -> dict[str, float]:
     """Totals for /metrics: counters since the start, and the due-queue lag."""
     signups = session.scalar(select(func.count()).select_from(Subscriber))
     confirmations = session.scalar(select(func.count(Subscriber.confirmed_at)))
-    statuses = dict(
-        session.execute(select(Delivery.status, func.count()).group_by(Delivery.status)).tuples()
-    )
+    statuses = {
+        status: count
+        for status, count in session.execute(
+            select(Delivery.status, func.count()).group_by(Delivery.status)
+        )
+    }
     oldest_due = session.scalar(
         select(func.min(Enrollment.next_due_at)).where(
             Enrollment.status == "active", Enrollment.next_due_at <= now

@@ -200,14 +200,16 @@ def _last_confirmation_at(session: Session, subscriber_id: int) -> datetime | No
     )
 
 
-def _ensure_enrollment(session: Session, subscriber: Subscriber, sequence: str) -> Enrollment:
+def _ensure_enrollment(
+    session: Session, subscriber: Subscriber, sequence: str, now: datetime
+) -> Enrollment:
     enrollment = session.scalar(
         select(Enrollment).where(
             Enrollment.subscriber_id == subscriber.id, Enrollment.sequence == sequence
         )
     )
     if enrollment is None:
-        enrollment = Enrollment(subscriber_id=subscriber.id, sequence=sequence)
+        enrollment = Enrollment(subscriber_id=subscriber.id, sequence=sequence, created_at=now)
         session.add(enrollment)
         session.flush()
     return enrollment
@@ -273,7 +275,7 @@ def signup(
         session.add(subscriber)
         session.flush()
     elif subscriber.status == SubscriberStatus.ACTIVE:
-        enrollment = _ensure_enrollment(session, subscriber, request.sequence)
+        enrollment = _ensure_enrollment(session, subscriber, request.sequence, now)
         if enrollment.status == EnrollmentStatus.PENDING:
             _start(session, enrollment, first_steps[request.sequence], now, _gap(settings))
         return None
@@ -293,7 +295,7 @@ def signup(
             created_at=now,
         )
     )
-    enrollment = _ensure_enrollment(session, subscriber, request.sequence)
+    enrollment = _ensure_enrollment(session, subscriber, request.sequence, now)
     if enrollment.status == EnrollmentStatus.STOPPED:
         enrollment.status = EnrollmentStatus.PENDING
     session.add(Event(subscriber_id=subscriber.id, kind="signup", created_at=now))

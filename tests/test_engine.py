@@ -49,7 +49,7 @@ from nurture.sequences import (
     load_sequence,
     load_sequences,
 )
-from nurture.subscribers import SignupRequest, confirm, signup
+from nurture.subscribers import SignupRequest, confirm, new_message_id, signup
 
 SEQUENCE = "product-vs-project"
 COURSE_KEYS = [
@@ -887,20 +887,27 @@ def test_a_broken_template_holds_its_delivery_and_the_batch_goes_on(stack, smtp,
 # --- 9. The retry horizon ------------------------------------------------------------
 
 
-@BOTH_DATABASES
-def test_the_retry_horizon_gives_up_and_completes_only_when_nothing_is_unsent(settings, smtp):
-    subscriber_id = enroll(settings, "ann@example.com")
+def send_up_to_the_sales_emails(settings: Settings, subscriber_id: int) -> int:
+    """Hand out and send each course email in turn; the id of the first sales email.
+
+    That one is handed out, not sent.
+    """
     now = T0
-    # The worker sends each email as it is handed out, up to the first sales email.
-    for key in COURSE_KEYS[:-2]:
+    for key in NON_SALES_KEYS:
         [delivery_id] = hand_out(settings, now)
         assert delivery(settings, delivery_id).step == key
         assert send(settings, [delivery_id], now).sent == 1
         now = enrollment_of(settings, subscriber_id).next_due_at
-    [before_last] = hand_out(settings, now)
-    row = delivery(settings, before_last)
-    assert row.step == "six-month-course"
-    created = row.created_at
+    [delivery_id] = hand_out(settings, now)
+    assert delivery(settings, delivery_id).step == SALES_KEYS[0]
+    return delivery_id
+
+
+@BOTH_DATABASES
+def test_the_retry_horizon_gives_up_and_completes_only_when_nothing_is_unsent(settings, smtp):
+    subscriber_id = enroll(settings, "ann@example.com")
+    before_last = send_up_to_the_sales_emails(settings, subscriber_id)
+    created = delivery(settings, before_last).created_at
     last_due = enrollment_of(settings, subscriber_id).next_due_at
     assert enrollment_of(settings, subscriber_id).next_step == "last-reminder"
 
@@ -954,3 +961,56 @@ def test_the_retry_horizon_gives_up_and_completes_only_when_nothing_is_unsent(se
     assert unsent == 0
     # The batch's own count says what happened (it is what the worker logs).
     assert (gave_up.failed, gave_up.retry) == (1, 0), gave_up
+
+
+@BOTH_DATABASES
+def test_a_given_up_email_does_not_complete_while_another_is_unsent(settings, smtp):
+    """Two course emails unsent at once, as the due-scan wrote them before it
+    waited for each to go out (data from before an upgrade)."""
+    subscriber_id = enroll(settings, "ann@example.com")
+    before_last = send_up_to_the_sales_emails(settings, subscriber_id)
+    enrollment = enrollment_of(settings, subscriber_id)
+    created = enrollment.next_due_at
+    with session_scope(settings.database_url) as session:
+        last_row = Delivery(
+            subscriber_id=subscriber_id,
+            enrollment_id=enrollment.id,
+            sequence=SEQUENCE,
+            step="last-reminder",
+            status=DeliveryStatus.QUEUED,
+            message_id=new_message_id(settings),
+            attempts=0,
+            not_before=created,
+            created_at=created,
+        )
+        session.add(last_row)
+        session.flush()
+        last = last_row.id
+        session.execute(
+            update(Enrollment)
+            .where(Enrollment.id == enrollment.id)
+            .values(next_step=None, next_due_at=None)
+        )
+
+    horizon = timedelta(hours=settings.retry_horizon_hours)
+    smtp.handler.refuse_with = "451 4.3.0 Try later"
+    past = created + horizon + timedelta(minutes=1)
+    assert hand_out(settings, past) == sorted([before_last, last])
+    gave_up = send(settings, [last], past)
+    assert (gave_up.failed, gave_up.retry) == (1, 0), gave_up
+    row = delivery(settings, last)
+    assert row.status == DeliveryStatus.FAILED
+    assert row.last_error.startswith("gave up:"), row.last_error
+    # The course email before it is still unsent, so the enrollment is not done.
+    enrollment = enrollment_of(settings, subscriber_id)
+    assert enrollment.status == EnrollmentStatus.ACTIVE
+    assert enrollment.completed_at is None
+
+    smtp.handler.refuse_with = None
+    later = past + timedelta(hours=1)
+    assert hand_out(settings, later) == [before_last]  # the failed one never again
+    assert send(settings, [before_last], later).sent == 1
+    enrollment = enrollment_of(settings, subscriber_id)
+    assert enrollment.status == EnrollmentStatus.COMPLETED
+    assert enrollment.completed_at == later
+    assert steps_received(smtp, "ann@example.com") == COURSE_KEYS[:-1]

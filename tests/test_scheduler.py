@@ -398,6 +398,8 @@ def test_a_returning_subscriber_gets_each_step_once_and_none_skipped(settings):
     assert by_step["product-manager"].created_at == back
     returned = sorted(deliveries[1:], key=lambda d: d.created_at)
     assert [d.step for d in returned] == COURSE_KEYS[1:]
+    for earlier, later in zip(returned, returned[1:], strict=False):
+        assert later.created_at - earlier.created_at >= timedelta(hours=settings.min_gap_hours)
     # Each handed out exactly once.
     assert sorted(broker.ids) == sorted(d.id for d in deliveries if d.step != "welcome")
 
@@ -686,10 +688,13 @@ def test_next_to_send_goes_on_after_a_removed_step():
     assert next_to_send(course(A, B, D), "c", ["a", "b"], False) == (D, None)
     # b is gone too: on after a, the last one they had that still exists.
     assert next_to_send(course(A, D), "c", ["a", "b"], False) == (D, None)
+    # Not from the start: a step inserted before their place is still not theirs.
+    assert next_to_send(course(step("new", 0), A, B, D), "c", ["a", "b"], False) == (D, None)
     # Nothing they had still exists: from the start.
     assert next_to_send(course(C, D), "b", ["a"], False) == (C, D)
-    # The last step they had is the one that counts, not the furthest along.
-    assert walk(course(A, B, C, D), "gone", ["a", "c"]) == ["d"]
+    # The last step they had is the one that counts, not the furthest along
+    # (c came before a for them, in an earlier order of the steps).
+    assert walk(course(A, B, C, D), "gone", ["c", "a"]) == ["b", "d"]
     # Removed and nothing after it: they are done.
     assert next_to_send(course(A, B), "c", ["a", "b"], False) == (None, None)
 
