@@ -243,22 +243,33 @@ def _due_batch(session: Session, now: datetime, limit: int):
     ).all()
 
 
-def _steps_had(session: Session, enrollment_ids: list[int]) -> dict[int, list[str]]:
-    """For each enrollment, the steps it has had or has on the way, oldest first.
+@dataclass
+class History:
+    """What an enrollment already had: steps (oldest first) and its last email's send time."""
+
+    steps: list[str]
+    last_sent: datetime | None = None
+
+
+def _history(session: Session, enrollment_ids: list[int]) -> dict[int, History]:
+    """For each enrollment, the steps it has had or has on the way, and the last send.
 
     A cancelled delivery does not count: a returning subscriber gets it after all.
     """
-    had: dict[int, list[str]] = {i: [] for i in enrollment_ids}
+    had = {i: History([]) for i in enrollment_ids}
     rows = session.execute(
-        select(Delivery.enrollment_id, Delivery.step)
+        select(Delivery.enrollment_id, Delivery.step, Delivery.sent_at)
         .where(
             Delivery.enrollment_id.in_(enrollment_ids),
             Delivery.status != DeliveryStatus.CANCELLED,
         )
         .order_by(Delivery.id)
     )
-    for enrollment_id, step in rows:
-        had[enrollment_id].append(step)
+    for enrollment_id, step, sent_at in rows:
+        history = had[enrollment_id]
+        history.steps.append(step)
+        if sent_at and (history.last_sent is None or sent_at > history.last_sent):
+            history.last_sent = sent_at
     return had
 
 
@@ -309,10 +320,10 @@ def create_due_deliveries(
     created = 0
     while True:
         rows = _due_batch(session, now, settings.batch_size)
-        had = _steps_had(session, [enrollment.id for enrollment, _ in rows])
+        histories = _history(session, [enrollment.id for enrollment, _ in rows])
         for enrollment, timezone in rows:
             created += _advance(
-                session, settings, sequences, enrollment, timezone, had[enrollment.id], now
+                session, settings, sequences, enrollment, timezone, histories[enrollment.id], now
             )
         session.commit()
         if len(rows) < settings.batch_size:
@@ -320,9 +331,14 @@ def create_due_deliveries(
 
 
 def _advance(
-    session, settings, sequences, enrollment: Enrollment, timezone: str, had: list[str], now
+    session, settings, sequences, enrollment: Enrollment, timezone: str, history: History, now
 ) -> int:
-    """Write the step due now and point the enrollment at the one after it."""
+    """Write the step due now and point the enrollment at the one after it.
+
+    The minimum gap counts from when the last email was really sent: one that
+    went out late, after retries, pushes the next one back too.
+    """
+    had = history.steps
     sequence = sequences.get(enrollment.sequence)
     if sequence is None:
         log.error(
@@ -334,6 +350,17 @@ def _advance(
         return 0
     converted = enrollment.converted_at is not None
     step, following = next_to_send(sequence, enrollment.next_step, had, converted)
+    gap = timedelta(seconds=settings.min_gap_seconds)
+    if step is not None and history.last_sent is not None and history.last_sent + gap > now:
+        enrollment.next_due_at = next_due(
+            step,
+            started_at=enrollment.started_at or now,
+            timezone=timezone,
+            previous_send=history.last_sent,
+            settings=settings,
+            skip_weekends=sequence.skip_weekends,
+        )
+        return 0
     while step is not None and not _write_delivery(session, settings, enrollment, step, now):
         had = [*had, step.key]  # written meanwhile by someone else: never twice
         step, following = next_to_send(sequence, enrollment.next_step, had, converted)

@@ -384,8 +384,12 @@ def test_the_next_step_waits_for_the_previous_email(settings, smtp):
     assert hand_out(settings, tomorrow + timedelta(hours=1)) == [welcome], "only the retry"
     assert [d.step for d in course_deliveries(settings)] == ["welcome"]
     smtp.handler.refuse_with = None
-    assert send(settings, [welcome], tomorrow + timedelta(hours=1)).sent == 1
-    assert len(hand_out(settings, tomorrow + timedelta(hours=2))) == 1
+    sent_at = tomorrow + timedelta(hours=1)
+    assert send(settings, [welcome], sent_at).sent == 1
+    assert hand_out(settings, tomorrow + timedelta(hours=2)) == [], "a whole gap after the send"
+    later = enrollment_of(settings, subscriber_id).next_due_at
+    assert later >= sent_at + timedelta(hours=20)
+    assert len(hand_out(settings, later)) == 1
     assert [d.step for d in course_deliveries(settings)] == ["welcome", "product-manager"]
 
 
