@@ -185,7 +185,10 @@ def preview(sequence: str, step: str):
 def preview_eml(sequence: str, step: str):
     _previewed(sequence, step)
     first_name = request.args.get("first_name", "Alex")[:100]
-    message = preview_message(state().settings, sequence, step, first_name=first_name)
+    try:
+        message = preview_message(state().settings, sequence, step, first_name=first_name)
+    except RenderError as error:
+        return render_template("admin/preview_error.html", error=str(error)), 422
     return Response(
         message.as_bytes(),
         mimetype="message/rfc822",
@@ -211,6 +214,8 @@ def preview_send_test(sequence: str, step: str):
         to = db.get(User, session["user_id"]).email
     try:
         send_test(state().settings, sequence, step, to)
+    except RenderError as error:
+        return render_template("admin/preview_error.html", error=str(error)), 422
     except (TemporaryFailure, PermanentFailure) as error:
         return render_template("admin/preview_error.html", error=f"Not sent: {error}"), 502
     return redirect(url_for("admin.preview", sequence=sequence, step=step, sent=to), code=303)

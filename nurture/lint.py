@@ -72,8 +72,10 @@ def link_problems(settings: Settings, message: EmailMessage, source) -> list[Pro
     unsubscribe = (message["List-Unsubscribe"] or "").split(",")[0].strip(" <>")
     problems = []
     for url in {html.unescape(u) for u in HREF.findall(page)} - {unsubscribe}:
-        if url.startswith(settings.base_url + "/"):
-            continue  # our own confirmation link; BASE_URL is checked once, below
+        if not url or url.startswith(settings.base_url + "/"):
+            # Our own links (BASE_URL is checked once, below); an empty href is the
+            # layout's missing unsubscribe link, which footer_problems names.
+            continue
         target = urlsplit(url)
         needle = "course_url" if url == settings.course_url else url
         where = f"{source}:{_line_of(source, needle)}"

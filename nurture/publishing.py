@@ -60,14 +60,15 @@ def sequence_from(name: str, manifest: dict) -> Sequence:
     )
 
 
-_recorded: set[tuple[str, str]] = set()
+_recorded: set[tuple[str, str, str]] = set()  # (database, sequence, digest) seen
 
 
 def record_published(session: Session, sequences: dict[str, Sequence], now: datetime) -> None:
     """Remember each sequence's version the first time the due-scan runs with it."""
+    database = str(session.get_bind().url)
     for name, sequence in sequences.items():
         digest = digest_of(sequence)
-        if (name, digest) in _recorded:
+        if (database, name, digest) in _recorded:
             continue
         latest = session.scalar(
             select(SequenceVersion.digest)
@@ -85,7 +86,7 @@ def record_published(session: Session, sequences: dict[str, Sequence], now: date
                 )
             )
             session.commit()
-        _recorded.add((name, digest))
+        _recorded.add((database, name, digest))
 
 
 def published_sequences(session: Session) -> dict[str, tuple[Sequence, datetime]]:

@@ -269,5 +269,8 @@ class Renderer:
             raise RenderError(f"{where or name}:{line or 1}: {error.message or error}") from error
         inlined = css_inline.inline(page)
         if len(inlined.encode()) > MAX_HTML_BYTES:
-            raise RenderError(f"{name}: the HTML is over 100 KB after inlining; Gmail clips it")
+            raise RenderError(
+                f"{self.templates_path / name}:1: the HTML is over 100 KB after inlining; "
+                "Gmail clips it"
+            )
         return RenderedEmail(subject=subject, preheader=preheader, html=inlined, text=text)

@@ -233,6 +233,21 @@ def _start(
     enrollment.started_at = now
 
 
+def _consent(
+    subscriber: Subscriber, request: SignupRequest, now: datetime, confirmed_at=None
+) -> Consent:
+    return Consent(
+        subscriber_id=subscriber.id,
+        source=request.source,
+        consent_text=request.consent_text,
+        consent_version=CONSENT_VERSION,
+        ip=request.ip[:45],
+        user_agent=request.user_agent[:512],
+        created_at=now,
+        confirmed_at=confirmed_at,
+    )
+
+
 def signup(
     session: Session,
     settings: Settings,
@@ -275,8 +290,10 @@ def signup(
         session.add(subscriber)
         session.flush()
     elif subscriber.status == SubscriberStatus.ACTIVE:
+        # A confirmed address joining another sequence: its consent is recorded too.
         enrollment = _ensure_enrollment(session, subscriber, request.sequence, now)
         if enrollment.status == EnrollmentStatus.PENDING:
+            session.add(_consent(subscriber, request, now, confirmed_at=now))
             _start(session, enrollment, first_steps[request.sequence], now, _gap(settings))
         return None
     else:  # pending, or unsubscribed and coming back: confirm again
@@ -284,17 +301,7 @@ def signup(
         subscriber.first_name = request.first_name or subscriber.first_name
         subscriber.timezone = request.timezone
 
-    session.add(
-        Consent(
-            subscriber_id=subscriber.id,
-            source=request.source,
-            consent_text=request.consent_text,
-            consent_version=CONSENT_VERSION,
-            ip=request.ip[:45],
-            user_agent=request.user_agent[:512],
-            created_at=now,
-        )
-    )
+    session.add(_consent(subscriber, request, now))
     enrollment = _ensure_enrollment(session, subscriber, request.sequence, now)
     if enrollment.status == EnrollmentStatus.STOPPED:
         enrollment.status = EnrollmentStatus.PENDING
