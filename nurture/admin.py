@@ -221,6 +221,14 @@ def preview_send_test(sequence: str, step: str):
     return redirect(url_for("admin.preview", sequence=sequence, step=step, sent=to), code=303)
 
 
+def _subject(settings, sequence: str, step: str) -> str:
+    """The email's subject, or what stops it from rendering."""
+    try:
+        return preview_message(settings, sequence, step)["Subject"]
+    except RenderError as error:
+        return f"Cannot render: {error}"
+
+
 @bp.get("/sequences/<name>")
 @login_required
 def calendar(name: str):
@@ -236,7 +244,7 @@ def calendar(name: str):
         status="active", next_step=seq.first.key, next_due_at=start, started_at=start
     )
     rows = [
-        (step, due.astimezone(tz), preview_message(settings, name, step.key)["Subject"])
+        (step, due.astimezone(tz), _subject(settings, name, step.key))
         for step, due in plan(sample, seq, timezone, settings, start)
     ]
     return render_template("admin/calendar.html", sequence=seq, rows=rows, timezone=timezone)
