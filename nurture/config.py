@@ -60,6 +60,8 @@ class Settings:
     queue: str = "nurture"
     track_opens: bool = True
     metrics_token: str = ""
+    send_rate: int = 0
+    send_rate_per_domain: dict = field(default_factory=dict)
     dkim_private_key: Path | None = None
     dkim_selector: str = ""
 
@@ -148,6 +150,12 @@ def _mailto(value: str) -> str:
             f"UNSUBSCRIBE_MAILTO must be a bare address like unsubscribe@example.com, not {value!r}"
         )
     return value
+
+
+def _domain_rates(value: str) -> dict:
+    from nurture.throttle import parse_domain_rates
+
+    return parse_domain_rates(value)
 
 
 def _dkim(key_path: str, selector: str) -> dict:
@@ -239,6 +247,8 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         queue=get("NURTURE_QUEUE", "nurture"),
         track_opens=_flag(get("TRACK_OPENS", "1"), "TRACK_OPENS"),
         metrics_token=get("METRICS_TOKEN"),
+        send_rate=_count(get("SEND_RATE_PER_SECOND", "0"), "SEND_RATE_PER_SECOND"),
+        send_rate_per_domain=_domain_rates(get("SEND_RATE_PER_DOMAIN")),
         **_dkim(get("DKIM_PRIVATE_KEY"), get("DKIM_SELECTOR")),
     )
     if settings.dkim_private_key:

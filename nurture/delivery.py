@@ -44,6 +44,7 @@ from nurture.models import (
 from nurture.render import Renderer, RenderError, add_open_pixel, rewrite_links
 from nurture.sequences import Sequence
 from nurture.subscribers import complete_if_done, latest_consent, stop_enrollments
+from nurture.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class Composer:
             course_url=settings.course_url,
         )
         self.signer = dkim_signer(settings)
+        self.throttle = Throttle.from_settings(settings)
 
     def open_url(self, delivery_id: int) -> str:
         token = tokens.make_open_token(self.settings.secret_key, delivery_id)
@@ -308,6 +310,18 @@ def _send_one(session, settings: Settings, composer: Composer, smtp, delivery, n
         _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=f"invalid: {error}")
         _complete_enrollment_if_done(session, delivery.enrollment_id, now)
         return "failed"
+    if not composer.throttle.acquire(subscriber.email):
+        # Over the provider's rate: back in the queue without counting an attempt.
+        _finish(
+            session,
+            delivery,
+            status=DeliveryStatus.QUEUED,
+            enqueued_at=None,
+            attempts=delivery.attempts - 1,
+            not_before=now + timedelta(seconds=settings.dispatch_interval),
+            last_error="rate limited",
+        )
+        return "retry"
     try:
         smtp.send(message, signer=composer.signer)
     except PermanentFailure as error:

@@ -1,0 +1,74 @@
+"""Provider rate limits: messages per second, overall and per recipient domain.
+
+Mail providers throttle senders that go too fast (Gmail and Outlook answer 421
+or 451 and slow everyone down). Limits here are shared by every worker through
+Redis when the broker is Redis (the `limits` library's fixed windows), and
+apply per process otherwise. A worker waits for a free slot for a short while;
+past that it defers the email to a later tick instead of holding its batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from limits import RateLimitItemPerSecond
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
+
+from nurture.config import ConfigError, Settings
+
+MAX_WAIT = 5.0  # seconds a worker waits for a slot before deferring the email
+
+
+def parse_domain_rates(value: str) -> dict[str, int]:
+    """`gmail.com=20,outlook.com=10` into {domain: messages per second}."""
+    rates: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        domain, sep, number = part.partition("=")
+        if not sep or not number.strip().isdigit() or int(number) < 1 or not domain.strip():
+            raise ConfigError(
+                f"SEND_RATE_PER_DOMAIN wants domain=messages_per_second, not {part!r}"
+            )
+        rates[domain.strip().lower()] = int(number)
+    return rates
+
+
+@dataclass
+class Throttle:
+    """Waits until sending one more email to a domain keeps within the limits."""
+
+    limiter: FixedWindowRateLimiter | None
+    overall: int  # messages per second; 0 is no limit
+    per_domain: dict[str, int]
+    sleep: Callable[[float], None] = time.sleep
+    max_wait: float = MAX_WAIT
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Throttle:
+        if not settings.send_rate and not settings.send_rate_per_domain:
+            return cls(None, 0, {})
+        storage = storage_from_string(settings.rate_limit_storage)
+        return cls(
+            FixedWindowRateLimiter(storage), settings.send_rate, settings.send_rate_per_domain
+        )
+
+    def _limits(self, domain: str):
+        if self.overall:
+            yield RateLimitItemPerSecond(self.overall), "*"
+        if domain in self.per_domain:
+            yield RateLimitItemPerSecond(self.per_domain[domain]), domain
+
+    def acquire(self, address: str) -> bool:
+        """True once a slot is taken for `address`; False after MAX_WAIT (defer it)."""
+        if self.limiter is None:
+            return True
+        domain = address.rpartition("@")[2].lower()
+        deadline = time.monotonic() + self.max_wait
+        for item, key in self._limits(domain):
+            while not self.limiter.hit(item, "nurture-send", key):
+                if time.monotonic() >= deadline:
+                    return False
+                self.sleep(0.02)
+        return True

@@ -1,0 +1,70 @@
+"""Provider rate limits, shared by every worker through Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from conftest import REDIS_URL, require
+
+from nurture.config import ConfigError, load_settings
+from nurture.throttle import Throttle, parse_domain_rates
+
+
+def redis_settings(tmp_path, **env):
+    return load_settings(
+        {
+            "NURTURE_INSTANCE": str(tmp_path),
+            "SECRET_KEY": "k",
+            # A fresh key space per test: the limiter's counters live in this Redis.
+            "BROKER_URL": require(REDIS_URL, "Redis"),
+            "NURTURE_QUEUE": uuid.uuid4().hex,
+            **env,
+        }
+    )
+
+
+def test_parse_domain_rates():
+    assert parse_domain_rates("gmail.com=20, Outlook.com=10") == {
+        "gmail.com": 20,
+        "outlook.com": 10,
+    }
+    for bad in ("gmail.com", "gmail.com=0", "=5", "gmail.com=fast"):
+        with pytest.raises(ConfigError, match="SEND_RATE_PER_DOMAIN"):
+            parse_domain_rates(bad)
+
+
+def test_no_limit_takes_no_time(tmp_path):
+    throttle = Throttle.from_settings(load_settings({"NURTURE_INSTANCE": str(tmp_path)}))
+    started = time.monotonic()
+    assert all(throttle.acquire(f"a{i}@example.com") for i in range(1000))
+    assert time.monotonic() - started < 0.5
+
+
+def test_two_workers_share_one_overall_limit(tmp_path):
+    """Two throttles (two workers) on one Redis: 5 a second between them, not 10."""
+    settings = redis_settings(tmp_path, SEND_RATE_PER_SECOND="5")
+    workers = [Throttle.from_settings(settings), Throttle.from_settings(settings)]
+    key = uuid.uuid4().hex  # keep this run's counters apart from any other
+    for worker in workers:
+        worker.overall, worker.per_domain = 5, {}
+        worker.limiter.storage.key_prefix = key  # type: ignore[attr-defined]
+    time.sleep(1 - time.time() % 1)  # start at the top of a second
+    started = time.monotonic()
+    for i in range(15):
+        assert workers[i % 2].acquire(f"a{i}@example.com")
+    elapsed = time.monotonic() - started
+    assert 1.8 < elapsed < 4, f"15 sends at 5/s took {elapsed:.2f}s"
+
+
+def test_a_busy_domain_waits_and_others_do_not(tmp_path):
+    settings = redis_settings(tmp_path, SEND_RATE_PER_DOMAIN="gmail.com=2")
+    throttle = Throttle.from_settings(settings)
+    throttle.max_wait = 0.2
+    time.sleep(1 - time.time() % 1)
+    assert throttle.acquire("a@gmail.com") and throttle.acquire("b@GMAIL.com")
+    started = time.monotonic()
+    assert not throttle.acquire("c@gmail.com"), "a third in the same second is deferred"
+    assert time.monotonic() - started >= 0.2
+    assert all(throttle.acquire(f"x{i}@example.org") for i in range(50)), "others go on"
