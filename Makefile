@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-tools lint format clean
+.PHONY: run test test-tools lint format bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -35,6 +35,11 @@ test-tools:
 			{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $${pair%%:*} >/dev/null; }; \
 		else echo "note: $${pair%%:*} is not installed; the tests that need it will say so"; fi; \
 	done
+
+# Performance figures (needs PostgreSQL, Redis, and root for Postfix's smtp-sink):
+# writes benchmarks/results.json; the README's table is copied from it.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -216,6 +216,22 @@ class Composer:
         )
 
 
+_composers: dict[tuple[int, int], Composer] = {}
+
+
+def composer_for(settings: Settings, sequences: Mapping[str, Sequence]) -> Composer:
+    """One Composer per settings and sequences: its compiled templates serve every batch.
+
+    `current_sequences` returns a new mapping when a manifest changes, and the
+    template loader reloads changed files, so edits still show at once.
+    """
+    key = (id(settings), id(sequences))
+    if key not in _composers:
+        _composers.clear()  # an edited sequence replaces the old one
+        _composers[key] = Composer(settings, sequences)
+    return _composers[key]
+
+
 def _may_send(
     session: Session, delivery: Delivery, sequences: Mapping[str, Sequence]
 ) -> tuple[Subscriber | None, str | None]:
@@ -254,7 +270,7 @@ def send_batch(
 ) -> BatchResult:
     """Send the given deliveries over one SMTP connection."""
     result = BatchResult()
-    composer = Composer(settings, sequences)
+    composer = composer_for(settings, sequences)
     smtp = connection or SMTPConnection(parse_smtp_url(settings.smtp_url))
     lease = timedelta(seconds=settings.lease_seconds)
     pending = list(delivery_ids)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import html
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import css_inline
 import markdown
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, select_autoescape
+from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, select_autoescape
 from jinja2.sandbox import SandboxedEnvironment
 from markupsafe import Markup
 
@@ -198,6 +199,12 @@ def add_open_pixel(email: RenderedEmail, url: str) -> RenderedEmail:
     return replace(email, html=page)
 
 
+@dataclass(frozen=True)
+class _Header:
+    source: str
+    template: Template
+
+
 class Renderer:
     """Renders the email files under one templates folder."""
 
@@ -214,6 +221,8 @@ class Renderer:
         self._text_body_env = SandboxedEnvironment(
             **common, finalize=_escape_markdown_only, autoescape=False
         )
+        self._header_cache: dict[str, tuple[int, dict[str, _Header]]] = {}
+        self._local = threading.local()
         for env in (self._html_env, self._text_env, self._text_body_env):
             env.globals.update(SNIPPET_FUNCTIONS)
         self._layout_env = SandboxedEnvironment(
@@ -221,12 +230,31 @@ class Renderer:
         )
 
     def front_matter(self, name: str) -> dict[str, str]:
+        return {key: template.source for key, template in self._headers(name).items()}
+
+    def _headers(self, name: str) -> dict[str, _Header]:
+        """The subject and preheader templates of an email file, compiled once per version."""
         path = self.templates_path / name
         try:
+            stamp = path.stat().st_mtime_ns
+            cached = self._header_cache.get(name)
+            if cached and cached[0] == stamp:
+                return cached[1]
             fields, _ = split_front_matter(path.read_text(encoding="utf-8"), str(path))
         except OSError as error:
             raise RenderError(f"{path}: cannot read: {error.strerror}") from None
-        return fields
+        headers = {
+            key: _Header(value, self._text_env.from_string(value)) for key, value in fields.items()
+        }
+        self._header_cache[name] = (stamp, headers)
+        return headers
+
+    def _markdown(self) -> markdown.Markdown:
+        """A Markdown converter for this thread: building one costs more than converting."""
+        converter = getattr(self._local, "markdown", None)
+        if converter is None:
+            converter = self._local.markdown = markdown.Markdown(extensions=["attr_list", "nl2br"])
+        return converter
 
     def render(
         self,
@@ -247,11 +275,9 @@ class Renderer:
         context = {**values, **{k: Markup(v) for k, v in trusted.items()}}
         plain = {**values, **trusted}
         try:
-            fields = self.front_matter(name)
-            subject = _strip_controls(self._text_env.from_string(fields["subject"]).render(plain))
-            preheader = _strip_controls(
-                self._text_env.from_string(fields["preheader"]).render(plain)
-            )
+            headers = self._headers(name)
+            subject = _strip_controls(headers["subject"].template.render(plain))
+            preheader = _strip_controls(headers["preheader"].template.render(plain))
             body_markdown = self._html_env.get_template(name).render(context)
             body_text = markdown_to_text(self._text_body_env.get_template(name).render(context))
             layout = {
@@ -261,7 +287,7 @@ class Renderer:
                 "postal_address": self.postal_address,
                 "list_title": list_title,
             }
-            body_html = markdown.markdown(body_markdown, extensions=["attr_list", "nl2br"])
+            body_html = self._markdown().reset().convert(body_markdown)
             page = self._layout_env.get_template(LAYOUT_HTML).render(layout, body=Markup(body_html))
             text = self._layout_env.get_template(LAYOUT_TEXT).render(layout, body=body_text)
         except TemplateError as error:

@@ -1,0 +1,603 @@
+#!/usr/bin/env python
+"""End-to-end sends per second, against the floor of the same SMTP sink.
+
+FLOOR: one smtplib connection sends M copies of a ready-made course email (the
+bytes of `preview_message(settings, "product-vs-project", "overlap")`) to
+Postfix's smtp-sink. PRODUCT: M due enrollments (welcome step) in a fresh
+PostgreSQL database, Redis as the broker, W Celery worker processes (prefork,
+concurrency 1 each) and one dispatch (`run_dispatch`, called here); timed from
+the dispatch until every delivery is `sent` in the database. The figure is
+product/floor (goal >= 0.5).
+
+MEMORY: one worker process sends 5,000 then, in chunks, up to 50,000 emails;
+the prefork child's VmRSS is sampled after each chunk; RSS(50k) - RSS(5k) is
+the figure (goal < 30 MB).
+
+PROFILE: `nurture.delivery.send_batch` in this process against the same sink,
+batches of 50 each in its own session like the Celery task, first timed plain
+and then under cProfile; the top costs go in the JSON.
+
+    .venv/bin/python benchmarks/bench_delivery.py                      # M = 5,000
+    .venv/bin/python benchmarks/bench_delivery.py --sends 20000        # larger
+    .venv/bin/python benchmarks/bench_delivery.py --memory-total 20000 # shorter memory run
+    .venv/bin/python benchmarks/bench_delivery.py --skip-memory --skip-profile
+
+Needs PostgreSQL at 127.0.0.1:5432 (BENCH_POSTGRES_URL), Redis at
+127.0.0.1:6379 (database 12 is flushed; BENCH_REDIS_URL) and /usr/sbin/smtp-sink
+(Debian: apt-get install postfix). Writes benchmarks/results/bench_delivery.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from nurture import migrate, scheduler  # noqa: E402
+from nurture.config import load_settings  # noqa: E402
+from nurture.db import dispose_all, normalize_url, session_scope  # noqa: E402
+from nurture.delivery import send_batch  # noqa: E402
+from nurture.mailer import wire_bytes  # noqa: E402
+from nurture.models import utcnow  # noqa: E402
+from nurture.preview import preview_message  # noqa: E402
+from nurture.sequences import current_sequences  # noqa: E402
+from nurture.tasks import make_celery, prepare_broker, run_dispatch  # noqa: E402
+
+BASE_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+SMTP_SINK = "/usr/sbin/smtp-sink"
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+RESULTS = ROOT / "benchmarks" / "results"
+SEQUENCE = "product-vs-project"
+
+
+# --- machine and load ------------------------------------------------------------
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model or platform.processor(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "load_at_start": os.getloadavg(),
+    }
+
+
+def wait_for_quiet(max_load: float, timeout: float = 300) -> dict:
+    """Wait until the 1-minute load average is below `max_load` (or give up)."""
+    started = time.monotonic()
+    load = os.getloadavg()[0]
+    while load >= max_load and time.monotonic() - started < timeout:
+        print(f"  load {load:.2f} >= {max_load}; waiting…", flush=True)
+        time.sleep(15)
+        load = os.getloadavg()[0]
+    return {
+        "load_1min": round(load, 2),
+        "quiet": load < max_load,
+        "waited_s": round(time.monotonic() - started, 1),
+    }
+
+
+# --- services ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sink:
+    """Postfix's smtp-sink: accepts and discards mail, as fast as it can."""
+
+    def __init__(self):
+        if not Path(SMTP_SINK).exists():
+            raise SystemExit(
+                f"{SMTP_SINK} is missing: DEBIAN_FRONTEND=noninteractive apt-get install -y postfix"
+            )
+        self.port = free_port()
+        self.log = tempfile.NamedTemporaryFile(prefix="smtp-sink-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [SMTP_SINK, "-u", "nobody", "-c", f"127.0.0.1:{self.port}", "1000"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise SystemExit(f"smtp-sink did not start; see {self.log.name}") from None
+                time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def fresh_database() -> tuple[str, callable]:
+    name = f"nurture_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(normalize_url(BASE_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(normalize_url(BASE_URL)).set(database=name).render_as_string(False)
+
+    def drop() -> None:
+        dispose_all()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    migrate.upgrade(url)
+    return url, drop
+
+
+def environ_for(database_url: str, sink: Sink, instance: Path) -> dict[str, str]:
+    return {
+        "NURTURE_INSTANCE": str(instance),
+        "DATABASE_URL": database_url,
+        "BROKER_URL": REDIS_URL,
+        "SMTP_URL": sink.url,
+        "NURTURE_QUEUE": f"nurture-bench-{uuid.uuid4().hex[:8]}",
+        "SECRET_KEY": "bench-secret-key",
+        "BASE_URL": "http://nurture.bench",
+        "POSTAL_ADDRESS": "Course Team, 12 Bench Street, Benchville",
+        "MAIL_FROM": "Course Team <course@nurture.bench>",
+        "DISPATCH_INTERVAL_SECONDS": "1",
+    }
+
+
+SEED = [
+    """INSERT INTO subscribers (id, email, first_name, timezone, status, created_at, confirmed_at)
+       SELECT i, 'reader' || i || '@example.com', 'Reader' || i, 'UTC', 'active', :now, :now
+       FROM generate_series(CAST(:first AS integer), CAST(:last AS integer)) AS i""",
+    """INSERT INTO enrollments (id, subscriber_id, sequence, status, next_step, next_due_at,
+                                started_at, created_at)
+       SELECT i, i, :sequence, 'active', 'welcome', CAST(:now AS timestamptz) - interval '1 minute',
+              :now, :now
+       FROM generate_series(CAST(:first AS integer), CAST(:last AS integer)) AS i""",
+    "SELECT setval(pg_get_serial_sequence('subscribers', 'id'), :last)",
+    "SELECT setval(pg_get_serial_sequence('enrollments', 'id'), :last)",
+]
+
+
+def seed(url: str, first: int, last: int) -> None:
+    """Subscribers first..last, confirmed, whose welcome email is due (as test_chaos.py)."""
+    engine = create_engine(normalize_url(url))
+    with engine.begin() as connection:
+        for statement in SEED:
+            connection.execute(
+                text(statement),
+                {"first": first, "last": last, "now": utcnow(), "sequence": SEQUENCE},
+            )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("ANALYZE"))
+    engine.dispose()
+
+
+def delivery_counts(engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        return dict(
+            connection.execute(text("SELECT status, count(*) FROM deliveries GROUP BY status")).all()
+        )
+
+
+def wait_all_sent(engine, total: int, timeout: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as connection:
+            sent = connection.execute(
+                text("SELECT count(*) FROM deliveries WHERE status = 'sent'")
+            ).scalar()
+        if sent >= total:
+            return delivery_counts(engine)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {sent} of {total} sent after {timeout}s: {delivery_counts(engine)}")
+        time.sleep(0.05)
+
+
+# --- workers -----------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, environ: dict[str, str], name: str, logdir: Path):
+        keep = {k: v for k, v in os.environ.items() if not k.startswith(("NURTURE_", "SMTP_"))}
+        for variable in ("DATABASE_URL", "BROKER_URL"):
+            keep.pop(variable, None)
+        env = {**keep, **environ, "PYTHONUNBUFFERED": "1"}
+        self.name = f"{name}@bench"
+        self.log_path = logdir / f"{name}.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [PYTHON, "-m", "celery", "-A", "worker", "worker", "--hostname", self.name,
+             "--pool", "prefork", "--concurrency", "1", "--without-gossip", "--without-mingle",
+             "--loglevel", "WARNING"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def child(self) -> int | None:
+        out = subprocess.run(
+            ["ps", "--ppid", str(self.process.pid), "-o", "pid="],
+            capture_output=True, text=True, check=False,
+        ).stdout.split()
+        return int(out[0]) if out else None
+
+    def child_rss_kb(self) -> tuple[int | None, int | None]:
+        pid = self.child()
+        if pid is None:
+            return None, None
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return pid, int(line.split()[1])
+        return pid, None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def wait_ready(app, workers: list[Worker], timeout: float = 60) -> None:
+    names = {worker.name for worker in workers}
+    deadline = time.monotonic() + timeout
+    while True:
+        for worker in workers:
+            if worker.process.poll() is not None:
+                raise SystemExit(f"worker {worker.name} exited; see {worker.log_path}")
+        replies = app.control.ping(destination=sorted(names), timeout=1.0)
+        if names <= {name for reply in replies for name in reply}:
+            if all(worker.child() for worker in workers):
+                return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"workers not ready after {timeout}s; see {workers[0].log_path}")
+        time.sleep(0.2)
+
+
+class Service:
+    """A fresh database and broker queue, and the settings every process shares."""
+
+    def __init__(self, sink: Sink):
+        self.url, self.drop = fresh_database()
+        self.tmp = Path(tempfile.mkdtemp(prefix="nurture-bench-"))
+        self.environ = environ_for(self.url, sink, self.tmp / "instance")
+        self.settings = load_settings(self.environ)
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        self.app = make_celery(self.settings)
+        prepare_broker(self.app)
+        self.engine = create_engine(normalize_url(self.url))
+        self.workers: list[Worker] = []
+
+    def start_workers(self, count: int) -> list[Worker]:
+        tag = uuid.uuid4().hex[:6]
+        self.workers = [Worker(self.environ, f"bench{i + 1}-{tag}", self.tmp) for i in range(count)]
+        wait_ready(self.app, self.workers)
+        return self.workers
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.engine.dispose()
+        self.app.close()
+        self.drop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# --- the measurements --------------------------------------------------------------
+
+
+def floor(sink: Sink, data: bytes, sends: int, repeat: int, max_load: float) -> dict:
+    runs = []
+    for _ in range(repeat):
+        load = wait_for_quiet(max_load)
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=30) as smtp:
+            started = time.perf_counter()
+            for i in range(sends):
+                smtp.sendmail("course@nurture.bench", [f"reader{i}@example.com"], data)
+            seconds = time.perf_counter() - started
+        runs.append({"seconds": seconds, "sends_per_s": sends / seconds, "load": load})
+        print(f"  floor: {sends:,} in {seconds:.2f}s = {sends / seconds:,.0f}/s "
+              f"(load {load['load_1min']})", flush=True)
+    return {
+        "sends": sends,
+        "message_bytes": len(data),
+        "runs": runs,
+        "sends_per_s": statistics.median(r["sends_per_s"] for r in runs),
+    }
+
+
+def product(sink: Sink, sends: int, workers: int, repeat: int, max_load: float) -> dict:
+    runs = []
+    for _ in range(repeat):
+        service = Service(sink)
+        try:
+            seed(service.url, 1, sends)
+            service.start_workers(workers)
+            load = wait_for_quiet(max_load)
+            started = time.perf_counter()
+            dispatched = run_dispatch(service.app)
+            dispatch_s = time.perf_counter() - started
+            counts = wait_all_sent(service.engine, sends, timeout=max(120, sends / 5))
+            seconds = time.perf_counter() - started
+        finally:
+            service.close()
+        run = {
+            "seconds": seconds,
+            "dispatch_s": dispatch_s,
+            "sends_per_s": sends / seconds,
+            "dispatch": vars(dispatched),
+            "statuses": counts,
+            "load": load,
+        }
+        runs.append(run)
+        print(f"  product: {sends:,} in {seconds:.2f}s = {sends / seconds:,.0f}/s "
+              f"(dispatch {dispatch_s:.2f}s, {workers} workers, load {load['load_1min']})",
+              flush=True)
+    return {
+        "sends": sends,
+        "workers": workers,
+        "runs": runs,
+        "sends_per_s": statistics.median(r["sends_per_s"] for r in runs),
+    }
+
+
+def memory(sink: Sink, first: int, total: int, chunk: int) -> dict:
+    """One worker process; its prefork child's RSS after `first` sends, then each chunk."""
+    service = Service(sink)
+    samples = []
+    try:
+        (worker,) = service.start_workers(1)
+        pid, rss = worker.child_rss_kb()
+        samples.append({"sent": 0, "pid": pid, "rss_kb": rss, "seconds": 0.0})
+        print(f"  memory: child {pid} RSS {rss / 1024:.1f} MB when ready", flush=True)
+        done = 0
+        started = time.perf_counter()
+        while done < total:
+            size = first if done == 0 else min(chunk, total - done)
+            seed(service.url, done + 1, done + size)
+            chunk_started = time.perf_counter()
+            run_dispatch(service.app)
+            wait_all_sent(service.engine, done + size, timeout=max(300, size / 2))
+            chunk_s = time.perf_counter() - chunk_started
+            done += size
+            time.sleep(1)  # let the child finish its last task's bookkeeping
+            pid, rss = worker.child_rss_kb()
+            samples.append({"sent": done, "pid": pid, "rss_kb": rss, "chunk_s": chunk_s,
+                            "chunk_sends_per_s": size / chunk_s,
+                            "seconds": time.perf_counter() - started})
+            print(f"  memory: {done:,} sent, child {pid} RSS {rss / 1024:.1f} MB "
+                  f"({size / chunk_s:,.0f}/s this chunk)", flush=True)
+    finally:
+        service.close()
+    at_first = next(s for s in samples if s["sent"] == first)
+    last = samples[-1]
+    return {
+        "first": first,
+        "total": total,
+        "chunk": chunk,
+        "samples": samples,
+        "same_child": len({s["pid"] for s in samples}) == 1,
+        "rss_first_mb": at_first["rss_kb"] / 1024,
+        "rss_last_mb": last["rss_kb"] / 1024,
+        "growth_mb": (last["rss_kb"] - at_first["rss_kb"]) / 1024,
+    }
+
+
+PROFILE_GROUPS = {
+    # label: (file suffix, function name) whose cumulative time is reported
+    "claim (UPDATE+COMMIT+SELECT)": ("nurture/delivery.py", "claim"),
+    "_may_send (2 SELECTs)": ("nurture/delivery.py", "_may_send"),
+    "compose (render + MIME)": ("nurture/delivery.py", "compose"),
+    "  Renderer.render": ("nurture/render.py", "render"),
+    "    css_inline.inline": ("~", "inline>"),
+    "    markdown.markdown": ("markdown/core.py", "markdown"),
+    "    jinja compile (from_string/get_template)": ("jinja2/environment.py", "compile"),
+    "  rewrite_links + tokens": ("nurture/render.py", "rewrite_links"),
+    "  build_message": ("nurture/mailer.py", "build_message"),
+    "SMTPConnection.send": ("nurture/mailer.py", "send"),
+    "  wire_bytes (as_bytes)": ("nurture/mailer.py", "wire_bytes"),
+    "  smtplib sendmail": ("smtplib.py", "sendmail"),
+    "_finish (UPDATE+COMMIT)": ("nurture/delivery.py", "_finish"),
+    "_complete_enrollment_if_done (COUNT+UPDATE+COMMIT)": (
+        "nurture/delivery.py", "_complete_enrollment_if_done"),
+    "Composer.__init__ (per batch)": ("nurture/delivery.py", "__init__"),
+    "Session.commit": ("sqlalchemy/orm/session.py", "commit"),
+    "psycopg wait (DB round trips)": ("psycopg/connection.py", "wait"),
+}
+
+
+def profile(sink: Sink, sends: int, batch: int) -> dict:
+    """send_batch in this process: `sends` timed plainly, then `sends` under cProfile."""
+    service = Service(sink)
+    try:
+        seed(service.url, 1, 2 * sends)
+        settings, url = service.settings, service.url
+        sequences = current_sequences(settings.templates_path)
+        ids: list[int] = []
+        with session_scope(url) as session:
+            scheduler.create_due_deliveries(session, settings, sequences, utcnow())
+            scheduler.enqueue_ready(session, settings, utcnow(), ids.extend)
+        ids.sort()
+        plain_ids, profiled_ids = ids[:sends], ids[sends:]
+
+        def run(chunk_ids):
+            for i in range(0, len(chunk_ids), batch):
+                with session_scope(url) as session:
+                    send_batch(session, settings, current_sequences(settings.templates_path),
+                               chunk_ids[i : i + batch])
+
+        started = time.perf_counter()
+        run(plain_ids)
+        plain_s = time.perf_counter() - started
+        profiler = cProfile.Profile()
+        started = time.perf_counter()
+        profiler.runcall(run, profiled_ids)
+        profiled_s = time.perf_counter() - started
+        counts = delivery_counts(service.engine)
+    finally:
+        service.close()
+    stats = pstats.Stats(profiler)
+    groups = {}
+    for label, (suffix, function) in PROFILE_GROUPS.items():
+        calls = cumulative = 0.0
+        for (filename, _line, name), (_cc, nc, _tt, ct, _callers) in stats.stats.items():
+            builtin = suffix == "~" and filename == "~" and function in name
+            if builtin or (name == function and filename.endswith(suffix)):
+                calls += nc
+                cumulative += ct
+        groups[label] = {
+            "calls": int(calls),
+            "ms_per_send": 1000 * cumulative / sends,
+            "share": cumulative / profiled_s,
+        }
+    text_out = io.StringIO()
+    pstats.Stats(profiler, stream=text_out).sort_stats("tottime").print_stats(25)
+    top_tottime = [line for line in text_out.getvalue().splitlines() if line.strip()][:40]
+    text_out = io.StringIO()
+    pstats.Stats(profiler, stream=text_out).sort_stats("cumulative").print_stats(40)
+    top_cumulative = [line for line in text_out.getvalue().splitlines() if line.strip()][:55]
+    return {
+        "sends": sends,
+        "batch": batch,
+        "statuses": counts,
+        "in_process_sends_per_s": sends / plain_s,
+        "profiled_seconds": profiled_s,
+        "groups": groups,
+        "top_tottime": top_tottime,
+        "top_cumulative": top_cumulative,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sends", type=int, default=5000, help="M, for floor and product")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                        help="worker processes for the throughput run (one per core)")
+    parser.add_argument("--repeat", type=int, default=1, help="throughput runs (median)")
+    parser.add_argument("--floor-repeat", type=int, default=3)
+    parser.add_argument("--memory-first", type=int, default=5000)
+    parser.add_argument("--memory-total", type=int, default=50000)
+    parser.add_argument("--memory-chunk", type=int, default=5000)
+    parser.add_argument("--profile-sends", type=int, default=1000)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--max-load", type=float, default=1.0,
+                        help="wait (up to 5 min per run) for the 1-min load to drop below this")
+    parser.add_argument("--output", type=Path, default=RESULTS / "bench_delivery.json")
+    args = parser.parse_args()
+
+    info = machine()
+    sink = Sink()
+    result: dict = {"benchmark": "bench_delivery", "machine": info}
+    try:
+        instance = Path(tempfile.mkdtemp(prefix="nurture-bench-"))
+        preview_settings = load_settings(
+            environ_for("sqlite:///" + str(instance / "unused.db"), sink, instance)
+        )
+        message = preview_message(preview_settings, SEQUENCE, "overlap")
+        data = wire_bytes(message)
+        welcome = wire_bytes(preview_message(preview_settings, SEQUENCE, "welcome"))
+        shutil.rmtree(instance, ignore_errors=True)
+        result["message"] = {"overlap_bytes": len(data), "welcome_bytes": len(welcome)}
+
+        print(f"FLOOR: smtplib, one connection, {args.sends:,} x {len(data):,} bytes", flush=True)
+        result["floor"] = floor(sink, data, args.sends, args.floor_repeat, args.max_load)
+        print(f"PRODUCT: {args.workers} workers, one dispatch, {args.sends:,} due", flush=True)
+        result["product"] = product(sink, args.sends, args.workers, args.repeat, args.max_load)
+        result["ratio"] = result["product"]["sends_per_s"] / result["floor"]["sends_per_s"]
+        result["ratio_goal"] = 0.5
+        result["ratio_goal_met"] = result["ratio"] >= 0.5
+        if not args.skip_memory:
+            print(f"MEMORY: one worker, {args.memory_first:,} then up to "
+                  f"{args.memory_total:,} sends", flush=True)
+            wait_for_quiet(args.max_load)
+            mem = memory(sink, args.memory_first, args.memory_total, args.memory_chunk)
+            mem["goal_mb"] = 30
+            mem["goal_met"] = mem["growth_mb"] < 30
+            result["memory"] = mem
+        if not args.skip_profile:
+            print(f"PROFILE: send_batch in-process, {args.profile_sends:,} sends", flush=True)
+            wait_for_quiet(args.max_load)
+            result["profile"] = profile(sink, args.profile_sends, 50)
+    finally:
+        sink.stop()
+    result["finished_at"] = utcnow().isoformat(timespec="seconds")
+    result["load_at_end"] = os.getloadavg()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2, default=str))
+
+    print()
+    print(f"{'path':<34} {'sends':>7} {'sends/s':>9} {'ratio':>6}")
+    floor_rate = result["floor"]["sends_per_s"]
+    print(f"{'floor (smtplib, 1 connection)':<34} {args.sends:>7,} {floor_rate:>9,.0f} {1:>6.2f}")
+    prod = result["product"]
+    label = f"product ({prod['workers']} workers)"
+    print(f"{label:<34} {args.sends:>7,} {prod['sends_per_s']:>9,.0f} {result['ratio']:>6.3f}")
+    if "profile" in result:
+        rate = result["profile"]["in_process_sends_per_s"]
+        print(f"{'send_batch in-process (1 proc)':<34} {args.profile_sends:>7,} "
+              f"{rate:>9,.0f} {rate / floor_rate:>6.3f}")
+    print(f"product/floor = {result['ratio']:.3f} "
+          f"(goal >= 0.5: {'met' if result['ratio_goal_met'] else 'MISSED'})")
+    if "memory" in result:
+        mem = result["memory"]
+        print(f"worker child RSS: {mem['rss_first_mb']:.1f} MB after {mem['first']:,}, "
+              f"{mem['rss_last_mb']:.1f} MB after {mem['total']:,}: growth "
+              f"{mem['growth_mb']:+.1f} MB (goal < 30 MB: {'met' if mem['goal_met'] else 'MISSED'})")
+    if "profile" in result:
+        print("send_batch profile (ms per send, cumulative):")
+        for label, group in result["profile"]["groups"].items():
+            print(f"  {label:<52} {group['ms_per_send']:>7.2f}  {group['share']:>5.0%}")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,447 @@
+#!/usr/bin/env python
+"""Due-scan cost grows with what is due, not with the size of the list.
+
+For each list size N (default 100,000 then 1,000,000) a fresh PostgreSQL
+database is made and seeded server-side with N active enrollments, of which
+DUE (default 10,000) are due now, spread evenly over the table, and the rest
+due in the next week. The timed part is what one dispatch tick does with them:
+`scheduler.create_due_deliveries` (claim the due steps, write their deliveries,
+move each enrollment on) and `scheduler.enqueue_ready` with a no-op publish
+(mark them handed over, collect the ids). Between repetitions the same DUE
+enrollments are made due again and the table is vacuumed.
+
+Figures are ratios against the smallest N, measured in the same run:
+t(N)/t(N0), goal <= 1.5. Claims per second are compared with the delivery
+rate in benchmarks/results/bench_delivery.json when that file exists (goal:
+claiming >= 10x faster than delivering). An idle tick (nothing due) is timed
+too, and EXPLAIN (ANALYZE, BUFFERS) of the due-batch query, captured from the
+real `_due_batch` call, goes into the JSON.
+
+    .venv/bin/python benchmarks/bench_dispatch.py                 # 100k and 1M
+    .venv/bin/python benchmarks/bench_dispatch.py --sizes 100000 300000 --repeat 5
+    .venv/bin/python benchmarks/bench_dispatch.py --history       # + one sent delivery
+                                                                  #   per future enrollment
+
+Writes benchmarks/results/bench_dispatch.json. Needs PostgreSQL at
+127.0.0.1:5432 (override with BENCH_POSTGRES_URL); each database it creates is
+dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import create_engine, event, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from nurture import migrate, scheduler  # noqa: E402
+from nurture.config import load_settings  # noqa: E402
+from nurture.db import dispose_all, get_engine, normalize_url, session_scope  # noqa: E402
+from nurture.models import utcnow  # noqa: E402
+from nurture.sequences import current_sequences  # noqa: E402
+
+BASE_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+RESULTS = ROOT / "benchmarks" / "results"
+SEQUENCE = "product-vs-project"
+
+
+# --- machine and load ------------------------------------------------------------
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model or platform.processor(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "load_at_start": os.getloadavg(),
+    }
+
+
+def wait_for_quiet(max_load: float, timeout: float) -> dict:
+    """Wait until the 1-minute load average is below `max_load` (or give up)."""
+    started = time.monotonic()
+    load = os.getloadavg()[0]
+    while load >= max_load and time.monotonic() - started < timeout:
+        print(f"  load {load:.2f} >= {max_load}; waiting…", flush=True)
+        time.sleep(15)
+        load = os.getloadavg()[0]
+    return {
+        "load_1min": round(load, 2),
+        "quiet": load < max_load,
+        "waited_s": round(time.monotonic() - started, 1),
+    }
+
+
+# --- databases ---------------------------------------------------------------------
+
+
+def fresh_database() -> tuple[str, callable]:
+    name = f"nurture_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(normalize_url(BASE_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(normalize_url(BASE_URL)).set(database=name).render_as_string(False)
+
+    def drop() -> None:
+        dispose_all()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    return url, drop
+
+
+def vacuum_analyze(url: str) -> None:
+    engine = create_engine(normalize_url(url), isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text("VACUUM ANALYZE"))
+    engine.dispose()
+
+
+SEED_SUBSCRIBERS = """
+INSERT INTO subscribers (id, email, first_name, timezone, status, created_at, confirmed_at)
+SELECT i, 'reader' || i || '@example.com', 'Reader' || i, 'UTC', 'active', :now, :now
+FROM generate_series(1, :n) AS i
+"""
+
+# Every `stride`-th enrollment is due (up to a minute ago); the rest are due over
+# the coming week, so the due ones are spread through the heap and the index.
+SEED_ENROLLMENTS = """
+INSERT INTO enrollments (id, subscriber_id, sequence, status, next_step, next_due_at,
+                         started_at, created_at)
+SELECT i, i, :sequence, 'active',
+       CASE WHEN i % :stride = 0 THEN 'welcome' ELSE 'product-manager' END,
+       CASE WHEN i % :stride = 0 THEN CAST(:now AS timestamptz) - (i % 60) * interval '1 second'
+            ELSE CAST(:now AS timestamptz) + interval '1 hour' + (i % 604800) * interval '1 second'
+       END,
+       :now, :now
+FROM generate_series(1, :n) AS i
+"""
+
+# Optional history: the not-yet-due enrollments already had their welcome email,
+# so the deliveries table is as large as the list (closer to a list in production).
+SEED_HISTORY = """
+INSERT INTO deliveries (subscriber_id, enrollment_id, sequence, step, status, message_id,
+                        attempts, not_before, enqueued_at, created_at, sent_at)
+SELECT i, i, :sequence, 'welcome', 'sent', 'h' || i || '@bench', 1,
+       CAST(:now AS timestamptz) - interval '1 day', CAST(:now AS timestamptz) - interval '1 day',
+       CAST(:now AS timestamptz) - interval '1 day', CAST(:now AS timestamptz) - interval '1 day'
+FROM generate_series(1, :n) AS i WHERE i % :stride <> 0
+"""
+
+RESET = [
+    "DELETE FROM deliveries WHERE enrollment_id % :stride = 0",
+    """UPDATE enrollments SET next_step = 'welcome',
+              next_due_at = CAST(:now AS timestamptz) - (id % 60) * interval '1 second'
+       WHERE id % :stride = 0""",
+]
+
+
+def seed(url: str, n: int, due: int, now, history: bool) -> dict:
+    stride = n // due
+    params = {"n": n, "stride": stride, "now": now, "sequence": SEQUENCE}
+    started = time.perf_counter()
+    engine = create_engine(normalize_url(url))
+    with engine.begin() as connection:
+        connection.execute(text(SEED_SUBSCRIBERS), params)
+        connection.execute(text(SEED_ENROLLMENTS), params)
+        if history:
+            connection.execute(text(SEED_HISTORY), params)
+        for table in ("subscribers", "enrollments", "deliveries"):
+            connection.execute(
+                text(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"(SELECT coalesce(max(id), 0) + 1 FROM {table}))"
+                )
+            )
+        counted = connection.execute(
+            text("SELECT count(*) FILTER (WHERE next_due_at <= :now), count(*) FROM enrollments"),
+            params,
+        ).one()
+        sizes = dict(
+            connection.execute(
+                text(
+                    "SELECT relname, pg_total_relation_size(oid) FROM pg_class "
+                    "WHERE relname IN ('subscribers', 'enrollments', 'deliveries')"
+                )
+            ).all()
+        )
+    engine.dispose()
+    vacuum_analyze(url)
+    return {
+        "seconds": round(time.perf_counter() - started, 2),
+        "due": counted[0],
+        "enrollments": counted[1],
+        "stride": stride,
+        "table_mb": {k: round(v / 2**20, 1) for k, v in sizes.items()},
+    }
+
+
+def reset(url: str, n: int, due: int, now) -> None:
+    engine = create_engine(normalize_url(url))
+    with engine.begin() as connection:
+        for statement in RESET:
+            connection.execute(text(statement), {"stride": n // due, "now": now})
+    engine.dispose()
+    vacuum_analyze(url)
+
+
+# --- the timed tick ----------------------------------------------------------------
+
+
+class Recorder:
+    """Counts statements and keeps the first due-batch query with its parameters."""
+
+    def __init__(self, engine):
+        self.count = 0
+        self.due_batch: tuple[str, dict] | None = None
+        event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, _conn, _cursor, statement, parameters, _context, _executemany):
+        self.count += 1
+        if (
+            self.due_batch is None
+            and "FROM enrollments JOIN subscribers" in statement
+            and "FOR UPDATE" in statement
+        ):
+            self.due_batch = (statement, dict(parameters))
+
+
+def tick(url: str, settings, sequences, now, recorder: Recorder) -> dict:
+    published: list[int] = []
+    recorder.count = 0
+    with session_scope(url) as session:
+        started = time.perf_counter()
+        created = scheduler.create_due_deliveries(session, settings, sequences, now)
+        claimed = time.perf_counter()
+        enqueued, failed = scheduler.enqueue_ready(session, settings, now, published.extend)
+        done = time.perf_counter()
+    return {
+        "created": created,
+        "enqueued": enqueued,
+        "published": len(published),
+        "publish_failed": failed,
+        "create_s": claimed - started,
+        "enqueue_s": done - claimed,
+        "total_s": done - started,
+        "statements": recorder.count,
+    }
+
+
+def explain(url: str, captured: tuple[str, dict] | None) -> list[str]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the due-batch query, in a transaction rolled back."""
+    if captured is None:
+        return ["(due-batch query was not captured)"]
+    statement, parameters = captured
+    engine = create_engine(normalize_url(url))
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            "EXPLAIN (ANALYZE, BUFFERS, VERBOSE OFF) " + statement, parameters
+        ).all()
+        connection.rollback()
+    engine.dispose()
+    return [row[0] for row in rows]
+
+
+def indexes_used(plan: list[str]) -> list[str]:
+    used = []
+    for line in plan:
+        if " using " in line and ("Index" in line or "Bitmap" in line):
+            used.append(line.strip().lstrip("-> ").split("  (")[0])
+    return used
+
+
+def run_size(n: int, due: int, repeat: int, history: bool, max_load: float) -> dict:
+    url, drop = fresh_database()
+    try:
+        migrate.upgrade(url)
+        instance = Path(tempfile.mkdtemp(prefix="nurture-bench-"))
+        settings = load_settings(
+            {
+                "NURTURE_INSTANCE": str(instance),
+                "DATABASE_URL": url,
+                "SECRET_KEY": "bench",
+                "POSTAL_ADDRESS": "Course Team, 1 Bench Street, Benchville",
+                "BASE_URL": "http://nurture.bench",
+            }
+        )
+        sequences = current_sequences(settings.templates_path)
+        now = utcnow().replace(microsecond=0)
+        print(f"N={n:,}: seeding…", flush=True)
+        seeded = seed(url, n, due, now - timedelta(seconds=1), history)
+        print(f"  seeded in {seeded['seconds']}s ({seeded['due']:,} due); {seeded['table_mb']}")
+        recorder = Recorder(get_engine(url))
+
+        # The plan of the first due batch, on the same data the timed runs see.
+        with session_scope(url) as session:
+            scheduler._due_batch(session, now, settings.batch_size)
+            session.rollback()
+        plan_due = explain(url, recorder.due_batch)
+
+        runs = []
+        for attempt in range(repeat):
+            load = wait_for_quiet(max_load, timeout=300)
+            result = tick(url, settings, sequences, now, recorder)
+            result["load"] = load
+            runs.append(result)
+            print(
+                f"  run {attempt + 1}: {result['total_s']:.2f}s "
+                f"(create {result['create_s']:.2f}s, enqueue {result['enqueue_s']:.2f}s, "
+                f"{result['created']:,} created, {result['statements']:,} statements, "
+                f"load {load['load_1min']})",
+                flush=True,
+            )
+            if result["created"] != due or result["published"] != due:
+                raise SystemExit(f"expected {due} due steps, got {result}")
+            idle = tick(url, settings, sequences, now, recorder)  # nothing due any more
+            result["idle_tick_s"] = idle["total_s"]
+            result["idle_statements"] = idle["statements"]
+            plan_idle = explain(url, recorder.due_batch)
+            if attempt + 1 < repeat:
+                reset(url, n, due, now - timedelta(seconds=1))
+        dispose_all()
+    finally:
+        drop()
+    totals = [r["total_s"] for r in runs]
+    median = statistics.median(totals)
+    return {
+        "n": n,
+        "due": due,
+        "seed": seeded,
+        "runs": runs,
+        "median_s": median,
+        "min_s": min(totals),
+        "claims_per_s": due / median,
+        "statements_per_claim": runs[-1]["statements"] / due,
+        "idle_tick_median_s": statistics.median(r["idle_tick_s"] for r in runs),
+        "due_batch_sql": recorder.due_batch[0] if recorder.due_batch else None,
+        "explain_first_batch": plan_due,
+        "explain_nothing_due": plan_idle,
+        "indexes_used": indexes_used(plan_due),
+    }
+
+
+def delivery_rate() -> tuple[float | None, str]:
+    path = RESULTS / "bench_delivery.json"
+    if not path.exists():
+        return None, f"{path.relative_to(ROOT)} not found: run benchmarks/bench_delivery.py first"
+    data = json.loads(path.read_text())
+    rate = data.get("product", {}).get("sends_per_s")
+    return rate, f"product sends/s from {path.relative_to(ROOT)} ({data.get('finished_at', '?')})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--due", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="also seed one sent delivery per not-yet-due enrollment",
+    )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=1.0,
+        help="wait (up to 5 min per run) for the 1-min load to drop below this",
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS / "bench_dispatch.json")
+    args = parser.parse_args()
+
+    info = machine()
+    info["postgres"] = None
+    engine = create_engine(normalize_url(BASE_URL))
+    with engine.connect() as connection:
+        info["postgres"] = connection.exec_driver_sql("SHOW server_version").scalar()
+        info["postgres_settings"] = dict(
+            connection.exec_driver_sql(
+                "SELECT name, setting FROM pg_settings WHERE name IN "
+                "('shared_buffers', 'synchronous_commit', 'jit', 'work_mem', 'random_page_cost')"
+            ).all()
+        )
+    engine.dispose()
+
+    sizes = [run_size(n, args.due, args.repeat, args.history, args.max_load) for n in args.sizes]
+    base = sizes[0]
+    for size in sizes:
+        size["ratio_vs_smallest"] = size["median_s"] / base["median_s"]
+        size["idle_ratio_vs_smallest"] = size["idle_tick_median_s"] / base["idle_tick_median_s"]
+    rate, rate_note = delivery_rate()
+    largest = sizes[-1]
+    result = {
+        "benchmark": "bench_dispatch",
+        "finished_at": utcnow().isoformat(timespec="seconds"),
+        "machine": info,
+        "load_at_end": os.getloadavg(),
+        "parameters": {
+            "due": args.due,
+            "repeat": args.repeat,
+            "history": args.history,
+            "batch_size": 50,
+        },
+        "sizes": sizes,
+        "ratio_largest_vs_smallest": largest["ratio_vs_smallest"],
+        "ratio_goal": 1.5,
+        "ratio_goal_met": largest["ratio_vs_smallest"] <= 1.5,
+        "delivery_sends_per_s": rate,
+        "delivery_note": rate_note,
+        "claims_vs_delivery": (largest["claims_per_s"] / rate) if rate else None,
+        "claims_vs_delivery_goal": 10.0,
+        "claims_vs_delivery_goal_met": (largest["claims_per_s"] / rate >= 10) if rate else None,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2, default=str))
+
+    print()
+    print(
+        f"{'N':>10} {'due':>7} {'median s':>9} {'min s':>7} {'claims/s':>9} "
+        f"{'stmts/claim':>11} {'idle tick s':>11} {'ratio':>6}"
+    )
+    for size in sizes:
+        print(
+            f"{size['n']:>10,} {size['due']:>7,} {size['median_s']:>9.2f} {size['min_s']:>7.2f} "
+            f"{size['claims_per_s']:>9,.0f} {size['statements_per_claim']:>11.2f} "
+            f"{size['idle_tick_median_s']:>11.4f} {size['ratio_vs_smallest']:>6.2f}"
+        )
+    met = "met" if result["ratio_goal_met"] else "MISSED"
+    print(
+        f"t({largest['n']:,}) / t({base['n']:,}) = {largest['ratio_vs_smallest']:.2f} "
+        f"(goal <= 1.5: {met})"
+    )
+    print(f"due-batch indexes: {', '.join(largest['indexes_used']) or 'none (seq scan?)'}")
+    if rate:
+        ok = "met" if result["claims_vs_delivery_goal_met"] else "MISSED"
+        print(
+            f"claims/s vs delivery {rate:,.0f} sends/s: {result['claims_vs_delivery']:.1f}x "
+            f"(goal >= 10x: {ok})"
+        )
+    else:
+        print(f"claims/s vs delivery: {rate_note}")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

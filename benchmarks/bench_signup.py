@@ -1,0 +1,647 @@
+"""Signup API throughput and latency under gunicorn + PostgreSQL, as a ratio against GET /.
+
+Run: `.venv/bin/python benchmarks/bench_signup.py` (about a minute on 2 cores).
+
+Creates a fresh PostgreSQL database, migrates it (`nurture db upgrade`),
+starts `gunicorn web:app --workers 4 --threads 1` on a free port, and drives it
+with 16 client threads, each on its own `http.client` connection (kept alive
+where the server allows; gunicorn's sync worker closes after every response, so
+the client reconnects, and that cost is the same for every endpoint). Measured,
+in interleaved rounds after a warm-up:
+
+* `POST /api/v1/subscribers` with a unique address each time (JSON body);
+* `GET /` (the signup page: same server, same client, no database), the baseline;
+* `GET /healthz` (database + broker + held-template checks), and its latency
+  from one client polling alone.
+
+Goals: rps(POST) / rps(GET /) >= 0.5, p99(POST) at 16 clients < 50 ms. If one
+is missed (or with --profile), the POST path is profiled in-process (Flask test client, cProfile,
+the same database) and its stages are timed.
+
+Results: a table on stdout and benchmarks/results/bench_signup.json. The
+database is dropped and the broker queue deleted at the end.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import http.client
+import json
+import os
+import platform
+import pstats
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+
+ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+BROKER_URL = "redis://127.0.0.1:6379/13"
+QUEUE = "bench-signup"
+CLIENTS = 16
+WORKERS = 4
+ROUNDS = 3
+PER_ROUND = 500  # per endpoint per round: 1,500 requests per endpoint in all
+WARMUP = 96  # per endpoint, before measuring
+SOLO_HEALTHZ = 200  # one client polling /healthz alone
+PROFILE_POSTS = 200
+GOAL_RATIO = 0.5
+GOAL_P99_MS = 50.0
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip())
+    except (OSError, ValueError):
+        nproc = os.cpu_count()
+    return {
+        "nproc": nproc,
+        "cpu_model": model,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+# --- the client -------------------------------------------------------------------------
+
+
+class Client:
+    """One keep-alive connection; reconnects when the server closed it."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.connects = 0
+        self.retries = 0
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> int:
+        headers = {"User-Agent": "bench-signup"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in (1, 2):
+            try:
+                if self.conn.sock is None:
+                    self.connects += 1
+                self.conn.request(method, path, body=body, headers=headers)
+                response = self.conn.getresponse()
+                response.read()
+                return response.status
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # A kept-alive connection the server closed while we were idle.
+                self.conn.close()
+                if attempt == 2:
+                    raise
+                self.retries += 1
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    method: str
+    path: str
+    expect: int
+    body: Callable[[str, int, int], bytes] | None = None
+
+
+def run_load(clients: list[Client], endpoint: Endpoint, total: int, tag: str) -> dict:
+    """`total` requests spread over the clients at once; wall time, latencies, statuses."""
+    per_client = [
+        total // len(clients) + (1 if i < total % len(clients) else 0) for i in range(len(clients))
+    ]
+    latencies: list[list[float]] = [[] for _ in clients]
+    bad: list[dict[int, int]] = [{} for _ in clients]
+    errors: list[str] = []
+    barrier = threading.Barrier(len(clients) + 1)
+    before = [(c.connects, c.retries) for c in clients]
+
+    def work(index: int) -> None:
+        client, mine = clients[index], latencies[index]
+        barrier.wait()
+        try:
+            for n in range(per_client[index]):
+                body = endpoint.body(tag, index, n) if endpoint.body else None
+                started = time.perf_counter()
+                status = client.request(endpoint.method, endpoint.path, body)
+                mine.append(time.perf_counter() - started)
+                if status != endpoint.expect:
+                    bad[index][status] = bad[index].get(status, 0) + 1
+        except Exception as error:  # counted and reported, the run goes on
+            errors.append(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    statuses: dict[str, int] = {}
+    for per in bad:
+        for status, count in per.items():
+            statuses[str(status)] = statuses.get(str(status), 0) + count
+    done = sum(len(x) for x in latencies)
+    return {
+        "requests": done,
+        "wall_s": wall,
+        "rps": done / wall if wall else 0.0,
+        "latencies_s": [v for per in latencies for v in per],
+        "unexpected_status": statuses,
+        "errors": errors,
+        "connects": sum(c.connects for c in clients) - sum(b[0] for b in before),
+        "retries": sum(c.retries for c in clients) - sum(b[1] for b in before),
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    latencies = sorted(v for run in runs for v in run["latencies_s"])
+    requests = sum(run["requests"] for run in runs)
+    wall = sum(run["wall_s"] for run in runs)
+    ms = [v * 1000 for v in latencies]
+    return {
+        "requests": requests,
+        "wall_s": wall,
+        "rps": requests / wall if wall else 0.0,
+        "p50_ms": percentile(ms, 50),
+        "p90_ms": percentile(ms, 90),
+        "p99_ms": percentile(ms, 99),
+        "max_ms": ms[-1] if ms else float("nan"),
+        "mean_ms": statistics.fmean(ms) if ms else float("nan"),
+        "connects": sum(run["connects"] for run in runs),
+        "retries": sum(run["retries"] for run in runs),
+        "unexpected_status": _merge(run["unexpected_status"] for run in runs),
+        "errors": [e for run in runs for e in run["errors"]][:10],
+        "rounds_rps": [run["rps"] for run in runs],
+    }
+
+
+def _merge(dicts) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for d in dicts:
+        for key, value in d.items():
+            merged[key] = merged.get(key, 0) + value
+    return merged
+
+
+# --- the server --------------------------------------------------------------------------
+
+
+def create_database(name: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+
+
+def drop_database(name: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+def clean_broker() -> int:
+    """Delete this benchmark's queue (nothing consumes it) from the broker."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(BROKER_URL)
+        keys = [k for k in client.scan_iter(match=f"*{QUEUE}*")]
+        if keys:
+            client.delete(*keys)
+        client.close()
+        return len(keys)
+    except Exception:
+        return -1
+
+
+def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {process.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            if response.status == 200:
+                return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("gunicorn did not answer /healthz in time")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- profiling one worker's POST path ---------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self, name: str, func):
+        self.totals.setdefault(name, 0.0)
+        self.calls.setdefault(name, 0)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.totals[name] += time.perf_counter() - started
+                self.calls[name] += 1
+
+        return timed
+
+
+def profile_post(env: dict[str, str], tag: str) -> dict:
+    """The POST path in this process (Flask test client), against the same database.
+
+    Three passes: unprofiled with stage timers and SQL counters, cProfile, and
+    GET / for comparison.
+    """
+    from sqlalchemy import event
+
+    import nurture.app as app_module
+    import nurture.signup as signup_module
+    import nurture.subscribers as subscribers_module
+    from nurture.app import create_app
+    from nurture.config import load_settings
+    from nurture.db import dispose_all, get_engine
+
+    settings = load_settings(env)
+    app = create_app(settings)
+    client = app.test_client()
+
+    def post(i: int) -> int:
+        response = client.post(
+            "/api/v1/subscribers",
+            json={"email": f"prof-{tag}-{i}@example.com", "first_name": "Pat"},
+            headers={"User-Agent": "bench-signup"},
+        )
+        return response.status_code
+
+    for i in range(30):  # warm-up: pools, broker connection, templates
+        post(i)
+        client.get("/")
+
+    engine = get_engine(settings.database_url)
+    sql = {"statements": 0, "execute_s": 0.0, "commits": 0}
+    starts: dict[int, float] = {}
+
+    def before(conn, cursor, statement, params, context, executemany):
+        starts[id(cursor)] = time.perf_counter()
+
+    def after(conn, cursor, statement, params, context, executemany):
+        sql["statements"] += 1
+        sql["execute_s"] += time.perf_counter() - starts.pop(id(cursor), time.perf_counter())
+
+    def on_commit(conn):
+        sql["commits"] += 1
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "after_cursor_execute", after)
+    event.listen(engine, "commit", on_commit)
+
+    clock = _Clock()
+    saved = [
+        (subscribers_module, "validate_signup"),
+        (subscribers_module, "signup"),
+        (signup_module.scheduler, "hand_over"),
+        (signup_module, "publisher"),
+        (app_module, "current_sequences"),
+    ]
+    originals = {(m, a): getattr(m, a) for m, a in saved}
+    subscribers_module.validate_signup = clock.wrap(
+        "validate_signup (email_validator etc.)", originals[(subscribers_module, "validate_signup")]
+    )
+    subscribers_module.signup = clock.wrap(
+        "subscribers.signup (queries, inserts, flushes)", originals[(subscribers_module, "signup")]
+    )
+    signup_module.scheduler.hand_over = clock.wrap(
+        "scheduler.hand_over (UPDATE, commit, publish)",
+        originals[(signup_module.scheduler, "hand_over")],
+    )
+    original_publisher = originals[(signup_module, "publisher")]
+    signup_module.publisher = lambda celery: clock.wrap(
+        "  publish to broker (Celery send_task)", original_publisher(celery)
+    )
+    app_module.current_sequences = clock.wrap(
+        "current_sequences (glob + stat manifests)", originals[(app_module, "current_sequences")]
+    )
+    try:
+        started = time.perf_counter()
+        statuses: dict[int, int] = {}
+        for i in range(PROFILE_POSTS):
+            status = post(1000 + i)
+            statuses[status] = statuses.get(status, 0) + 1
+        total = time.perf_counter() - started
+    finally:
+        for (module, attr), value in originals.items():
+            setattr(module, attr, value)
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "after_cursor_execute", after)
+        event.remove(engine, "commit", on_commit)
+
+    per = PROFILE_POSTS
+    stages = {"whole request (test client)": 1000 * total / per}
+    stages.update({name: 1000 * value / per for name, value in clock.totals.items()})
+    stages["SQL: time in cursor.execute"] = 1000 * sql["execute_s"] / per
+    calls = {name: count / per for name, count in clock.calls.items()}
+
+    started = time.perf_counter()
+    for _ in range(PROFILE_POSTS):
+        client.get("/")
+    get_ms = 1000 * (time.perf_counter() - started) / PROFILE_POSTS
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(PROFILE_POSTS):
+        post(5000 + i)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():
+        if filename == __file__ or func.startswith("<method 'disable'"):
+            continue
+        rows.append((cumtime, tottime, ncalls, f"{_short(filename)}:{line}({func})"))
+
+    def top(key: int, n: int = 15) -> list[dict]:
+        ranked = sorted(rows, key=lambda r: r[key], reverse=True)[:n]
+        return [
+            {
+                "function": name,
+                "calls_per_request": round(nc / per, 2),
+                "cum_ms_per_request": round(1000 * cum / per, 3),
+                "tot_ms_per_request": round(1000 * tot / per, 3),
+            }
+            for cum, tot, nc, name in ranked
+        ]
+
+    dispose_all()
+    return {
+        "requests": per,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "stages_ms_per_request": stages,
+        "stage_calls_per_request": calls,
+        "sql_statements_per_request": sql["statements"] / per,
+        "sql_commits_per_request": sql["commits"] / per,
+        "get_index_ms_per_request_in_process": get_ms,
+        "cprofile_top_cumulative": top(0),
+        "cprofile_top_tottime": top(1),
+    }
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages" + os.sep, str(ROOT) + os.sep):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def main() -> int:
+    info = machine()
+    run_id = uuid.uuid4().hex[:8]
+    database = f"bench_signup_{run_id}"
+    instance = tempfile.mkdtemp(prefix="bench-signup-")
+    database_url = f"postgresql://postgres@127.0.0.1:5432/{database}"
+    env = {
+        "DATABASE_URL": database_url,
+        "BROKER_URL": BROKER_URL,
+        "NURTURE_QUEUE": QUEUE,
+        "SECRET_KEY": "bench",
+        "POSTAL_ADDRESS": "x",
+        "NURTURE_INSTANCE": instance,
+        "SIGNUP_RATE_LIMIT": "1000000 per minute",
+    }
+    process_env = {**os.environ, **env}
+    port = free_port()
+    create_database(database)
+    server = None
+    log_path = Path(instance) / "gunicorn.log"
+    try:
+        subprocess.run(
+            [str(BIN / "nurture"), "db", "upgrade"],
+            cwd=ROOT,
+            env=process_env,
+            check=True,
+            capture_output=True,
+        )
+        with log_path.open("w") as log:
+            server = subprocess.Popen(
+                [
+                    str(BIN / "gunicorn"),
+                    "web:app",
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "--workers",
+                    str(WORKERS),
+                    "--threads",
+                    "1",
+                ],
+                cwd=ROOT,
+                env=process_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        boot_s = wait_healthy(port, server)
+
+        def signup_body(tag: str, index: int, n: int) -> bytes:
+            email = f"b{run_id}-{tag}-{index}-{n}@example.com"
+            return json.dumps({"email": email, "first_name": "Pat"}).encode()
+
+        endpoints = [
+            Endpoint("GET /", "GET", "/", 200),
+            Endpoint("POST /api/v1/subscribers", "POST", "/api/v1/subscribers", 202, signup_body),
+            Endpoint("GET /healthz", "GET", "/healthz", 200),
+        ]
+        clients = [Client(port) for _ in range(CLIENTS)]
+        for endpoint in endpoints:
+            run_load(clients, endpoint, WARMUP, "warm")
+        runs: dict[str, list[dict]] = {e.name: [] for e in endpoints}
+        for round_number in range(ROUNDS):
+            for endpoint in endpoints:
+                runs[endpoint.name].append(
+                    run_load(clients, endpoint, PER_ROUND, f"r{round_number}")
+                )
+        for client in clients:
+            client.close()
+
+        solo = [Client(port)]
+        solo_run = run_load(solo, endpoints[2], SOLO_HEALTHZ, "solo")
+        solo[0].close()
+        server_ok = server.poll() is None
+    finally:
+        if server is not None:
+            stop(server)
+
+    summary = {name: summarize(r) for name, r in runs.items()}
+    post, index, health = (
+        summary["POST /api/v1/subscribers"],
+        summary["GET /"],
+        summary["GET /healthz"],
+    )
+    solo_summary = summarize([solo_run])
+    ratio = post["rps"] / index["rps"]
+    round_ratios = [
+        p["rps"] / g["rps"]
+        for p, g in zip(runs["POST /api/v1/subscribers"], runs["GET /"], strict=True)
+    ]
+    goals = {
+        "ratio_post_over_get": {"value": ratio, "goal": f">= {GOAL_RATIO}"},
+        "p99_post_ms": {"value": post["p99_ms"], "goal": f"< {GOAL_P99_MS}"},
+    }
+    goals["ratio_post_over_get"]["met"] = ratio >= GOAL_RATIO
+    goals["p99_post_ms"]["met"] = post["p99_ms"] < GOAL_P99_MS
+
+    profile = None
+    try:
+        if "--profile" in sys.argv or not all(g["met"] for g in goals.values()):
+            profile = profile_post(env, run_id)
+    finally:
+        drop_database(database)
+        removed_keys = clean_broker()
+        shutil.rmtree(instance, ignore_errors=True)
+
+    info["loadavg_end"] = os.getloadavg()
+    result = {
+        "benchmark": "bench_signup",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": info,
+        "method": {
+            "server": f"gunicorn web:app --workers {WORKERS} --threads 1 (sync), PostgreSQL "
+            f"{database} (fresh, dropped), broker {BROKER_URL} queue {QUEUE}",
+            "client": f"{CLIENTS} threads, http.client, one connection each (reconnecting "
+            "when the server closes it)",
+            "requests_per_endpoint": ROUNDS * PER_ROUND,
+            "rounds": ROUNDS,
+            "warmup_per_endpoint": WARMUP,
+            "baseline": "GET / (signup page) on the same server and client",
+            "server_boot_s": boot_s,
+            "server_alive_at_end": server_ok,
+        },
+        "results": {
+            "post": post,
+            "get_index": index,
+            "healthz": health,
+            "healthz_solo_client": solo_summary,
+            "ratio_rps_post_over_get_index": ratio,
+            "round_ratios_post_over_get_index": round_ratios,
+            "ratio_rps_healthz_over_get_index": health["rps"] / index["rps"],
+            "healthz_polled_1hz_share_of_capacity": 1 / health["rps"] if health["rps"] else None,
+        },
+        "goals": goals,
+        "profile_post_in_process": profile,
+        "cleanup": {"database_dropped": database, "broker_keys_deleted": removed_keys},
+    }
+    out = ROOT / "benchmarks" / "results" / "bench_signup.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(
+        f"machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, "
+        f"load {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}"
+    )
+    print(f"gunicorn {WORKERS} sync workers, {CLIENTS} clients, {ROUNDS * PER_ROUND} requests each")
+    print(f"\n{'endpoint':<28}{'rps':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'bad':>6}")
+    for name, row in (
+        ("GET / (baseline)", index),
+        ("POST /api/v1/subscribers", post),
+        ("GET /healthz", health),
+        ("GET /healthz (1 client)", solo_summary),
+    ):
+        bad = sum(row["unexpected_status"].values()) + len(row["errors"])
+        print(
+            f"{name:<28}{row['rps']:>8.0f}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}"
+            f"{row['max_ms']:>9.1f}{bad:>6}"
+        )
+    for name, goal in goals.items():
+        print(
+            f"{name}: {goal['value']:.3f} (goal {goal['goal']}): "
+            f"{'met' if goal['met'] else 'MISSED'}"
+        )
+    print(
+        f"healthz polled every second uses {100 / health['rps']:.2f}% of the server's "
+        f"healthz capacity ({health['rps']:.0f}/s)"
+    )
+    if profile:
+        print(f"\nPOST in-process ({profile['requests']} requests), wall ms per request:")
+        for name, ms in profile["stages_ms_per_request"].items():
+            print(f"  {name:<50}{ms:>8.3f}")
+        print(
+            f"  SQL statements per request {profile['sql_statements_per_request']:.1f}, "
+            f"commits {profile['sql_commits_per_request']:.1f}; "
+            f"GET / in-process {profile['get_index_ms_per_request_in_process']:.3f} ms"
+        )
+        print("  cProfile top 10 by own time:")
+        for row in profile["cprofile_top_tottime"][:10]:
+            print(
+                f"    {row['tot_ms_per_request']:>7.3f} ms {row['calls_per_request']:>6.1f}x  "
+                f"{row['function']}"
+            )
+    print(f"written: {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
