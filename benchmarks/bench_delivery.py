@@ -92,6 +92,21 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "load_at_start": os.getloadavg(),
+        "code": code_state(),
+    }
+
+
+def code_state() -> dict:
+    """The commit measured, and product files that differed from it (others edit too)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "modified": git("status", "--porcelain", "--", "nurture", "worker.py").splitlines(),
     }
 
 
@@ -438,8 +453,10 @@ PROFILE_GROUPS = {
     "compose (render + MIME)": ("nurture/delivery.py", "compose"),
     "  Renderer.render": ("nurture/render.py", "render"),
     "    css_inline.inline": ("~", "inline>"),
-    "    markdown.markdown": ("markdown/core.py", "markdown"),
+    "    Markdown.convert": ("markdown/core.py", "convert"),
+    "    Markdown() built": ("markdown/core.py", "__init__"),
     "    jinja compile (from_string/get_template)": ("jinja2/environment.py", "compile"),
+    "    email header parsing (headerregistry)": ("email/policy.py", "header_store_parse"),
     "  rewrite_links + tokens": ("nurture/render.py", "rewrite_links"),
     "  build_message": ("nurture/mailer.py", "build_message"),
     "SMTPConnection.send": ("nurture/mailer.py", "send"),
@@ -448,7 +465,7 @@ PROFILE_GROUPS = {
     "_finish (UPDATE+COMMIT)": ("nurture/delivery.py", "_finish"),
     "_complete_enrollment_if_done (COUNT+UPDATE+COMMIT)": (
         "nurture/delivery.py", "_complete_enrollment_if_done"),
-    "Composer.__init__ (per batch)": ("nurture/delivery.py", "__init__"),
+    "Composer.__init__": ("nurture/delivery.py", "__init__"),
     "Session.commit": ("sqlalchemy/orm/session.py", "commit"),
     "psycopg wait (DB round trips)": ("psycopg/connection.py", "wait"),
 }

@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +77,21 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "load_at_start": os.getloadavg(),
+        "code": code_state(),
+    }
+
+
+def code_state() -> dict:
+    """The commit measured, and product files that differed from it (others edit too)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "modified": git("status", "--porcelain", "--", "nurture", "worker.py").splitlines(),
     }
 
 
