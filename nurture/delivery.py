@@ -162,14 +162,17 @@ class Composer:
             },
             links={"confirm_url": f"{self.settings.base_url}/confirm/{token}"},
         )
+        return self._message(rendered, subscriber, message_id, now, step_label=CONFIRMATION_STEP)
+
+    def _message(self, rendered, subscriber: Subscriber, message_id: str, now, **headers):
         return build_message(
             rendered,
             to_email=subscriber.email,
             to_name=subscriber.first_name,
             mail_from=self.settings.mail_from,
             message_id=message_id,
-            step_label=CONFIRMATION_STEP,
             date=now,
+            **headers,
         )
 
     def course_step(
@@ -202,14 +205,12 @@ class Composer:
             )
             if self.settings.track_opens:
                 rendered = add_open_pixel(rendered, self.open_url(delivery_id))
-        return build_message(
+        return self._message(
             rendered,
-            to_email=subscriber.email,
-            to_name=subscriber.first_name,
-            mail_from=self.settings.mail_from,
-            message_id=message_id,
+            subscriber,
+            message_id,
+            now,
             step_label=f"{sequence.name}/{step.key}",
-            date=now,
             list_id=f"{sequence.title} <{sequence.name}.{self.settings.mail_domain}>",
             unsubscribe_url=unsubscribe_url,
             unsubscribe_mailto=self.settings.unsubscribe_mailto or None,
