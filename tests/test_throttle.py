@@ -68,3 +68,47 @@ def test_a_busy_domain_waits_and_others_do_not(tmp_path):
     assert not throttle.acquire("c@gmail.com"), "a third in the same second is deferred"
     assert time.monotonic() - started >= 0.2
     assert all(throttle.acquire(f"x{i}@example.org") for i in range(50)), "others go on"
+
+
+def test_a_delivery_over_the_limit_goes_back_to_the_queue(tmp_path, smtp, database_url):
+    """Through send_batch: the first email to a busy domain goes, the rest wait for a tick."""
+    from sqlalchemy import select
+
+    from nurture.db import session_scope
+    from nurture.delivery import composer_for, send_batch
+    from nurture.models import Delivery, Subscriber, utcnow
+    from nurture.scheduler import dispatch
+    from nurture.sequences import first_steps, load_sequences
+    from nurture.subscribers import SignupRequest, confirm, signup
+
+    settings = redis_settings(
+        tmp_path,
+        DATABASE_URL=database_url,
+        SMTP_URL=smtp.url,
+        DOUBLE_OPT_IN="0",
+        SEND_RATE_PER_DOMAIN=f"{uuid.uuid4().hex[:8]}.example=1",
+    )
+    domain = next(iter(settings.send_rate_per_domain))
+    sequences = load_sequences(settings.templates_path)
+    now = utcnow()
+    with session_scope(settings.database_url) as session:
+        for name in ("ann", "bob", "cy"):
+            request = SignupRequest(f"{name}@{domain}", "", "UTC", "product-vs-project", "api")
+            signup(session, settings, request, first_steps=first_steps(sequences), now=now)
+        session.commit()
+        for subscriber_id in session.scalars(select(Subscriber.id)):
+            confirm(session, subscriber_id, now=now, first_steps=first_steps(sequences))
+        session.commit()
+        ids: list[int] = []
+        dispatch(session, settings, sequences, now=now, publish=ids.extend)
+        composer_for(settings, sequences).throttle.max_wait = 0.1
+        time.sleep(1 - time.time() % 1)  # all three in one second
+        result = send_batch(session, settings, sequences, ids)
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(ids))).all()
+
+    assert (result.sent, result.retry) == (1, 2)
+    assert len(smtp.messages) == 1
+    waiting = [row for row in rows if row.status == "queued"]
+    assert len(waiting) == 2
+    assert all(row.last_error == "rate limited" and row.attempts == 0 for row in waiting)
+    assert all(row.enqueued_at is None and row.not_before > now for row in waiting)
