@@ -46,7 +46,6 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,7 +233,9 @@ def seed(url: str, first: int, last: int) -> None:
 def delivery_counts(engine) -> dict[str, int]:
     with engine.connect() as connection:
         return dict(
-            connection.execute(text("SELECT status, count(*) FROM deliveries GROUP BY status")).all()
+            connection.execute(
+                text("SELECT status, count(*) FROM deliveries GROUP BY status")
+            ).all()
         )
 
 
@@ -248,7 +249,9 @@ def wait_all_sent(engine, total: int, timeout: float) -> dict[str, int]:
         if sent >= total:
             return delivery_counts(engine)
         if time.monotonic() > deadline:
-            raise SystemExit(f"only {sent} of {total} sent after {timeout}s: {delivery_counts(engine)}")
+            raise SystemExit(
+                f"only {sent} of {total} sent after {timeout}s: {delivery_counts(engine)}"
+            )
         time.sleep(0.05)
 
 
@@ -265,9 +268,24 @@ class Worker:
         self.log_path = logdir / f"{name}.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "celery", "-A", "worker", "worker", "--hostname", self.name,
-             "--pool", "prefork", "--concurrency", "1", "--without-gossip", "--without-mingle",
-             "--loglevel", "WARNING"],
+            [
+                PYTHON,
+                "-m",
+                "celery",
+                "-A",
+                "worker",
+                "worker",
+                "--hostname",
+                self.name,
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "1",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "WARNING",
+            ],
             cwd=ROOT,
             env=env,
             stdout=self.log,
@@ -277,7 +295,9 @@ class Worker:
     def child(self) -> int | None:
         out = subprocess.run(
             ["ps", "--ppid", str(self.process.pid), "-o", "pid="],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.split()
         return int(out[0]) if out else None
 
@@ -359,8 +379,11 @@ def floor(sink: Sink, data: bytes, sends: int, repeat: int, max_load: float) -> 
                 smtp.sendmail("course@nurture.bench", [f"reader{i}@example.com"], data)
             seconds = time.perf_counter() - started
         runs.append({"seconds": seconds, "sends_per_s": sends / seconds, "load": load})
-        print(f"  floor: {sends:,} in {seconds:.2f}s = {sends / seconds:,.0f}/s "
-              f"(load {load['load_1min']})", flush=True)
+        print(
+            f"  floor: {sends:,} in {seconds:.2f}s = {sends / seconds:,.0f}/s "
+            f"(load {load['load_1min']})",
+            flush=True,
+        )
     return {
         "sends": sends,
         "message_bytes": len(data),
@@ -393,9 +416,11 @@ def product(sink: Sink, sends: int, workers: int, repeat: int, max_load: float) 
             "load": load,
         }
         runs.append(run)
-        print(f"  product: {sends:,} in {seconds:.2f}s = {sends / seconds:,.0f}/s "
-              f"(dispatch {dispatch_s:.2f}s, {workers} workers, load {load['load_1min']})",
-              flush=True)
+        print(
+            f"  product: {sends:,} in {seconds:.2f}s = {sends / seconds:,.0f}/s "
+            f"(dispatch {dispatch_s:.2f}s, {workers} workers, load {load['load_1min']})",
+            flush=True,
+        )
     return {
         "sends": sends,
         "workers": workers,
@@ -425,11 +450,21 @@ def memory(sink: Sink, first: int, total: int, chunk: int) -> dict:
             done += size
             time.sleep(1)  # let the child finish its last task's bookkeeping
             pid, rss = worker.child_rss_kb()
-            samples.append({"sent": done, "pid": pid, "rss_kb": rss, "chunk_s": chunk_s,
-                            "chunk_sends_per_s": size / chunk_s,
-                            "seconds": time.perf_counter() - started})
-            print(f"  memory: {done:,} sent, child {pid} RSS {rss / 1024:.1f} MB "
-                  f"({size / chunk_s:,.0f}/s this chunk)", flush=True)
+            samples.append(
+                {
+                    "sent": done,
+                    "pid": pid,
+                    "rss_kb": rss,
+                    "chunk_s": chunk_s,
+                    "chunk_sends_per_s": size / chunk_s,
+                    "seconds": time.perf_counter() - started,
+                }
+            )
+            print(
+                f"  memory: {done:,} sent, child {pid} RSS {rss / 1024:.1f} MB "
+                f"({size / chunk_s:,.0f}/s this chunk)",
+                flush=True,
+            )
     finally:
         service.close()
     at_first = next(s for s in samples if s["sent"] == first)
@@ -464,7 +499,9 @@ PROFILE_GROUPS = {
     "  smtplib sendmail": ("smtplib.py", "sendmail"),
     "_finish (UPDATE+COMMIT)": ("nurture/delivery.py", "_finish"),
     "_complete_enrollment_if_done (COUNT+UPDATE+COMMIT)": (
-        "nurture/delivery.py", "_complete_enrollment_if_done"),
+        "nurture/delivery.py",
+        "_complete_enrollment_if_done",
+    ),
     "Composer.__init__": ("nurture/delivery.py", "__init__"),
     "Session.commit": ("sqlalchemy/orm/session.py", "commit"),
     "psycopg wait (DB round trips)": ("psycopg/connection.py", "wait"),
@@ -488,8 +525,12 @@ def profile(sink: Sink, sends: int, batch: int) -> dict:
         def run(chunk_ids):
             for i in range(0, len(chunk_ids), batch):
                 with session_scope(url) as session:
-                    send_batch(session, settings, current_sequences(settings.templates_path),
-                               chunk_ids[i : i + batch])
+                    send_batch(
+                        session,
+                        settings,
+                        current_sequences(settings.templates_path),
+                        chunk_ids[i : i + batch],
+                    )
 
         started = time.perf_counter()
         run(plain_ids)
@@ -536,8 +577,12 @@ def profile(sink: Sink, sends: int, batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sends", type=int, default=5000, help="M, for floor and product")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
-                        help="worker processes for the throughput run (one per core)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 2,
+        help="worker processes for the throughput run (one per core)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="throughput runs (median)")
     parser.add_argument("--floor-repeat", type=int, default=3)
     parser.add_argument("--memory-first", type=int, default=5000)
@@ -546,8 +591,12 @@ def main() -> None:
     parser.add_argument("--profile-sends", type=int, default=1000)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-profile", action="store_true")
-    parser.add_argument("--max-load", type=float, default=1.0,
-                        help="wait (up to 5 min per run) for the 1-min load to drop below this")
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=1.0,
+        help="wait (up to 5 min per run) for the 1-min load to drop below this",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "bench_delivery.json")
     args = parser.parse_args()
 
@@ -573,8 +622,10 @@ def main() -> None:
         result["ratio_goal"] = 0.5
         result["ratio_goal_met"] = result["ratio"] >= 0.5
         if not args.skip_memory:
-            print(f"MEMORY: one worker, {args.memory_first:,} then up to "
-                  f"{args.memory_total:,} sends", flush=True)
+            print(
+                f"MEMORY: one worker, {args.memory_first:,} then up to {args.memory_total:,} sends",
+                flush=True,
+            )
             wait_for_quiet(args.max_load)
             mem = memory(sink, args.memory_first, args.memory_total, args.memory_chunk)
             mem["goal_mb"] = 30
@@ -600,15 +651,21 @@ def main() -> None:
     print(f"{label:<34} {args.sends:>7,} {prod['sends_per_s']:>9,.0f} {result['ratio']:>6.3f}")
     if "profile" in result:
         rate = result["profile"]["in_process_sends_per_s"]
-        print(f"{'send_batch in-process (1 proc)':<34} {args.profile_sends:>7,} "
-              f"{rate:>9,.0f} {rate / floor_rate:>6.3f}")
-    print(f"product/floor = {result['ratio']:.3f} "
-          f"(goal >= 0.5: {'met' if result['ratio_goal_met'] else 'MISSED'})")
+        print(
+            f"{'send_batch in-process (1 proc)':<34} {args.profile_sends:>7,} "
+            f"{rate:>9,.0f} {rate / floor_rate:>6.3f}"
+        )
+    print(
+        f"product/floor = {result['ratio']:.3f} "
+        f"(goal >= 0.5: {'met' if result['ratio_goal_met'] else 'MISSED'})"
+    )
     if "memory" in result:
         mem = result["memory"]
-        print(f"worker child RSS: {mem['rss_first_mb']:.1f} MB after {mem['first']:,}, "
-              f"{mem['rss_last_mb']:.1f} MB after {mem['total']:,}: growth "
-              f"{mem['growth_mb']:+.1f} MB (goal < 30 MB: {'met' if mem['goal_met'] else 'MISSED'})")
+        print(
+            f"worker child RSS: {mem['rss_first_mb']:.1f} MB after {mem['first']:,}, "
+            f"{mem['rss_last_mb']:.1f} MB after {mem['total']:,}: growth "
+            f"{mem['growth_mb']:+.1f} MB (goal < 30 MB: {'met' if mem['goal_met'] else 'MISSED'})"
+        )
     if "profile" in result:
         print("send_batch profile (ms per send, cumulative):")
         for label, group in result["profile"]["groups"].items():
