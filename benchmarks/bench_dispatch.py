@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -386,6 +387,8 @@ def main() -> None:
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "bench_dispatch.json")
     args = parser.parse_args()
+    # A SIGTERM runs the clean-up too (sink, workers, databases).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     info = machine()
     info["postgres"] = None

@@ -98,6 +98,84 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
+# --- where the CPU goes -------------------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _children(parent: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == parent:
+                pids.append(int(entry.name))
+    return pids
+
+
+class CpuMeter:
+    """CPU used by each part of the system: gunicorn, this database's PostgreSQL
+    backends, redis-server (shared with anything else using it) and this client."""
+
+    def __init__(self, gunicorn_pid: int, database: str):
+        from sqlalchemy import create_engine
+
+        self.gunicorn_pid = gunicorn_pid
+        self.database = database
+        self.engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+        self.redis_pid = None
+        try:
+            import redis
+
+            client = redis.Redis.from_url(BROKER_URL)
+            self.redis_pid = int(client.info("server")["process_id"])
+            client.close()
+        except Exception:
+            pass
+
+    def _backends(self) -> list[int]:
+        from sqlalchemy import text
+
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT pid FROM pg_stat_activity WHERE datname = :db"),
+                {"db": self.database},
+            )
+            return [row[0] for row in rows]
+
+    def snapshot(self) -> dict[str, dict[int, float]]:
+        web = [self.gunicorn_pid, *_children(self.gunicorn_pid)]
+        return {
+            "gunicorn": {pid: _proc_cpu(pid) for pid in web},
+            "postgres": {pid: _proc_cpu(pid) for pid in self._backends()},
+            "redis": {self.redis_pid: _proc_cpu(self.redis_pid)} if self.redis_pid else {},
+            "client": {0: time.process_time()},
+        }
+
+    @staticmethod
+    def used(before: dict, after: dict) -> dict[str, float]:
+        """CPU seconds per part between two snapshots (a new process counts from 0)."""
+        return {
+            part: sum(max(0.0, cpu - before[part].get(pid, 0.0)) for pid, cpu in pids.items())
+            for part, pids in after.items()
+        }
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
 # --- the client -------------------------------------------------------------------------
 
 
@@ -143,7 +221,9 @@ class Endpoint:
     body: Callable[[str, int, int], bytes] | None = None
 
 
-def run_load(clients: list[Client], endpoint: Endpoint, total: int, tag: str) -> dict:
+def run_load(
+    clients: list[Client], endpoint: Endpoint, total: int, tag: str, meter: CpuMeter | None = None
+) -> dict:
     """`total` requests spread over the clients at once; wall time, latencies, statuses."""
     per_client = [
         total // len(clients) + (1 if i < total % len(clients) else 0) for i in range(len(clients))
@@ -171,11 +251,13 @@ def run_load(clients: list[Client], endpoint: Endpoint, total: int, tag: str) ->
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(clients))]
     for thread in threads:
         thread.start()
+    cpu_before = meter.snapshot() if meter else None
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    cpu = CpuMeter.used(cpu_before, meter.snapshot()) if meter else {}
     statuses: dict[str, int] = {}
     for per in bad:
         for status, count in per.items():
@@ -190,6 +272,7 @@ def run_load(clients: list[Client], endpoint: Endpoint, total: int, tag: str) ->
         "errors": errors,
         "connects": sum(c.connects for c in clients) - sum(b[0] for b in before),
         "retries": sum(c.retries for c in clients) - sum(b[1] for b in before),
+        "cpu_s": cpu,
     }
 
 
@@ -212,7 +295,19 @@ def summarize(runs: list[dict]) -> dict:
         "unexpected_status": _merge(run["unexpected_status"] for run in runs),
         "errors": [e for run in runs for e in run["errors"]][:10],
         "rounds_rps": [run["rps"] for run in runs],
+        "cpu_ms_per_request": _cpu_per_request(runs, requests),
     }
+
+
+def _cpu_per_request(runs: list[dict], requests: int) -> dict[str, float]:
+    parts: dict[str, float] = {}
+    for run in runs:
+        for part, seconds in run.get("cpu_s", {}).items():
+            parts[part] = parts.get(part, 0.0) + seconds
+    per = {part: 1000 * seconds / requests for part, seconds in parts.items()} if requests else {}
+    if per:
+        per["total"] = sum(per.values())
+    return per
 
 
 def _merge(dicts) -> dict[str, int]:
@@ -311,11 +406,11 @@ class _Clock:
         return timed
 
 
-def profile_post(env: dict[str, str], tag: str) -> dict:
+def profile_post(env: dict[str, str], tag: str, database: str) -> dict:
     """The POST path in this process (Flask test client), against the same database.
 
-    Three passes: unprofiled with stage timers and SQL counters, cProfile, and
-    GET / for comparison.
+    Passes: unprofiled with stage timers, SQL counters and CPU per process;
+    GET / and GET /healthz for comparison; then cProfile of POST and of healthz.
     """
     from sqlalchemy import event
 
@@ -386,6 +481,8 @@ def profile_post(env: dict[str, str], tag: str) -> dict:
     app_module.current_sequences = clock.wrap(
         "current_sequences (glob + stat manifests)", originals[(app_module, "current_sequences")]
     )
+    meter = CpuMeter(os.getpid(), database)
+    cpu_before = meter.snapshot()
     try:
         started = time.perf_counter()
         statuses: dict[int, int] = {}
@@ -393,6 +490,7 @@ def profile_post(env: dict[str, str], tag: str) -> dict:
             status = post(1000 + i)
             statuses[status] = statuses.get(status, 0) + 1
         total = time.perf_counter() - started
+        cpu = CpuMeter.used(cpu_before, meter.snapshot())
     finally:
         for (module, attr), value in originals.items():
             setattr(module, attr, value)
@@ -406,47 +504,66 @@ def profile_post(env: dict[str, str], tag: str) -> dict:
     stages["SQL: time in cursor.execute"] = 1000 * sql["execute_s"] / per
     calls = {name: count / per for name, count in clock.calls.items()}
 
-    started = time.perf_counter()
-    for _ in range(PROFILE_POSTS):
-        client.get("/")
-    get_ms = 1000 * (time.perf_counter() - started) / PROFILE_POSTS
+    cpu_ms = {
+        ("python (app + test client)" if part == "gunicorn" else part): 1000 * seconds / per
+        for part, seconds in cpu.items()
+        if part != "client"  # the same process as "gunicorn" here
+    }
 
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for i in range(PROFILE_POSTS):
-        post(5000 + i)
-    profiler.disable()
-    stats = pstats.Stats(profiler)
-    rows = []
-    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():
-        if filename == __file__ or func.startswith("<method 'disable'"):
-            continue
-        rows.append((cumtime, tottime, ncalls, f"{_short(filename)}:{line}({func})"))
+    def wall_ms(path: str) -> float:
+        started = time.perf_counter()
+        for _ in range(PROFILE_POSTS):
+            client.get(path)
+        return 1000 * (time.perf_counter() - started) / PROFILE_POSTS
 
-    def top(key: int, n: int = 15) -> list[dict]:
-        ranked = sorted(rows, key=lambda r: r[key], reverse=True)[:n]
-        return [
-            {
-                "function": name,
-                "calls_per_request": round(nc / per, 2),
-                "cum_ms_per_request": round(1000 * cum / per, 3),
-                "tot_ms_per_request": round(1000 * tot / per, 3),
-            }
-            for cum, tot, nc, name in ranked
-        ]
-
+    get_ms, healthz_ms = wall_ms("/"), wall_ms("/healthz")
+    post_top = _profile(lambda i: post(5000 + i), PROFILE_POSTS)
+    healthz_top = _profile(lambda i: client.get("/healthz"), PROFILE_POSTS)
+    meter.close()
     dispose_all()
     return {
         "requests": per,
         "statuses": {str(k): v for k, v in statuses.items()},
         "stages_ms_per_request": stages,
         "stage_calls_per_request": calls,
+        "cpu_ms_per_request": cpu_ms,
         "sql_statements_per_request": sql["statements"] / per,
         "sql_commits_per_request": sql["commits"] / per,
         "get_index_ms_per_request_in_process": get_ms,
-        "cprofile_top_cumulative": top(0),
-        "cprofile_top_tottime": top(1),
+        "healthz_ms_per_request_in_process": healthz_ms,
+        "cprofile_top_cumulative": post_top["cumulative"],
+        "cprofile_top_tottime": post_top["tottime"],
+        "healthz_cprofile_top_cumulative": healthz_top["cumulative"],
     }
+
+
+def _profile(call, n: int, rows_wanted: int = 15) -> dict[str, list[dict]]:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(n):
+        call(i)
+    profiler.disable()
+    rows = []
+    for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in pstats.Stats(
+        profiler
+    ).stats.items():
+        if filename == __file__ or func.startswith("<method 'disable'"):
+            continue
+        rows.append((cumtime, tottime, ncalls, f"{_short(filename)}:{line}({func})"))
+
+    def top(key: int) -> list[dict]:
+        ranked = sorted(rows, key=lambda r: r[key], reverse=True)[:rows_wanted]
+        return [
+            {
+                "function": name,
+                "calls_per_request": round(nc / n, 2),
+                "cum_ms_per_request": round(1000 * cum / n, 3),
+                "tot_ms_per_request": round(1000 * tot / n, 3),
+            }
+            for cum, tot, nc, name in ranked
+        ]
+
+    return {"cumulative": top(0), "tottime": top(1)}
 
 
 def _short(filename: str) -> str:
@@ -518,14 +635,16 @@ def main() -> int:
         clients = [Client(port) for _ in range(CLIENTS)]
         for endpoint in endpoints:
             run_load(clients, endpoint, WARMUP, "warm")
+        meter = CpuMeter(server.pid, database)
         runs: dict[str, list[dict]] = {e.name: [] for e in endpoints}
         for round_number in range(ROUNDS):
             for endpoint in endpoints:
                 runs[endpoint.name].append(
-                    run_load(clients, endpoint, PER_ROUND, f"r{round_number}")
+                    run_load(clients, endpoint, PER_ROUND, f"r{round_number}", meter)
                 )
         for client in clients:
             client.close()
+        meter.close()
 
         solo = [Client(port)]
         solo_run = run_load(solo, endpoints[2], SOLO_HEALTHZ, "solo")
@@ -557,7 +676,7 @@ def main() -> int:
     profile = None
     try:
         if "--profile" in sys.argv or not all(g["met"] for g in goals.values()):
-            profile = profile_post(env, run_id)
+            profile = profile_post(env, run_id, database)
     finally:
         drop_database(database)
         removed_keys = clean_broker()
@@ -615,6 +734,17 @@ def main() -> int:
             f"{name:<28}{row['rps']:>8.0f}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}"
             f"{row['max_ms']:>9.1f}{bad:>6}"
         )
+    print("\nCPU ms per request (all processes; 2 cores give 2,000 ms per second):")
+    parts = ["gunicorn", "postgres", "redis", "client", "total"]
+    print(f"  {'endpoint':<26}" + "".join(f"{p:>10}" for p in parts))
+    for name, row in (
+        ("GET /", index),
+        ("POST /api/v1/subscribers", post),
+        ("GET /healthz", health),
+    ):
+        cpu = row["cpu_ms_per_request"]
+        print(f"  {name:<26}" + "".join(f"{cpu.get(p, float('nan')):>10.2f}" for p in parts))
+    print()
     for name, goal in goals.items():
         print(
             f"{name}: {goal['value']:.3f} (goal {goal['goal']}): "
@@ -628,10 +758,13 @@ def main() -> int:
         print(f"\nPOST in-process ({profile['requests']} requests), wall ms per request:")
         for name, ms in profile["stages_ms_per_request"].items():
             print(f"  {name:<50}{ms:>8.3f}")
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in profile["cpu_ms_per_request"].items())
+        print(f"  CPU ms per request: {cpu}")
         print(
             f"  SQL statements per request {profile['sql_statements_per_request']:.1f}, "
             f"commits {profile['sql_commits_per_request']:.1f}; "
-            f"GET / in-process {profile['get_index_ms_per_request_in_process']:.3f} ms"
+            f"in-process GET / {profile['get_index_ms_per_request_in_process']:.2f} ms, "
+            f"GET /healthz {profile['healthz_ms_per_request_in_process']:.2f} ms"
         )
         print("  cProfile top 10 by own time:")
         for row in profile["cprofile_top_tottime"][:10]:
