@@ -130,8 +130,10 @@ def test_signup_to_last_email(journey_stack, smtp, start_worker):
         started = subscriber.confirmed_at
 
     celery = make_celery(settings)
-    for tick in range(0, 8 * 4 + 1):  # every 6 hours for 8 days
-        run_dispatch(celery, started + timedelta(hours=6 * tick))
+    # Hourly due-scans for nine days (beat runs every minute; hourly keeps a 09:00 step
+    # from being scanned hours late, which would push each later step a day further).
+    for tick in range(0, 9 * 24 + 1):
+        run_dispatch(celery, started + timedelta(hours=tick))
         wait_until_sent(settings)
 
     messages = smtp.wait_for(8)
