@@ -246,9 +246,29 @@ class Recorder:
             self.due_batch = (statement, dict(parameters))
 
 
+def wal_lsn() -> str:
+    """The server's WAL position (cluster-wide: other databases' writes count too)."""
+    engine = create_engine(normalize_url(BASE_URL))
+    with engine.connect() as connection:
+        lsn = connection.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar()
+    engine.dispose()
+    return lsn
+
+
+def wal_mb_since(lsn: str) -> float:
+    engine = create_engine(normalize_url(BASE_URL))
+    with engine.connect() as connection:
+        written = connection.exec_driver_sql(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %(lsn)s::pg_lsn)", {"lsn": lsn}
+        ).scalar()
+    engine.dispose()
+    return round(float(written) / 2**20, 1)
+
+
 def tick(url: str, settings, sequences, now, recorder: Recorder) -> dict:
     published: list[int] = []
     recorder.count = 0
+    lsn = wal_lsn()
     with session_scope(url) as session:
         started = time.perf_counter()
         created = scheduler.create_due_deliveries(session, settings, sequences, now)
@@ -264,6 +284,7 @@ def tick(url: str, settings, sequences, now, recorder: Recorder) -> dict:
         "enqueue_s": done - claimed,
         "total_s": done - started,
         "statements": recorder.count,
+        "wal_mb": wal_mb_since(lsn),
     }
 
 
@@ -327,6 +348,7 @@ def run_size(n: int, due: int, repeat: int, history: bool, max_load: float) -> d
                 f"  run {attempt + 1}: {result['total_s']:.2f}s "
                 f"(create {result['create_s']:.2f}s, enqueue {result['enqueue_s']:.2f}s, "
                 f"{result['created']:,} created, {result['statements']:,} statements, "
+                f"{result['wal_mb']} MB WAL, "
                 f"load {load['load_1min']})",
                 flush=True,
             )

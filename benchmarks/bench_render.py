@@ -3,11 +3,11 @@
 Run: `.venv/bin/python benchmarks/bench_render.py` (about a minute on 2 cores).
 
 Full path: what a worker does for one course email in `send_batch`, i.e.
-`Composer.course_step(..., delivery_id=...)` (front matter, Jinja for the HTML
-and text parts, Markdown, the layout, css-inline, tracked links, open pixel,
-MIME) plus `wire_bytes` (the serialisation `SMTPConnection.send` does; no DKIM
-key is configured here). It cycles over all 7 steps of "product-vs-project"
-with varying first names.
+`composer_for(settings, sequences).course_step(..., delivery_id=...)` (subject
+and preheader, Jinja for the HTML and text parts, Markdown, the layout,
+css-inline, tracked links, open pixel, MIME) plus `wire_bytes` (the
+serialisation `SMTPConnection.send` does; no DKIM key is configured here). It
+cycles over all 7 steps of "product-vs-project" with varying first names.
 
 Baseline: `jinja2.Environment().from_string(body)` of the same step's body (front
 matter removed, compiled once), rendered with the same first name: no sandbox,
@@ -15,9 +15,10 @@ layout, Markdown, inlining or MIME.
 
 Figures are emails per CPU-second of this one single-threaded process, i.e.
 per core; the headline is the ratio full / bare, measured in alternating rounds
-in this process so machine speed and load cancel out. Also measured: the
-worker as it really runs (a new `Composer` per batch of `batch_size`), and
-`preview_message` (a new `Composer` per email). A stage breakdown (wall time,
+in this process so machine speed and load cancel out. Also measured: a cold
+`Composer` per batch of `batch_size` (what `send_batch` did before it kept one
+per process: every template compiled again per batch), and `preview_message`
+(a new `Composer` per email). A stage breakdown (wall time,
 unprofiled, by wrapping the stages' callables in this process only) and a
 cProfile top-10 say where the time goes.
 
@@ -37,11 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from datetime import UTC, datetime
 from pathlib import Path
 
+import css_inline
 import jinja2
+import markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,7 +62,7 @@ SEQUENCE = "product-vs-project"
 ROUNDS = 5  # alternating bare/full rounds; medians are reported
 FULL_PER_ROUND = 140  # 20 passes over the 7 steps
 BARE_PER_ROUND = 7000
-BATCH_PER_ROUND = 200  # worker as run: a new Composer per settings.batch_size emails
+BATCH_PER_ROUND = 200  # a cold Composer per settings.batch_size emails
 PREVIEW_PER_ROUND = 70
 PROFILE_EMAILS = 210
 FIRST_NAMES = [
@@ -99,7 +101,27 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "loadavg_start": os.getloadavg(),
+        "_cpu_ticks_start": cpu_ticks(),
     }
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's aggregate CPU ticks from /proc/stat (user ... steal)."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def finish_machine(info: dict) -> None:
+    """Load and CPU steal over the run: a busy or stolen-from VM explains odd absolutes."""
+    info["loadavg_end"] = os.getloadavg()
+    start, end = info.pop("_cpu_ticks_start"), cpu_ticks()
+    if start and end:
+        delta = [b - a for a, b in zip(start, end, strict=True)]
+        total = sum(delta) or 1
+        info["cpu_busy_share"] = round(1 - (delta[3] + delta[4]) / total, 3)  # not idle/iowait
+        info["cpu_steal_share"] = round(delta[7] / total, 3)
 
 
 class Timed:
@@ -121,8 +143,17 @@ class Timed:
         }
 
 
+def worker_composer(settings, sequences) -> Composer:
+    """The Composer send_batch uses: one per process where the code keeps one."""
+    keep = getattr(delivery_module, "composer_for", None)
+    return keep(settings, sequences) if keep else Composer(settings, sequences)
+
+
 def main() -> None:
     info = machine()
+    composer_kind = (
+        "delivery.composer_for(...)" if hasattr(delivery_module, "composer_for") else "Composer"
+    )
     instance = tempfile.mkdtemp(prefix="bench-render-")
     settings = load_settings(
         {"NURTURE_INSTANCE": instance, "SECRET_KEY": "bench", "BASE_URL": "https://www.example.com"}
@@ -164,7 +195,7 @@ def main() -> None:
             size += len(template.render(first_name=name, course_url=settings.course_url))
         return size
 
-    composer = Composer(settings, sequences)
+    composer = worker_composer(settings, sequences)
 
     def full(n: int, comp: Composer | None = None) -> int:
         comp = comp or composer
@@ -222,10 +253,10 @@ def main() -> None:
     ]
     ratio = statistics.median(round_ratios)
 
-    stages, stage_emails = stage_breakdown(settings, sequences, jobs, now)
+    stages, stage_calls, stage_emails = stage_breakdown(settings, sequences, jobs, now)
     profile_top, compiles_per_email, profile_text = profile(full, PROFILE_EMAILS)
 
-    info["loadavg_end"] = os.getloadavg()
+    finish_machine(info)
     result = {
         "benchmark": "bench_render",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -236,9 +267,9 @@ def main() -> None:
             "first_names": FIRST_NAMES,
             "rounds": ROUNDS,
             "rate_unit": "emails per CPU-second of one single-threaded process (= per core)",
-            "full": "Composer.course_step(delivery_id=...) + mailer.wire_bytes, one Composer",
+            "full": f"{composer_kind}.course_step(delivery_id=...) + mailer.wire_bytes",
             "per_batch": f"as full, but a new Composer per {settings.batch_size} emails "
-            "(what delivery.send_batch does per task)",
+            "(send_batch before composer_for: templates compiled again per batch)",
             "preview": "preview.preview_message (a new Composer per email, no tracking) "
             "+ wire_bytes",
             "bare": "jinja2.Environment().from_string(body) compiled once per step, "
@@ -259,6 +290,7 @@ def main() -> None:
         },
         "raw_runs": runs,
         "stages_ms_per_email": stages,
+        "stages_calls_per_email": stage_calls,
         "stages_emails": stage_emails,
         "template_compilations_per_email": compiles_per_email,
         "cprofile_top10_cumulative": profile_top,
@@ -270,13 +302,15 @@ def main() -> None:
 
     print(
         f"machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, "
-        f"load {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}"
+        f"load {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}, "
+        f"CPU busy {info.get('cpu_busy_share', float('nan')):.0%}, "
+        f"steal {info.get('cpu_steal_share', float('nan')):.1%}"
     )
     print(f"\n{'path':<44}{'emails/s/core':>14}{'ms/email':>10}{'vs bare':>10}")
     labels = {
         "bare": "bare Jinja body (baseline)",
         "full": "worker path: course_step + wire_bytes",
-        "per_batch": f"  same, new Composer per {settings.batch_size} (send_batch)",
+        "per_batch": f"  same, cold Composer per {settings.batch_size} emails",
         "preview": "  preview_message (new Composer per email)",
     }
     for name, label in labels.items():
@@ -288,7 +322,7 @@ def main() -> None:
     print(f"\nwhere the time goes (wall ms per email, unprofiled, {stage_emails} emails):")
     for name, ms in stages.items():
         print(f"  {name:<52}{ms:>8.3f}")
-    print(f"\ntemplate compilations per email: {compiles_per_email:.2f}")
+    print(f"\nJinja template compilations per email (cProfile): {compiles_per_email:.2f}")
     print("\ncProfile top 10 (cumulative), full path:")
     print(profile_text)
     print(f"written: {out.relative_to(ROOT)}")
@@ -297,10 +331,17 @@ def main() -> None:
 class _StageClock:
     def __init__(self):
         self.totals: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def reset(self) -> None:
+        for name in self.totals:
+            self.totals[name] = 0.0
+            self.calls[name] = 0
 
     def wrap(self, name: str, func):
-        totals = self.totals
+        totals, calls = self.totals, self.calls
         totals.setdefault(name, 0.0)
+        calls.setdefault(name, 0)
 
         def timed(*args, **kwargs):
             started = time.perf_counter()
@@ -308,50 +349,70 @@ class _StageClock:
                 return func(*args, **kwargs)
             finally:
                 totals[name] += time.perf_counter() - started
+                calls[name] += 1
 
         return timed
+
+
+class _ModuleProxy:
+    """A module with one function swapped for a timed one (everything else passes through)."""
+
+    def __init__(self, module, **overrides):
+        self._module = module
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+RENDER_TOTAL = "Renderer.render (all of it)"
+RENDER_PARTS = (
+    "  subject/preheader lookup (stat; parse on change)",
+    "  Jinja from_string compiles",
+    "  Markdown convert",
+    "  css_inline.inline",
+    "  markdown_to_text (text part)",
+)
+RENDER_REST = "  rest: Jinja renders (body x2, layouts, headers)"
 
 
 def stage_breakdown(settings, sequences, jobs, now, emails: int = 140):
     """Wall time per stage, by wrapping the callables the full path looks up.
 
-    The wrappers live in this process only (module attributes are restored).
+    The wrappers live in this process only and are removed afterwards; a stage
+    the code no longer has is left out.
     """
     clock = _StageClock()
-    composer = Composer(settings, sequences)
+    composer = Composer(settings, sequences)  # its own, so the wrappers stay private
     renderer = composer.renderer
-    renderer.render = clock.wrap("Renderer.render (all of it)", renderer.render)
-    renderer.front_matter = clock.wrap("  front matter: read + parse file", renderer.front_matter)
+    renderer.render = clock.wrap(RENDER_TOTAL, renderer.render)
+    for method in ("_headers", "front_matter"):  # whichever render() calls for the headers
+        if hasattr(renderer, method):
+            setattr(renderer, method, clock.wrap(RENDER_PARTS[0], getattr(renderer, method)))
+            break
     text_env = renderer._text_env
-    text_env.from_string = clock.wrap(
-        "  subject/preheader: Jinja from_string compile", text_env.from_string
+    text_env.from_string = clock.wrap(RENDER_PARTS[1], text_env.from_string)
+    restore: list[tuple[object, str, object]] = []
+
+    def patch(owner, attr: str, name: str) -> None:
+        if hasattr(owner, attr):
+            original = getattr(owner, attr)
+            restore.append((owner, attr, original))
+            setattr(owner, attr, clock.wrap(name, original))
+
+    # Markdown: the converter class (render() may build one per call or keep one per thread).
+    convert = markdown.Markdown.convert
+    restore.append((markdown.Markdown, "convert", convert))
+    timed_convert = clock.wrap(RENDER_PARTS[2], convert)
+    markdown.Markdown.convert = lambda self, source: timed_convert(self, source)
+    restore.append((render_module, "css_inline", render_module.css_inline))
+    render_module.css_inline = _ModuleProxy(
+        css_inline, inline=clock.wrap(RENDER_PARTS[3], css_inline.inline)
     )
-    saved = {
-        (render_module, "markdown"): render_module.markdown,
-        (render_module, "css_inline"): render_module.css_inline,
-        (render_module, "markdown_to_text"): render_module.markdown_to_text,
-        (delivery_module, "rewrite_links"): delivery_module.rewrite_links,
-        (delivery_module, "add_open_pixel"): delivery_module.add_open_pixel,
-        (delivery_module, "build_message"): delivery_module.build_message,
-    }
-    render_module.markdown = types.SimpleNamespace(
-        markdown=clock.wrap("  markdown.markdown", saved[(render_module, "markdown")].markdown)
-    )
-    render_module.css_inline = types.SimpleNamespace(
-        inline=clock.wrap("  css_inline.inline", saved[(render_module, "css_inline")].inline)
-    )
-    render_module.markdown_to_text = clock.wrap(
-        "  markdown_to_text (text part)", saved[(render_module, "markdown_to_text")]
-    )
-    delivery_module.rewrite_links = clock.wrap(
-        "rewrite_links (click tracking)", saved[(delivery_module, "rewrite_links")]
-    )
-    delivery_module.add_open_pixel = clock.wrap(
-        "add_open_pixel", saved[(delivery_module, "add_open_pixel")]
-    )
-    delivery_module.build_message = clock.wrap(
-        "build_message (MIME)", saved[(delivery_module, "build_message")]
-    )
+    patch(render_module, "markdown_to_text", RENDER_PARTS[4])
+    patch(delivery_module, "rewrite_links", "rewrite_links (click tracking)")
+    patch(delivery_module, "add_open_pixel", "add_open_pixel")
+    patch(delivery_module, "build_message", "build_message (MIME)")
     for method in ("unsubscribe_url", "click_url", "open_url"):
         setattr(
             composer,
@@ -360,46 +421,32 @@ def stage_breakdown(settings, sequences, jobs, now, emails: int = 140):
         )
     step_clock = clock.wrap("course_step (all of it)", composer.course_step)
     wire = clock.wrap("wire_bytes (serialise MIME)", wire_bytes)
+    warmup = 14  # two passes over the steps: compiles, converters
     try:
-        for i in range(emails + 14):
-            if i == 14:  # the first two passes over the steps are warm-up
-                for name in clock.totals:
-                    clock.totals[name] = 0.0
+        for i in range(emails + warmup):
+            if i == warmup:
+                clock.reset()
             key, subscriber, message_id, delivery_id = jobs[i % len(jobs)]
             wire(step_clock(SEQUENCE, key, subscriber, message_id, now, delivery_id=delivery_id))
     finally:
-        for (module, attr), value in saved.items():
-            setattr(module, attr, value)
+        for owner, attr, original in reversed(restore):
+            setattr(owner, attr, original)
     ms = {name: 1000 * total / emails for name, total in clock.totals.items()}
-    known = sum(
-        ms[n]
-        for n in (
-            "  front matter: read + parse file",
-            "  subject/preheader: Jinja from_string compile",
-            "  markdown.markdown",
-            "  css_inline.inline",
-            "  markdown_to_text (text part)",
-        )
-    )
-    ms["  rest: Jinja renders of body x2, layout x2, subject"] = (
-        ms["Renderer.render (all of it)"] - known
-    )
+    calls = {name: count / emails for name, count in clock.calls.items()}
+    ms[RENDER_REST] = ms[RENDER_TOTAL] - sum(ms.get(n, 0.0) for n in RENDER_PARTS)
     order = [
         "course_step (all of it)",
-        "Renderer.render (all of it)",
-        "  front matter: read + parse file",
-        "  subject/preheader: Jinja from_string compile",
-        "  markdown.markdown",
-        "  css_inline.inline",
-        "  markdown_to_text (text part)",
-        "  rest: Jinja renders of body x2, layout x2, subject",
+        RENDER_TOTAL,
+        *RENDER_PARTS,
+        RENDER_REST,
         "tokens (unsubscribe/click/open)",
         "rewrite_links (click tracking)",
         "add_open_pixel",
         "build_message (MIME)",
         "wire_bytes (serialise MIME)",
     ]
-    return {name: ms[name] for name in order}, emails
+    stages = {name: ms[name] for name in order if name in ms}
+    return stages, {name: calls[name] for name in order if name in calls}, emails
 
 
 def profile(full, emails: int):
@@ -443,28 +490,33 @@ def _short(filename: str) -> str:
 
 
 CACHEABLE = {
-    "note": "Parts of the full path that do not change per subscriber, so could be cached "
-    "per (template file, mtime) or per process; see stages_ms_per_email for what each costs.",
-    "items": [
-        "Composer/Renderer: delivery.send_batch builds a new Composer (4 SandboxedEnvironments, "
-        "their template caches, the DKIM signer) for every batch, so each batch compiles every "
-        "template it touches again; one per process (auto_reload already catches edits) "
-        "would avoid it (compare rate_per_core.per_batch with full).",
-        "Front matter: Renderer.front_matter reads and parses the email file on every render; "
-        "it could be cached per (path, mtime) like the compiled body is.",
-        "Subject and preheader: compiled with from_string on every render (2 Jinja compiles "
-        "per email); compile once per (file, mtime).",
-        "Layout: _layout.html/_layout.txt are compiled once per Renderer, but the <style> block "
-        "and the footer (postal address, list title) are the same for every subscriber.",
-        "CSS inlining: the CSS is the layout's and the markup is the step's; only first_name, "
-        "the unsubscribe URL and tracked links vary. Inlining could run once per step with "
-        "placeholders, then placeholders replaced by escaped per-subscriber values.",
-        "Markdown: the body varies only by first_name (and course_url, a setting); Markdown "
-        "could run once per step with an escaped placeholder for the name.",
-        "Link rewriting: the set of URLs in a step is fixed; the regex scans and the "
-        "sort could be done once per step (the tokens themselves are per delivery).",
-        "MIME: From address parsing and the List-Id string are per sequence, not per "
-        "subscriber (small).",
+    "note": "What in the full path does not change per subscriber, so could be computed once "
+    "per (template file, mtime) or per process. stages_ms_per_email says what each costs now.",
+    "already_cached": [
+        "Composer/Renderer and its compiled templates: one per process (delivery.composer_for) "
+        "where send_batch used to build one per batch (rate_per_core.per_batch shows the old "
+        "cost).",
+        "Subject and preheader templates: compiled once per file version (a stat per render "
+        "checks the version).",
+        "The Markdown converter: one per thread, reset per email.",
+    ],
+    "could_be_cached": [
+        "Markdown: the body's Markdown differs between subscribers only in the escaped first "
+        "name, so the HTML could be converted once per step with a placeholder and the escaped "
+        "name substituted after (the largest render stage left).",
+        "CSS inlining: the <style> block is the layout's and the markup is the step's; only the "
+        "name, the unsubscribe URL and tracked links vary, so inlining could run once per step "
+        "and per-subscriber values be substituted (HTML-escaped) afterwards.",
+        "MIME headers: build_message parses every header through email.headerregistry "
+        "(From, List-Id and List-Unsubscribe-Post are the same for a whole sequence; only To, "
+        "Message-ID, Date and the unsubscribe URL vary); From could be parsed once, and the "
+        "constant headers pre-folded.",
+        "wire_bytes: the serialised HTML and text parts are mostly constant per step; the "
+        "generator re-encodes them per email.",
+        "Link rewriting: the set of URLs in a step is fixed; the regex scan and the sort could "
+        "be done once per step (the click tokens themselves are per delivery).",
+        "Jinja auto_reload: every get_template (4 per email) stats its file; a check per batch "
+        "would do.",
     ],
 }
 

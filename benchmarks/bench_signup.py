@@ -81,7 +81,27 @@ def machine() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "loadavg_start": os.getloadavg(),
+        "_cpu_ticks_start": cpu_ticks(),
     }
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's aggregate CPU ticks from /proc/stat (user ... steal)."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def finish_machine(info: dict) -> None:
+    """Load and CPU steal over the run: a busy or stolen-from VM explains odd absolutes."""
+    info["loadavg_end"] = os.getloadavg()
+    start, end = info.pop("_cpu_ticks_start"), cpu_ticks()
+    if start and end:
+        delta = [b - a for a, b in zip(start, end, strict=True)]
+        total = sum(delta) or 1
+        info["cpu_busy_share"] = round(1 - (delta[3] + delta[4]) / total, 3)  # not idle/iowait
+        info["cpu_steal_share"] = round(delta[7] / total, 3)
 
 
 def free_port() -> int:
@@ -533,6 +553,8 @@ def profile_post(env: dict[str, str], tag: str, database: str) -> dict:
         "healthz_ms_per_request_in_process": healthz_ms,
         "cprofile_top_cumulative": post_top["cumulative"],
         "cprofile_top_tottime": post_top["tottime"],
+        "cprofile_own_ms_by_package": post_top["own_ms_by_package"],
+        "healthz_cprofile_own_ms_by_package": healthz_top["own_ms_by_package"],
         "healthz_cprofile_top_cumulative": healthz_top["cumulative"],
     }
 
@@ -544,12 +566,15 @@ def _profile(call, n: int, rows_wanted: int = 15) -> dict[str, list[dict]]:
         call(i)
     profiler.disable()
     rows = []
+    by_package: dict[str, float] = {}
     for (filename, line, func), (_cc, ncalls, tottime, cumtime, _callers) in pstats.Stats(
         profiler
     ).stats.items():
         if filename == __file__ or func.startswith("<method 'disable'"):
             continue
         rows.append((cumtime, tottime, ncalls, f"{_short(filename)}:{line}({func})"))
+        package = _package(filename, func)
+        by_package[package] = by_package.get(package, 0.0) + tottime
 
     def top(key: int) -> list[dict]:
         ranked = sorted(rows, key=lambda r: r[key], reverse=True)[:rows_wanted]
@@ -563,7 +588,24 @@ def _profile(call, n: int, rows_wanted: int = 15) -> dict[str, list[dict]]:
             for cum, tot, nc, name in ranked
         ]
 
-    return {"cumulative": top(0), "tottime": top(1)}
+    packages = {
+        name: round(1000 * seconds / n, 3)
+        for name, seconds in sorted(by_package.items(), key=lambda kv: kv[1], reverse=True)
+    }
+    return {"cumulative": top(0), "tottime": top(1), "own_ms_by_package": packages}
+
+
+def _package(filename: str, func: str) -> str:
+    """Which package a profiled function belongs to (its own time is charged there)."""
+    if filename == "~":  # a builtin: name it by what it is
+        if "socket" in func or "select" in func or "poll" in func:
+            return "socket I/O (builtins)"
+        return "builtins"
+    short = _short(filename)
+    if short == filename:  # not in site-packages or the project: the standard library
+        return "stdlib"
+    head = short.split(os.sep, 1)[0]
+    return head.removesuffix(".py")
 
 
 def _short(filename: str) -> str:
@@ -673,6 +715,17 @@ def main() -> int:
     goals["ratio_post_over_get"]["met"] = ratio >= GOAL_RATIO
     goals["p99_post_ms"]["met"] = post["p99_ms"] < GOAL_P99_MS
 
+    # Closed loop: 16 clients always waiting, so mean latency = clients / rps. With the
+    # POST's own p99/mean spread, this is the rps at which p99 would meet the goal.
+    spread = post["p99_ms"] / post["mean_ms"]
+    needed_rps = CLIENTS / (GOAL_P99_MS / spread / 1000)
+    littles_law = {
+        "clients_in_system_post": post["rps"] * post["mean_ms"] / 1000,
+        "post_p99_over_mean": spread,
+        "post_rps_needed_for_p99_goal": needed_rps,
+        "post_cpu_ms_per_request_budget_for_p99_goal": 1000 * info["nproc"] / needed_rps,
+    }
+
     profile = None
     try:
         if "--profile" in sys.argv or not all(g["met"] for g in goals.values()):
@@ -682,7 +735,7 @@ def main() -> int:
         removed_keys = clean_broker()
         shutil.rmtree(instance, ignore_errors=True)
 
-    info["loadavg_end"] = os.getloadavg()
+    finish_machine(info)
     result = {
         "benchmark": "bench_signup",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -708,6 +761,7 @@ def main() -> int:
             "round_ratios_post_over_get_index": round_ratios,
             "ratio_rps_healthz_over_get_index": health["rps"] / index["rps"],
             "healthz_polled_1hz_share_of_capacity": 1 / health["rps"] if health["rps"] else None,
+            "littles_law": littles_law,
         },
         "goals": goals,
         "profile_post_in_process": profile,
@@ -719,7 +773,9 @@ def main() -> int:
 
     print(
         f"machine: {info['nproc']} x {info['cpu_model']}, Python {info['python']}, "
-        f"load {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}"
+        f"load {info['loadavg_start'][0]:.2f} -> {info['loadavg_end'][0]:.2f}, "
+        f"CPU busy {info.get('cpu_busy_share', float('nan')):.0%}, "
+        f"steal {info.get('cpu_steal_share', float('nan')):.1%}"
     )
     print(f"gunicorn {WORKERS} sync workers, {CLIENTS} clients, {ROUNDS * PER_ROUND} requests each")
     print(f"\n{'endpoint':<28}{'rps':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'bad':>6}")
@@ -754,6 +810,13 @@ def main() -> int:
         f"healthz polled every second uses {100 / health['rps']:.2f}% of the server's "
         f"healthz capacity ({health['rps']:.0f}/s)"
     )
+    total_cpu = post["cpu_ms_per_request"].get("total", float("nan"))
+    print(
+        f"closed loop: p99 < {GOAL_P99_MS:.0f} ms at {CLIENTS} clients needs about "
+        f"{needed_rps:.0f} POST/s, i.e. <= "
+        f"{littles_law['post_cpu_ms_per_request_budget_for_p99_goal']:.1f} ms CPU per signup "
+        f"on {info['nproc']} cores (now {total_cpu:.1f})"
+    )
     if profile:
         print(f"\nPOST in-process ({profile['requests']} requests), wall ms per request:")
         for name, ms in profile["stages_ms_per_request"].items():
@@ -766,6 +829,11 @@ def main() -> int:
             f"in-process GET / {profile['get_index_ms_per_request_in_process']:.2f} ms, "
             f"GET /healthz {profile['healthz_ms_per_request_in_process']:.2f} ms"
         )
+        packages = ", ".join(
+            f"{name} {ms:.2f}"
+            for name, ms in list(profile["cprofile_own_ms_by_package"].items())[:7]
+        )
+        print(f"  cProfile own time by package (ms/request, profiled): {packages}")
         print("  cProfile top 10 by own time:")
         for row in profile["cprofile_top_tottime"][:10]:
             print(
