@@ -10,13 +10,14 @@ SMTP server's 250 and our commit, and the Message-ID is the same on a retry.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from nurture import tokens
@@ -69,17 +70,34 @@ def backoff(attempts: int, base: int) -> timedelta:
     return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
 
-def claim(session: Session, delivery_id: int, now: datetime, lease: timedelta) -> Delivery | None:
-    """Take a delivery for this worker, or None if it is not ours to send.
+#: What a worker reads of a delivery when it claims it.
+CLAIMED_COLUMNS = (
+    Delivery.id,
+    Delivery.subscriber_id,
+    Delivery.enrollment_id,
+    Delivery.sequence,
+    Delivery.step,
+    Delivery.message_id,
+    Delivery.attempts,
+    Delivery.created_at,
+    Delivery.lease_until,
+)
+
+
+def claim_many(session: Session, delivery_ids: list[int], now: datetime, lease: timedelta):
+    """Take deliveries for this worker; return the ones that are ours, in the given order.
 
     Only a queued delivery that the dispatcher has handed out (enqueued_at set)
-    or one whose previous claim has lapsed can be taken, and the update is
-    conditional, so exactly one worker wins.
+    or one whose previous claim has lapsed can be taken. It is one conditional
+    UPDATE for the whole batch, so of two workers holding the same ids each
+    delivery goes to exactly one of them.
     """
-    result = session.execute(
+    if not delivery_ids:
+        return []
+    rows = session.execute(
         update(Delivery)
         .where(
-            Delivery.id == delivery_id,
+            Delivery.id.in_(delivery_ids),
             (
                 (Delivery.status == DeliveryStatus.QUEUED) & Delivery.enqueued_at.is_not(None)
                 | (Delivery.status == DeliveryStatus.SENDING) & (Delivery.lease_until < now)
@@ -90,25 +108,66 @@ def claim(session: Session, delivery_id: int, now: datetime, lease: timedelta) -
             lease_until=now + lease,
             attempts=Delivery.attempts + 1,
         )
+        .returning(*CLAIMED_COLUMNS)
+    ).all()
+    session.commit()
+    order = {delivery_id: index for index, delivery_id in enumerate(delivery_ids)}
+    return sorted(rows, key=lambda row: order[row.id])
+
+
+def claim(session: Session, delivery_id: int, now: datetime, lease: timedelta):
+    """Take one delivery for this worker, or None if it is not ours to send."""
+    claimed = claim_many(session, [delivery_id], now, lease)
+    return claimed[0] if claimed else None
+
+
+def _renew(session: Session, claimed: list, now: datetime, lease: timedelta) -> list:
+    """Extend the claim on the deliveries still to send; return those still ours.
+
+    A batch on a slow server can outlast its lease; renewing it before it
+    runs out keeps the sweep from handing these to another worker meanwhile.
+    """
+    ours = {
+        row.id
+        for row in session.execute(
+            update(Delivery)
+            .where(
+                Delivery.id.in_([d.id for d in claimed]),
+                Delivery.status == DeliveryStatus.SENDING,
+                Delivery.lease_until == claimed[0].lease_until,
+            )
+            .values(lease_until=now + lease)
+            .returning(Delivery.id)
+        )
+    }
+    session.commit()
+    return [d._replace(lease_until=now + lease) for d in claimed if d.id in ours]
+
+
+def _finish(session: Session, delivery, now, *, complete: bool = True, **values) -> None:
+    """Record how a claimed delivery ended, and complete its enrollment if that was the last.
+
+    One transaction: the delivery's row, then (unless it goes back to the
+    queue) the enrollment, if nothing of it is left to send. The statements
+    are built once per shape: this runs for every email sent.
+    """
+    session.execute(_finish_statement(frozenset(values)), {"delivery_id": delivery.id, **values})
+    if complete and values.get("status") != DeliveryStatus.QUEUED:
+        complete_if_done(session, delivery.enrollment_id, now)
+    session.commit()
+
+
+@functools.cache
+def _finish_statement(columns: frozenset[str]):
+    deliveries = Delivery.__table__
+    return (
+        update(deliveries)
+        .where(
+            deliveries.c.id == bindparam("delivery_id"),
+            deliveries.c.status == DeliveryStatus.SENDING,
+        )
+        .values(lease_until=None, **{column: bindparam(column) for column in columns})
     )
-    session.commit()
-    if result.rowcount != 1:
-        return None
-    return session.get(Delivery, delivery_id, populate_existing=True)
-
-
-def _finish(session: Session, delivery: Delivery, **values) -> None:
-    session.execute(
-        update(Delivery)
-        .where(Delivery.id == delivery.id, Delivery.status == DeliveryStatus.SENDING)
-        .values(lease_until=None, **values)
-    )
-    session.commit()
-
-
-def _complete_enrollment_if_done(session: Session, enrollment_id: int | None, now) -> None:
-    complete_if_done(session, enrollment_id, now)
-    session.commit()
 
 
 class Composer:
@@ -233,31 +292,48 @@ def composer_for(settings: Settings, sequences: Mapping[str, Sequence]) -> Compo
     return _composers[key]
 
 
-def _may_send(
-    session: Session, delivery: Delivery, sequences: Mapping[str, Sequence]
-) -> tuple[Subscriber | None, str | None]:
-    """The subscriber, or the reason this delivery must not go out any more.
+#: What the last check before sending reads of the subscriber and the enrollment.
+_subscribers, _enrollments = Subscriber.__table__, Enrollment.__table__
+_RECIPIENT = (
+    select(
+        _subscribers.c.id,
+        _subscribers.c.email,
+        _subscribers.c.first_name,
+        _subscribers.c.status,
+        _enrollments.c.status.label("enrollment_status"),
+        _enrollments.c.converted_at,
+    )
+    .select_from(_subscribers)
+    .outerjoin(_enrollments, _enrollments.c.id == bindparam("enrollment_id"))
+    .where(_subscribers.c.id == bindparam("subscriber_id"))
+)
 
-    Checked just before the SMTP send, so an unsubscribe, a bounce or a
-    conversion that happened after the delivery was queued still counts.
+
+def _may_send(session: Session, delivery, sequences: Mapping[str, Sequence]):
+    """The recipient, or the reason this delivery must not go out any more.
+
+    Checked just before the SMTP send (one query), so an unsubscribe, a bounce
+    or a conversion that happened after the delivery was queued still counts.
     """
-    subscriber = session.get(Subscriber, delivery.subscriber_id, populate_existing=True)
-    if subscriber is None or subscriber.status in SubscriberStatus.SUPPRESSED:
-        return None, f"subscriber is {subscriber.status if subscriber else 'gone'}"
+    recipient = session.execute(
+        _RECIPIENT,
+        {"subscriber_id": delivery.subscriber_id, "enrollment_id": delivery.enrollment_id},
+    ).first()
+    if recipient is None or recipient.status in SubscriberStatus.SUPPRESSED:
+        return None, f"subscriber is {recipient.status if recipient else 'gone'}"
     if delivery.step == CONFIRMATION_STEP:
-        if subscriber.status != SubscriberStatus.PENDING:
+        if recipient.status != SubscriberStatus.PENDING:
             return None, "already confirmed"
-        return subscriber, None
-    if subscriber.status != SubscriberStatus.ACTIVE:
-        return None, f"subscriber is {subscriber.status}"
-    enrollment = session.get(Enrollment, delivery.enrollment_id, populate_existing=True)
-    if enrollment is None or enrollment.status == EnrollmentStatus.STOPPED:
+        return recipient, None
+    if recipient.status != SubscriberStatus.ACTIVE:
+        return None, f"subscriber is {recipient.status}"
+    if recipient.enrollment_status in (None, EnrollmentStatus.STOPPED):
         return None, "enrollment stopped"
     sequence = sequences.get(delivery.sequence or "")
     step = sequence.step(delivery.step) if sequence else None
-    if step is not None and step.sales and enrollment.converted_at is not None:
+    if step is not None and step.sales and recipient.converted_at is not None:
         return None, "converted: sales steps stop"
-    return subscriber, None
+    return recipient, None
 
 
 def send_batch(
@@ -269,40 +345,50 @@ def send_batch(
     clock: Callable[[], datetime] = utcnow,
     connection: SMTPConnection | None = None,
 ) -> BatchResult:
-    """Send the given deliveries over one SMTP connection."""
+    """Send the given deliveries over one SMTP connection.
+
+    The batch is claimed in one statement; each email's outcome is committed
+    as soon as the SMTP server has answered for it.
+    """
     result = BatchResult()
     composer = composer_for(settings, sequences)
     smtp = connection or SMTPConnection(parse_smtp_url(settings.smtp_url))
     lease = timedelta(seconds=settings.lease_seconds)
-    pending = list(delivery_ids)
+    ids = list(delivery_ids)
+    claimed = claim_many(session, list(dict.fromkeys(ids)), clock(), lease)
+    result.skipped += len(ids) - len(claimed)
     with smtp:
-        while pending:
-            delivery_id = pending.pop(0)
+        while claimed:
             now = clock()
-            delivery = claim(session, delivery_id, now, lease)
-            if delivery is None:
-                result.skipped += 1
+            if now >= claimed[0].lease_until - lease / 2:
+                kept = _renew(session, claimed, now, lease)
+                result.skipped += len(claimed) - len(kept)
+                claimed = kept
                 continue
+            delivery = claimed.pop(0)
             outcome = _send_one(session, settings, composer, smtp, delivery, now)
             if outcome == "unreachable":
                 # No point trying the rest now: they wait for a later tick.
-                _defer(session, settings, pending, now, "SMTP server unreachable")
-                result.retry += 1 + len(pending)
-                pending = []
+                _defer(session, settings, claimed, now, "SMTP server unreachable")
+                result.retry += 1 + len(claimed)
+                claimed = []
             else:
                 setattr(result, outcome, getattr(result, outcome) + 1)
     return result
 
 
-def _defer(session: Session, settings: Settings, ids: list[int], now, reason: str) -> None:
-    """Put unclaimed deliveries back for a later tick, without counting an attempt."""
-    if not ids:
+def _defer(session: Session, settings: Settings, claimed: list, now, reason: str) -> None:
+    """Give claimed deliveries back for a later tick, without counting an attempt."""
+    if not claimed:
         return
     session.execute(
         update(Delivery)
-        .where(Delivery.id.in_(ids), Delivery.status == DeliveryStatus.QUEUED)
+        .where(Delivery.id.in_([d.id for d in claimed]), Delivery.status == DeliveryStatus.SENDING)
         .values(
+            status=DeliveryStatus.QUEUED,
             enqueued_at=None,
+            lease_until=None,
+            attempts=Delivery.attempts - 1,
             not_before=now + backoff(1, settings.retry_base_seconds),
             last_error=reason,
         )
@@ -314,8 +400,7 @@ def _send_one(session, settings: Settings, composer: Composer, smtp, delivery, n
     """Send one claimed delivery; return sent, retry, unreachable, failed or skipped."""
     subscriber, reason = _may_send(session, delivery, composer.sequences)
     if subscriber is None:
-        _finish(session, delivery, status=DeliveryStatus.CANCELLED, last_error=reason)
-        _complete_enrollment_if_done(session, delivery.enrollment_id, now)
+        _finish(session, delivery, now, status=DeliveryStatus.CANCELLED, last_error=reason)
         return "skipped"
     try:
         message = composer.compose(session, delivery, subscriber, now)
@@ -324,14 +409,16 @@ def _send_one(session, settings: Settings, composer: Composer, smtp, delivery, n
         return _retry_or_fail(session, settings, delivery, now, f"template error: {error}")
     except ValueError as error:  # an address or header the email package refuses
         log.error("delivery %s cannot be written as an email: %s", delivery.id, error)
-        _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=f"invalid: {error}")
-        _complete_enrollment_if_done(session, delivery.enrollment_id, now)
+        _finish(
+            session, delivery, now, status=DeliveryStatus.FAILED, last_error=f"invalid: {error}"
+        )
         return "failed"
     if not composer.throttle.acquire(subscriber.email):
         # Over the provider's rate: back in the queue without counting an attempt.
         _finish(
             session,
             delivery,
+            now,
             status=DeliveryStatus.QUEUED,
             enqueued_at=None,
             attempts=delivery.attempts - 1,
@@ -343,30 +430,38 @@ def _send_one(session, settings: Settings, composer: Composer, smtp, delivery, n
         smtp.send(message, signer=composer.signer)
     except PermanentFailure as error:
         log.warning("delivery %s refused for good: %s", delivery.id, error)
-        _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=str(error))
+        _finish(
+            session,
+            delivery,
+            now,
+            complete=False,
+            status=DeliveryStatus.FAILED,
+            last_error=str(error),
+        )
         _suppress_bounced(session, subscriber.id, now, str(error), delivery.id)
         return "failed"
     except TemporaryFailure as error:
         log.warning("delivery %s deferred: %s", delivery.id, error)
         outcome = _retry_or_fail(session, settings, delivery, now, str(error))
         return "unreachable" if isinstance(error, ServerUnreachable) else outcome
-    _finish(session, delivery, status=DeliveryStatus.SENT, sent_at=now, last_error=None)
-    _complete_enrollment_if_done(session, delivery.enrollment_id, now)
+    _finish(session, delivery, now, status=DeliveryStatus.SENT, sent_at=now, last_error=None)
     return "sent"
 
 
-def _retry_or_fail(session, settings: Settings, delivery: Delivery, now, reason: str) -> str:
+def _retry_or_fail(session, settings: Settings, delivery, now, reason: str) -> str:
     """Back off and try again, until the retry horizon; then fail with the reason.
 
     Returns the outcome: "retry" or "failed".
     """
     if now - delivery.created_at > timedelta(hours=settings.retry_horizon_hours):
-        _finish(session, delivery, status=DeliveryStatus.FAILED, last_error=f"gave up: {reason}")
-        _complete_enrollment_if_done(session, delivery.enrollment_id, now)
+        _finish(
+            session, delivery, now, status=DeliveryStatus.FAILED, last_error=f"gave up: {reason}"
+        )
         return "failed"
     _finish(
         session,
         delivery,
+        now,
         status=DeliveryStatus.QUEUED,
         enqueued_at=None,
         not_before=now + backoff(delivery.attempts, settings.retry_base_seconds),

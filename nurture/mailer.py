@@ -8,14 +8,17 @@ which is all the delivery code needs to know about SMTP.
 
 from __future__ import annotations
 
+import binascii
+import re
 import smtplib
 import ssl
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from email import policy
-from email.headerregistry import Address
+from email import message_from_bytes, policy
+from email.header import Header
 from email.message import EmailMessage
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, formataddr, parseaddr
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from nurture.dkim import DKIMSigner
@@ -23,7 +26,11 @@ from nurture.render import RenderedEmail
 
 #: Headers are not folded below SMTP's own 998-character limit: a folded
 #: List-Unsubscribe URL trips up some receivers' parsers.
-MESSAGE_POLICY = policy.default.clone(max_line_length=998)
+MAX_LINE = 998
+MESSAGE_POLICY = policy.default.clone(max_line_length=MAX_LINE)
+#: What `build_message` accepts as an address: ASCII (signup refuses SMTPUTF8), no
+#: spaces, brackets or quotes that could make the header mean something else.
+ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+", re.ASCII)
 
 
 class SMTPURLError(ValueError):
@@ -60,6 +67,28 @@ def parse_smtp_url(url: str) -> SMTPSettings:
     )
 
 
+@dataclass(frozen=True)
+class OutgoingEmail:
+    """An email ready for SMTP: the envelope and the exact bytes to send."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+    def message(self) -> EmailMessage:
+        """The email parsed back, for previews, lint and inspection."""
+        return message_from_bytes(self.data.replace(b"\r\n", b"\n"), policy=MESSAGE_POLICY)
+
+    @classmethod
+    def from_message(cls, message: EmailMessage) -> OutgoingEmail:
+        """An email built or edited with the `email` package (a test send, an .eml)."""
+        return cls(
+            sender=message["From"].addresses[0].addr_spec,
+            recipients=tuple(address.addr_spec for address in message["To"].addresses),
+            data=wire_bytes(message),
+        )
+
+
 def build_message(
     email: RenderedEmail,
     *,
@@ -72,36 +101,93 @@ def build_message(
     list_id: str | None = None,
     unsubscribe_url: str | None = None,
     unsubscribe_mailto: str | None = None,
-) -> EmailMessage:
+) -> OutgoingEmail:
     """One email with text and HTML parts and the contract's headers.
 
-    The headers are set through `email.headerregistry`, which refuses CR and LF
-    in any value, so nothing a subscriber typed can add a header.
+    Written straight to bytes: this runs for every email sent, and the `email`
+    package's header objects and generator cost more than everything else in
+    building an email together. Every header value is checked for CR and LF
+    (`ValueError`), so nothing a subscriber typed can add a header; non-ASCII
+    names and subjects are RFC 2047 encoded.
     """
-    message = EmailMessage(policy=MESSAGE_POLICY)
     from_name, from_address = parseaddr(mail_from)
-    message["From"] = Address(display_name=from_name, addr_spec=from_address)
-    message["To"] = Address(display_name=to_name, addr_spec=to_email)
-    message["Subject"] = email.subject
-    message["Date"] = format_datetime(date)
-    message["Message-ID"] = message_id
-    message["X-Nurture-Step"] = step_label
+    headers = [
+        ("From", _address(from_name, from_address)),
+        ("To", _address(to_name, to_email)),
+        ("Subject", _encoded(email.subject)),
+        ("Date", format_datetime(date)),
+        ("Message-ID", message_id),
+        ("X-Nurture-Step", step_label),
+    ]
     if list_id:
-        message["List-Id"] = list_id
+        phrase, _, identifier = list_id.rpartition(" <")
+        headers.append(("List-Id", f"{_encoded(phrase)} <{identifier}" if phrase else list_id))
     if unsubscribe_url:
         # RFC 8058: the https URL takes the one-click POST; a mailto is offered too if set.
         targets = [f"<{unsubscribe_url}>"]
         if unsubscribe_mailto:
             targets.append(f"<mailto:{unsubscribe_mailto}?subject=unsubscribe>")
-        message["List-Unsubscribe"] = ", ".join(targets)
-        message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
-    message.set_content(email.text)
-    message.add_alternative(email.html, subtype="html")
-    return message
+        headers.append(("List-Unsubscribe", ", ".join(targets)))
+        headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+    boundary = f"=_{uuid.uuid4().hex}"
+    headers.append(("MIME-Version", "1.0"))
+    headers.append(("Content-Type", f'multipart/alternative; boundary="{boundary}"'))
+    head = "".join(f"{name}: {_checked(name, value)}\r\n" for name, value in headers)
+    delimiter = f"\r\n--{boundary}".encode("ascii")
+    data = b"".join(
+        (
+            head.encode("ascii"),
+            delimiter,  # the blank line that ends the headers, then the first delimiter
+            b"\r\n",
+            _part("text/plain", email.text),
+            delimiter,
+            b"\r\n",
+            _part("text/html", email.html),
+            delimiter,
+            b"--\r\n",
+        )
+    )
+    return OutgoingEmail(sender=from_address, recipients=(to_email,), data=data)
+
+
+def _checked(name: str, value: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"the {name} header would contain a CR or LF character")
+    return value
+
+
+def _address(name: str, address: str) -> str:
+    """`Name <address>`, the name quoted or RFC 2047 encoded as it needs."""
+    _checked("address", name + address)
+    if not ADDRESS.fullmatch(address):
+        raise ValueError(f"{address!r} is not an address this mailer can send to")
+    return formataddr((name, address), charset="utf-8")
+
+
+def _encoded(value: str) -> str:
+    """A header value, RFC 2047 encoded (and folded) if it is not plain ASCII."""
+    _checked("header", value)
+    if value.isascii():
+        return value
+    return Header(value, "utf-8").encode(linesep="\r\n")
+
+
+def _part(content_type: str, body: str) -> bytes:
+    """One MIME part: 7bit when it is plain short-lined ASCII, quoted-printable otherwise."""
+    text = body.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"
+    raw = text.encode("utf-8")
+    if raw.isascii() and max(map(len, raw.split(b"\n"))) <= MAX_LINE:
+        encoding, payload = "7bit", raw
+    else:
+        encoding, payload = "quoted-printable", binascii.b2a_qp(raw, istext=True)
+    head = f'Content-Type: {content_type}; charset="utf-8"\r\nContent-Transfer-Encoding: {encoding}'
+    return head.encode("ascii") + b"\r\n\r\n" + payload.replace(b"\n", b"\r\n")
 
 
 def wire_bytes(message: EmailMessage) -> bytes:
-    """The message exactly as it goes over SMTP (before dot-stuffing).
+    """A message built with the `email` package, exactly as it goes over SMTP.
 
     Serialised here once, rather than by `smtplib.send_message`, whose generator
     rewrites body lines starting with "From " and would break a DKIM signature
@@ -164,23 +250,23 @@ class SMTPConnection:
             smtp.login(s.username, s.password or "")
         return smtp
 
-    def send(self, message: EmailMessage, signer: DKIMSigner | None = None) -> None:
-        """Send one message, DKIM-signed if a signer is given.
+    def send(self, email: OutgoingEmail | EmailMessage, signer: DKIMSigner | None = None) -> None:
+        """Send one email, DKIM-signed if a signer is given.
 
         Raises TemporaryFailure or PermanentFailure. A connection that the
         server dropped between two messages is reopened once: servers close
         idle or long-lived sessions, and that is no reason to give up.
         """
-        data = wire_bytes(message)
+        if isinstance(email, EmailMessage):
+            email = OutgoingEmail.from_message(email)
+        data = email.data
         if signer is not None:
             data = signer.sign(data) + data
-        sender = message["From"].addresses[0].addr_spec
-        recipients = [address.addr_spec for address in message["To"].addresses]
         for attempt in (1, 2):
             try:
                 if self._smtp is None:
                     self._smtp = self._connect()
-                self._smtp.sendmail(sender, recipients, data)
+                self._smtp.sendmail(email.sender, list(email.recipients), data)
                 return
             except smtplib.SMTPServerDisconnected as error:
                 self._smtp = None

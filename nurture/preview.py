@@ -8,23 +8,30 @@ from email.utils import make_msgid
 from nurture.config import Settings
 from nurture.delivery import Composer
 from nurture.dkim import dkim_signer
-from nurture.mailer import SMTPConnection, parse_smtp_url
+from nurture.mailer import OutgoingEmail, SMTPConnection, parse_smtp_url
 from nurture.models import Subscriber, utcnow
 from nurture.sequences import current_sequences
 
 SAMPLE_EMAIL = "alex@example.com"
 
 
-def preview_message(
+def preview_email(
     settings: Settings, sequence: str, step: str, *, first_name: str = "Alex"
-) -> EmailMessage:
-    """The full message for `sequence`/`step` (or the confirmation email)."""
+) -> OutgoingEmail:
+    """The email for `sequence`/`step` (or the confirmation email), as it would be sent."""
     composer = Composer(settings, current_sequences(settings.templates_path))
     sample = Subscriber(id=0, email=SAMPLE_EMAIL, first_name=first_name)
     message_id = f"<preview@{settings.mail_domain}>"
     if step == "confirmation":
         return composer.confirmation(sample, 0, message_id, utcnow())
     return composer.course_step(sequence, step, sample, message_id, utcnow())
+
+
+def preview_message(
+    settings: Settings, sequence: str, step: str, *, first_name: str = "Alex"
+) -> EmailMessage:
+    """The same email parsed, for the preview pages and lint to look into."""
+    return preview_email(settings, sequence, step, first_name=first_name).message()
 
 
 def parts(message: EmailMessage) -> tuple[str, str]:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import css_inline
 import markdown
-from jinja2 import FileSystemLoader, StrictUndefined, Template, TemplateError, select_autoescape
+from jinja2 import (
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    TemplateError,
+    nodes,
+    select_autoescape,
+)
 from jinja2.sandbox import SandboxedEnvironment
 from markupsafe import Markup
 
@@ -29,7 +36,8 @@ LAYOUT_TEXT = "_layout.txt"
 SNIPPETS = "_snippets/"  # reusable pieces: {% include "_snippets/NAME.md" %}
 MAX_HTML_BYTES = 100 * 1024  # Gmail clips messages at about 102 KB
 FRONT_MATTER_KEYS = ("subject", "preheader")
-MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()>#+\-.!|])")
+#: The characters Python-Markdown takes a backslash off (its ESCAPED_CHARS).
+MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()>#+\-.!])")
 
 
 class RenderError(Exception):
@@ -126,7 +134,7 @@ def _strip_controls(value: str) -> str:
 LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)(\{[^}]*\})?")
 EMPHASIS = re.compile(r"(\*\*|__|\*|_)(?=\S)(.+?)(?<=\S)\1")
 HEADING = re.compile(r"^#{1,6}[ \t]+(.*?)[ \t]*#*[ \t]*$", re.MULTILINE)
-ESCAPE = re.compile(r"\\([\\`*_{}\[\]()>#+\-.!|])")
+ESCAPE = re.compile(r"\\([\\`*_{}\[\]()>#+\-.!])")
 
 
 def markdown_to_text(source: str) -> str:
@@ -222,6 +230,8 @@ class Renderer:
             **common, finalize=_escape_markdown_only, autoescape=False
         )
         self._header_cache: dict[str, tuple[int, dict[str, _Header]]] = {}
+        self._shapes: dict[tuple, tuple[tuple, _Shape | None]] = {}
+        self._include_cache: dict[str, tuple[int, list[str]]] = {}
         self._local = threading.local()
         for env in (self._html_env, self._text_env, self._text_body_env):
             env.globals.update(SNIPPET_FUNCTIONS)
@@ -249,6 +259,13 @@ class Renderer:
         self._header_cache[name] = (stamp, headers)
         return headers
 
+    def headers_for(self, name: str, values: Mapping[str, object]) -> tuple[str, str]:
+        """The subject and preheader of email `name` for these values."""
+        plain = {"course_url": self.course_url, **values}
+        headers = self._headers(name)
+        subject = _strip_controls(headers["subject"].template.render(plain))
+        return subject, _strip_controls(headers["preheader"].template.render(plain))
+
     def _markdown(self) -> markdown.Markdown:
         """A Markdown converter for this thread: building one costs more than converting."""
         converter = getattr(self._local, "markdown", None)
@@ -270,14 +287,106 @@ class Renderer:
         `values` come from the subscriber and are escaped in the HTML part;
         `links` are URLs the system made (confirmation, course page) and go in
         as they are. With `unsubscribe_url`, the footer offers to unsubscribe.
+
+        Most emails are rendered once per file version and then filled in per
+        subscriber (see `_Shape`); the rest go through the whole pipeline.
         """
+        if not links and _fillable(values, unsubscribe_url):
+            shape = self._shape(name, values, unsubscribe_url is not None, list_title)
+            if shape is not None:
+                return shape.fill(self, name, values, unsubscribe_url)
+        return self._render_fully(
+            name, values, links=links, unsubscribe_url=unsubscribe_url, list_title=list_title
+        )
+
+    def _shape(
+        self, name: str, values: Mapping[str, object], unsubscribing: bool, list_title: str
+    ) -> _Shape | None:
+        """The email rendered with slots for these values, or None if it cannot be reused.
+
+        Cached per file version (the email, what it includes and the layouts)
+        and per which values are empty, since `{% if first_name %}` may choose
+        other words. Before a shape is trusted it is checked against a full
+        render with awkward values; one that differs is never used.
+        """
+        try:
+            stamp = self._stamp(name)
+        except (OSError, TemplateError):
+            return None
+        key = (name, tuple((k, bool(v)) for k, v in sorted(values.items())), unsubscribing)
+        key += (list_title,)
+        cached = self._shapes.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        shape = None
+        try:
+            if self._plain_uses(stamp, set(values)):
+                shape = _Shape.make(self, name, values, unsubscribing, list_title)
+        except (OSError, TemplateError, RenderError):
+            shape = None  # rendering in full reports the problem
+        self._shapes[key] = (stamp, shape)
+        return shape
+
+    def _stamp(self, name: str) -> tuple:
+        """The version of everything an email is rendered from: its files' mtimes."""
+        names = (name, LAYOUT_HTML, LAYOUT_TEXT, *self._includes(name))
+        return tuple((n, (self.templates_path / n).stat().st_mtime_ns) for n in names)
+
+    def _includes(self, name: str, depth: int = 0) -> list[str]:
+        """The files `name` includes, directly or not (constant names only)."""
+        mtime = (self.templates_path / name).stat().st_mtime_ns
+        cached = self._include_cache.get(name)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        found: list[str] = []
+        source = self._html_env.loader.get_source(self._html_env, name)[0]
+        for node in self._html_env.parse(source).find_all(nodes.Include):
+            if isinstance(node.template, nodes.Const) and depth < 5:
+                found += [node.template.value, *self._includes(node.template.value, depth + 1)]
+        self._include_cache[name] = (mtime, found)
+        return found
+
+    def _plain_uses(self, stamp: tuple, names: set[str]) -> bool:
+        """Whether every use of `names` is plain: `{{ x }}`, `{{ x or "..." }}`, `{% if x %}`.
+
+        Then the output depends only on whether each value is empty, and the
+        value itself can be put in afterwards. A filter, a call, a comparison
+        or an include with a computed name makes the email render in full.
+        """
+        sources = [self._html_env.loader.get_source(self._html_env, n)[0] for n, _ in stamp]
+        sources += [h.source for h in self._headers(stamp[0][0]).values()]
+        for source in sources:
+            tree = self._html_env.parse(source)
+            if any(not isinstance(i.template, nodes.Const) for i in tree.find_all(nodes.Include)):
+                return False
+            plain: set[int] = set()
+            for output in tree.find_all(nodes.Output):
+                for child in output.nodes:
+                    if isinstance(child, nodes.Or) and isinstance(child.right, nodes.Const):
+                        child = child.left
+                    plain.add(id(child))
+            for branch in tree.find_all(nodes.If):
+                test = branch.test.node if isinstance(branch.test, nodes.Not) else branch.test
+                plain.add(id(test))
+            if any(n.name in names and id(n) not in plain for n in tree.find_all(nodes.Name)):
+                return False
+        return True
+
+    def _render_fully(
+        self,
+        name: str,
+        values: Mapping[str, object],
+        *,
+        links: Mapping[str, str] | None = None,
+        unsubscribe_url: str | None = None,
+        list_title: str = "",
+    ) -> RenderedEmail:
+        """The whole pipeline: Jinja twice, Markdown, the layouts, CSS inlining."""
         trusted = {"course_url": self.course_url, **(links or {})}
         context = {**values, **{k: Markup(v) for k, v in trusted.items()}}
         plain = {**values, **trusted}
         try:
-            headers = self._headers(name)
-            subject = _strip_controls(headers["subject"].template.render(plain))
-            preheader = _strip_controls(headers["preheader"].template.render(plain))
+            subject, preheader = self.headers_for(name, plain)
             body_markdown = self._html_env.get_template(name).render(context)
             body_text = markdown_to_text(self._text_body_env.get_template(name).render(context))
             layout = {
@@ -300,3 +409,85 @@ class Renderer:
                 "Gmail clips it"
             )
         return RenderedEmail(subject=subject, preheader=preheader, html=inlined, text=text)
+
+
+#: Stand-ins for per-subscriber values: lower-case letters and digits, which
+#: Jinja, Markdown, the layouts and the CSS inliner all pass through untouched.
+SLOT = "nurtureslot{}x"
+UNSUBSCRIBE_SLOT = "https://nurtureslot.invalid/unsubscribe"
+#: Awkward values a shape must render exactly as a full render does.
+PROBE_VALUE = 'Zoë O\'Brien-Smith & <Ann> "Jo" *x* _y_ [z](w) #1 \\ | 100%.'
+PROBE_UNSUBSCRIBE = "https://probe.example/unsubscribe/a_b-c.D9~x"
+URL_SAFE = re.compile(r"[A-Za-z0-9:/._~%?=+-]*")
+
+
+def _fillable(values: Mapping[str, object], unsubscribe_url: str | None) -> bool:
+    """Values that a filled-in shape reproduces exactly; others render in full.
+
+    Printable text without surrounding spaces (a space next to `*` changes
+    what Markdown makes of it), and an unsubscribe URL of plain URL characters.
+    """
+    for value in values.values():
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str) or not value.isprintable() or value != value.strip():
+            return False
+    return unsubscribe_url is None or bool(URL_SAFE.fullmatch(unsubscribe_url))
+
+
+def _html_text(value: str) -> str:
+    """A value as the CSS inliner writes it in an HTML text node."""
+    return html.escape(value, quote=False).replace("\xa0", "&nbsp;")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """An email rendered once with slots, filled in per subscriber by string replacement.
+
+    Markdown and CSS inlining are most of the cost of an email and give the
+    same result for every subscriber but for the values, so they run once per
+    file version.
+    """
+
+    html: str
+    text: str
+    slots: tuple[tuple[str, str], ...]  # (value name, slot)
+
+    @classmethod
+    def make(cls, renderer: Renderer, name, values, unsubscribing: bool, list_title: str):
+        slots = tuple(
+            (key, SLOT.format(index)) for index, (key, value) in enumerate(sorted(values.items()))
+        )
+        slotted = {key: (slot if values[key] else values[key]) for key, slot in slots}
+        try:
+            rendered = renderer._render_fully(
+                name,
+                slotted,
+                unsubscribe_url=UNSUBSCRIBE_SLOT if unsubscribing else None,
+                list_title=list_title,
+            )
+        except RenderError:
+            return None  # rendering in full reports the error
+        shape = cls(rendered.html, rendered.text, tuple((k, s) for k, s in slots if values[k]))
+        probe = {key: (PROBE_VALUE if values[key] else values[key]) for key in values}
+        unsubscribe = PROBE_UNSUBSCRIBE if unsubscribing else None
+        full = renderer._render_fully(
+            name, probe, unsubscribe_url=unsubscribe, list_title=list_title
+        )
+        if shape.fill(renderer, name, probe, unsubscribe) != full:
+            return None
+        return shape
+
+    def fill(self, renderer: Renderer, name: str, values, unsubscribe_url) -> RenderedEmail:
+        page, text = self.html, self.text
+        for key, slot in self.slots:
+            page = page.replace(slot, _html_text(values[key]))
+            text = text.replace(slot, values[key])
+        if unsubscribe_url is not None:
+            page = page.replace(UNSUBSCRIBE_SLOT, unsubscribe_url)
+            text = text.replace(UNSUBSCRIBE_SLOT, unsubscribe_url)
+        try:
+            subject, preheader = renderer.headers_for(name, values)
+        except TemplateError as error:
+            raise RenderError(f"{name}: {error.message or error}") from error
+        return RenderedEmail(subject=subject, preheader=preheader, html=page, text=text)

@@ -224,9 +224,14 @@ def _due_batch(session: Session, now: datetime, limit: int):
     Waiting for the previous email (a retry after a 451, a step held by a
     broken template) keeps each subscriber's course in order.
     """
+    # OFFSET 0 keeps PostgreSQL from turning this into an anti-join, whose plan
+    # depends on statistics that lag behind a burst of new deliveries (it then
+    # compares every due row with every unsent delivery); as a subquery it is
+    # one index probe per due row, whatever the statistics say.
     unsent = (
         select(Delivery.id)
         .where(Delivery.enrollment_id == Enrollment.id, Delivery.status.in_(DeliveryStatus.UNSENT))
+        .offset(0)
         .exists()
     )
     return session.execute(
@@ -307,38 +312,71 @@ def next_to_send(
     return None, None
 
 
+#: Enrollments the due-scan takes per transaction: big enough that a statement
+#: serves hundreds of rows, small enough to keep locks and parameter lists short.
+SCAN_BATCH = 500
+
+
+#: Enrollments the due-scan takes per transaction: big enough that a statement
+#: serves hundreds of rows, small enough to keep locks and parameter lists short.
+SCAN_BATCH = 500
+
+#: `_step_due_now`'s answer for an enrollment that has to wait.
+WAIT = object()
+
+
 def create_due_deliveries(
-    session: Session, settings: Settings, sequences: Mapping[str, Sequence], now: datetime
+    session: Session,
+    settings: Settings,
+    sequences: Mapping[str, Sequence],
+    now: datetime,
+    after_batch: Callable[[], None] | None = None,
 ) -> int:
     """Write a delivery row for every due step and move each enrollment on.
 
-    Batches of `settings.batch_size`, each committed on its own; on PostgreSQL
-    the rows are taken with SKIP LOCKED, so two dispatchers share the work
-    instead of doubling it, and the unique (enrollment, step) constraint backs
-    that up everywhere.
+    Batches of SCAN_BATCH enrollments, each committed on its own, with one
+    INSERT for all of a batch's deliveries; on PostgreSQL the rows are taken
+    with SKIP LOCKED, so two dispatchers share the work instead of doubling
+    it, and the unique (enrollment, step) constraint backs that up everywhere.
+    Cost grows with what is due, not with the number of enrollments.
+    `after_batch` runs after each batch that wrote deliveries, so a big tick
+    hands out its first emails while it goes on with the rest.
     """
     created = 0
     while True:
-        rows = _due_batch(session, now, settings.batch_size)
+        rows = _due_batch(session, now, SCAN_BATCH)
         histories = _history(session, [enrollment.id for enrollment, _ in rows])
+        due = []
         for enrollment, timezone in rows:
-            created += _advance(
-                session, settings, sequences, enrollment, timezone, histories[enrollment.id], now
-            )
+            had = histories[enrollment.id]
+            step = _step_due_now(settings, sequences, enrollment, timezone, had, now)
+            if step is not WAIT:
+                due.append((enrollment, timezone, had.steps, step))
+        written = _insert_deliveries(
+            session, settings, [(e, step) for e, _, _, step in due if step is not None], now
+        )
+        for enrollment, timezone, had, step in due:
+            sequence = sequences[enrollment.sequence]
+            if step is not None and enrollment.id in written:
+                _move_on(settings, sequence, enrollment, timezone, had, now)
+                created += 1
+            else:  # nothing left, written meanwhile, or cancelled earlier: one row at a time
+                created += _advance(session, settings, sequence, enrollment, timezone, had, now)
         session.commit()
-        if len(rows) < settings.batch_size:
+        if written and after_batch is not None:
+            after_batch()
+        if len(rows) < SCAN_BATCH:
             return created
 
 
-def _advance(
-    session, settings, sequences, enrollment: Enrollment, timezone: str, history: History, now
-) -> int:
-    """Write the step due now and point the enrollment at the one after it.
+def _step_due_now(settings, sequences, enrollment: Enrollment, timezone: str, history, now):
+    """The step to write now for a due enrollment (None: it has none left), or WAIT.
 
     The minimum gap counts from when the last email was really sent: one that
-    went out late, after retries, pushes the next one back too.
+    went out late, after retries, pushes the next one back too. An enrollment
+    that waits (for the gap, or because its sequence is gone) is given its new
+    due time here.
     """
-    had = history.steps
     sequence = sequences.get(enrollment.sequence)
     if sequence is None:
         log.error(
@@ -347,9 +385,9 @@ def _advance(
             enrollment.sequence,
         )
         enrollment.next_due_at = None
-        return 0
+        return WAIT
     converted = enrollment.converted_at is not None
-    step, following = next_to_send(sequence, enrollment.next_step, had, converted)
+    step, _ = next_to_send(sequence, enrollment.next_step, history.steps, converted)
     gap = timedelta(seconds=settings.min_gap_seconds)
     if step is not None and history.last_sent is not None and history.last_sent + gap > now:
         enrollment.next_due_at = next_due(
@@ -360,10 +398,70 @@ def _advance(
             settings=settings,
             skip_weekends=sequence.skip_weekends,
         )
-        return 0
+        return WAIT
+    return step
+
+
+def _insert_deliveries(session: Session, settings: Settings, wanted, now) -> set[int]:
+    """Insert a queued delivery for each (enrollment, step); return the enrollments written.
+
+    One statement; a pair that exists already (written by another dispatcher,
+    or cancelled by an unsubscribe) is skipped here and left to `_advance`.
+    """
+    if not wanted:
+        return set()
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    rows = [
+        {
+            "subscriber_id": enrollment.subscriber_id,
+            "enrollment_id": enrollment.id,
+            "sequence": enrollment.sequence,
+            "step": step.key,
+            "status": DeliveryStatus.QUEUED,
+            "message_id": new_message_id(settings),
+            "attempts": 0,
+            "not_before": now,
+            "created_at": now,
+        }
+        for enrollment, step in wanted
+    ]
+    statement = (
+        insert(Delivery.__table__)
+        .on_conflict_do_nothing(index_elements=["enrollment_id", "step"])
+        .returning(Delivery.__table__.c.enrollment_id)
+    )
+    # Many parameter sets: SQLAlchemy sends them as multi-row INSERTs ("insertmanyvalues").
+    return set(session.scalars(statement, rows))
+
+
+def _advance(session, settings, sequence: Sequence, enrollment, timezone: str, had, now) -> int:
+    """Write the step due now one row at a time, and move the enrollment on.
+
+    For the few enrollments the batch insert did not settle: a step someone
+    else wrote meanwhile is never written twice (the next one is tried), a
+    cancelled one is revived, and an enrollment with nothing left completes.
+    """
+    converted = enrollment.converted_at is not None
+    step, _ = next_to_send(sequence, enrollment.next_step, had, converted)
     while step is not None and not _write_delivery(session, settings, enrollment, step, now):
-        had = [*had, step.key]  # written meanwhile by someone else: never twice
-        step, following = next_to_send(sequence, enrollment.next_step, had, converted)
+        had = [*had, step.key]
+        step, _ = next_to_send(sequence, enrollment.next_step, had, converted)
+    if step is None:
+        enrollment.next_step = enrollment.next_due_at = None
+        complete_if_done(session, enrollment.id, now)
+        return 0
+    _move_on(settings, sequence, enrollment, timezone, had, now)
+    return 1
+
+
+def _move_on(settings, sequence: Sequence, enrollment, timezone: str, had, now) -> None:
+    """Point an enrollment whose due step was just written at the step after it.
+
+    `had` is what the enrollment had before that step, as the step was chosen.
+    """
+    converted = enrollment.converted_at is not None
+    _, following = next_to_send(sequence, enrollment.next_step, had, converted)
     enrollment.next_step = following.key if following else None
     enrollment.next_due_at = (
         next_due(
@@ -377,9 +475,6 @@ def _advance(
         if following
         else None
     )
-    if following is None and step is None:
-        complete_if_done(session, enrollment.id, now)
-    return int(step is not None)
 
 
 def release_expired_leases(session: Session, now: datetime) -> int:
@@ -415,39 +510,49 @@ def enqueue_ready(
                     or_(Delivery.enqueued_at.is_(None), Delivery.enqueued_at < stale),
                 )
                 .order_by(Delivery.not_before, Delivery.id)
-                .limit(settings.batch_size)
+                .limit(SCAN_BATCH)
                 .with_for_update(skip_locked=True)
             )
         )
         if not ids:
             return enqueued, failed
-        handed, failed = hand_over(session, ids, now, publish)
+        handed, failed = hand_over(session, ids, now, publish, batch_size=settings.batch_size)
         enqueued += handed
         if failed:
             return enqueued, failed
 
 
-def hand_over(session: Session, ids: list[int], now: datetime, publish: Publish) -> tuple[int, int]:
-    """Mark deliveries as handed to the broker, then publish them.
+def hand_over(
+    session: Session, ids: list[int], now: datetime, publish: Publish, batch_size: int = 0
+) -> tuple[int, int]:
+    """Mark deliveries as handed to the broker, then publish them in tasks of `batch_size`.
 
-    If the broker is down the mark is taken back, so the next tick tries again
-    at once; the delivery rows themselves stay, so nothing is lost. Returns
-    (published, failed).
+    The marks are committed in one statement before anything is published. If
+    the broker goes down part way, the marks of what was not published are
+    taken back, so the next tick tries again at once; the delivery rows
+    themselves stay, so nothing is lost. Returns (published, failed).
     """
     session.execute(update(Delivery).where(Delivery.id.in_(ids)).values(enqueued_at=now))
     session.commit()
+    size = batch_size or len(ids)
+    published = 0
     try:
-        publish(ids)
+        for start in range(0, len(ids), size):
+            publish(ids[start : start + size])
+            published = min(start + size, len(ids))
     except Exception as error:
-        log.warning("broker unavailable, %d deliveries wait for the next tick: %s", len(ids), error)
+        rest = ids[published:]
+        log.warning(
+            "broker unavailable, %d deliveries wait for the next tick: %s", len(rest), error
+        )
         session.execute(
             update(Delivery)
-            .where(and_(Delivery.id.in_(ids), Delivery.enqueued_at == now))
+            .where(and_(Delivery.id.in_(rest), Delivery.enqueued_at == now))
             .values(enqueued_at=None)
         )
         session.commit()
-        return 0, len(ids)
-    return len(ids), 0
+        return published, len(rest)
+    return published, 0
 
 
 def dispatch(
@@ -458,9 +563,21 @@ def dispatch(
     now: datetime,
     publish: Publish,
 ) -> DispatchResult:
-    """One due-scan: release dead claims, write due deliveries, hand them out."""
+    """One due-scan: release dead claims, write due deliveries, hand them out.
+
+    Deliveries are handed out batch by batch as they are written; once the
+    broker refuses one, the rest of this tick only writes rows, which the next
+    tick hands out.
+    """
     result = DispatchResult()
     result.released = release_expired_leases(session, now)
-    result.created = create_due_deliveries(session, settings, sequences, now)
-    result.enqueued, result.publish_failed = enqueue_ready(session, settings, now, publish)
+
+    def hand_out() -> None:
+        if not result.publish_failed:
+            enqueued, failed = enqueue_ready(session, settings, now, publish)
+            result.enqueued += enqueued
+            result.publish_failed += failed
+
+    result.created = create_due_deliveries(session, settings, sequences, now, hand_out)
+    hand_out()
     return result

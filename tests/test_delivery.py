@@ -434,7 +434,7 @@ def build(subject: str = "Hello", to_name: str = "Ann", **overrides):
         date=T0,
     )
     values.update(overrides)
-    return build_message(RenderedEmail(subject, "pre", "<p>Hi</p>", "Hi\n"), **values)
+    return build_message(RenderedEmail(subject, "pre", "<p>Hi</p>", "Hi\n"), **values).message()
 
 
 def test_build_message_is_well_formed():

@@ -15,7 +15,7 @@ import pytest
 from conftest import REQUIRE_SERVICES, Stack
 
 from nurture.mailer import build_message
-from nurture.preview import preview_message
+from nurture.preview import preview_email
 from nurture.render import RenderedEmail
 from nurture.sequences import load_sequences
 
@@ -64,8 +64,8 @@ def all_emails() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("sequence", "step"), all_emails())
 def test_every_email_scores_low(production, sequence, step):
-    message = preview_message(production.settings, sequence, step, first_name="Alex")
-    points = score(message.as_bytes())
+    email = preview_email(production.settings, sequence, step, first_name="Alex")
+    points = score(email.data)
     assert points < LIMIT, f"{sequence}/{step} scores {points}"
 
 
@@ -87,4 +87,4 @@ def test_the_check_tells_spam_apart(production):
         step_label="spam",
         date=datetime.now(UTC),
     )
-    assert score(message.as_bytes()) >= LIMIT
+    assert score(message.data) >= LIMIT
