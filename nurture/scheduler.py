@@ -426,13 +426,15 @@ def _insert_deliveries(session: Session, settings: Settings, wanted, now) -> set
         }
         for enrollment, step in wanted
     ]
-    statement = (
-        insert(Delivery.__table__)
-        .on_conflict_do_nothing(index_elements=["enrollment_id", "step"])
-        .returning(Delivery.__table__.c.enrollment_id)
+    statement = insert(Delivery.__table__).on_conflict_do_nothing(
+        index_elements=["enrollment_id", "step"]
     )
-    # Many parameter sets: SQLAlchemy sends them as multi-row INSERTs ("insertmanyvalues").
-    return set(session.scalars(statement, rows))
+    inserted = session.execute(statement, rows).rowcount
+    if inserted == len(rows):
+        return {enrollment.id for enrollment, _ in wanted}
+    # Some already existed: the message ids say which rows are the ones just written.
+    mine = [row["message_id"] for row in rows]
+    return set(session.scalars(select(Delivery.enrollment_id).where(Delivery.message_id.in_(mine))))
 
 
 def _advance(session, settings, sequence: Sequence, enrollment, timezone: str, had, now) -> int:
