@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
@@ -70,7 +71,21 @@ def backoff(attempts: int, base: int) -> timedelta:
     return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
 
-#: What a worker reads of a delivery when it claims it.
+class Claimed(NamedTuple):
+    """A delivery this worker holds, with what it needs to send it."""
+
+    id: int
+    subscriber_id: int
+    enrollment_id: int | None
+    sequence: str | None
+    step: str
+    message_id: str
+    attempts: int
+    created_at: datetime
+    lease_until: datetime
+
+
+#: What a worker reads of a delivery when it claims it (the fields of Claimed).
 CLAIMED_COLUMNS = (
     Delivery.id,
     Delivery.subscriber_id,
@@ -84,7 +99,9 @@ CLAIMED_COLUMNS = (
 )
 
 
-def claim_many(session: Session, delivery_ids: list[int], now: datetime, lease: timedelta):
+def claim_many(
+    session: Session, delivery_ids: list[int], now: datetime, lease: timedelta
+) -> list[Claimed]:
     """Take deliveries for this worker; return the ones that are ours, in the given order.
 
     Only a queued delivery that the dispatcher has handed out (enqueued_at set)
@@ -112,16 +129,18 @@ def claim_many(session: Session, delivery_ids: list[int], now: datetime, lease: 
     ).all()
     session.commit()
     order = {delivery_id: index for index, delivery_id in enumerate(delivery_ids)}
-    return sorted(rows, key=lambda row: order[row.id])
+    return sorted((Claimed(*row) for row in rows), key=lambda claimed: order[claimed.id])
 
 
-def claim(session: Session, delivery_id: int, now: datetime, lease: timedelta):
+def claim(session: Session, delivery_id: int, now: datetime, lease: timedelta) -> Claimed | None:
     """Take one delivery for this worker, or None if it is not ours to send."""
     claimed = claim_many(session, [delivery_id], now, lease)
     return claimed[0] if claimed else None
 
 
-def _renew(session: Session, claimed: list, now: datetime, lease: timedelta) -> list:
+def _renew(
+    session: Session, claimed: list[Claimed], now: datetime, lease: timedelta
+) -> list[Claimed]:
     """Extend the claim on the deliveries still to send; return those still ours.
 
     A batch on a slow server can outlast its lease; renewing it before it

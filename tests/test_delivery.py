@@ -31,7 +31,7 @@ from nurture.models import (
     SubscriberStatus,
 )
 from nurture.render import RenderedEmail
-from nurture.scheduler import dispatch
+from nurture.scheduler import dispatch, release_expired_leases
 from nurture.sequences import first_steps, load_sequences
 from nurture.subscribers import SignupRequest, confirm, signup, unsubscribe
 
@@ -206,6 +206,62 @@ def test_a_duplicate_broker_message_sends_once(settings, smtp):
     assert (second.sent, second.skipped) == (0, 1)
     assert len(smtp.messages) == 1
     assert delivery(settings, ids[0]).attempts == 1
+
+
+@BOTH_DATABASES
+def test_a_slow_batch_renews_its_claim_and_sends_everything_once(settings, smtp):
+    # Each send takes most of a lease on this clock: without renewing, the later
+    # emails of the batch would be past their lease, free for the sweep to hand
+    # to another worker while this one still sends them.
+    for n in range(4):
+        enroll(settings, f"reader{n}@example.com")
+    ids = hand_out(settings, T0)
+    assert len(ids) == 4
+    lease = timedelta(seconds=settings.lease_seconds)
+    ticks = iter(T0 + i * lease * 0.4 for i in range(100))
+    released = []
+
+    def clock():
+        """Time moves on, and the dispatcher's sweep runs at every step of it."""
+        now = next(ticks)
+        with session_scope(settings.database_url) as dispatcher:
+            released.append(release_expired_leases(dispatcher, now))
+        return now
+
+    with session_scope(settings.database_url) as session:
+        result = send_batch(session, settings, sequences(settings), ids, clock=clock)
+
+    assert sum(released) == 0, "no claim ran out while its email was still to send"
+    assert (result.sent, result.skipped) == (4, 0)
+    assert len(smtp.messages) == 4
+    assert {delivery(settings, i).status for i in ids} == {DeliveryStatus.SENT}
+
+
+@BOTH_DATABASES
+def test_a_batch_leaves_alone_what_another_worker_took_over(settings, smtp):
+    for n in range(2):
+        enroll(settings, f"reader{n}@example.com")
+    first, second = hand_out(settings, T0)
+    lease = timedelta(seconds=settings.lease_seconds)
+    ticks = iter([T0, T0 + lease * 0.6, T0 + lease * 0.7])
+
+    def clock():
+        now = next(ticks)
+        if now == T0 + lease * 0.6:  # meanwhile the sweep gave the second to someone else
+            with session_scope(settings.database_url) as other:
+                other.execute(
+                    update(Delivery).where(Delivery.id == second).values(lease_until=T0 + lease * 9)
+                )
+        return now
+
+    with session_scope(settings.database_url) as session:
+        result = send_batch(session, settings, sequences(settings), [first, second], clock=clock)
+
+    assert (result.sent, result.skipped) == (1, 1)
+    assert len(smtp.messages) == 1
+    assert delivery(settings, first).status == DeliveryStatus.SENT
+    assert delivery(settings, second).status == DeliveryStatus.SENDING
+    assert delivery(settings, second).lease_until == T0 + lease * 9, "the other worker's claim"
 
 
 # --- Failures ----------------------------------------------------------------------
