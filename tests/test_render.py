@@ -7,6 +7,7 @@ same Composer the worker uses) or a `Renderer` over a copy of the templates.
 from __future__ import annotations
 
 import html as html_lib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -416,3 +417,89 @@ def test_manifest_bad_send_at(templates, bad):
 def test_urls_keep_their_underscores_in_the_text_part():
     text = markdown_to_text("[Confirm](https://x.test/confirm/a_b_c_d){.button} and _this_")
     assert text == "Confirm: https://x.test/confirm/a_b_c_d and this\n"
+
+
+# --- Rendered once, filled in per subscriber ---------------------------------------
+
+AWKWARD_NAMES = [
+    "Ann",
+    "",
+    None,
+    "Zoë",
+    "O'Brien",
+    "A & B",
+    "<script>alert(1)</script>",
+    "*bold* _it_",
+    "a|b",
+    "[x](http://evil.example)",
+    "http://evil.example/a_b",
+    "#1",
+    "1. Ann",
+    "- Ann",
+    "Ann\\",
+    "`code`",
+    "{{ 7*7 }}",
+    "{% raw %}",
+    "> quote",
+    "Mary  Ann",
+    "🚀 Rocket",
+    "&amp;",
+    "\u00a0Ann",
+    " Ann",
+    "Ann\t",
+    "x" * 80,
+]
+ALL_STEPS = [
+    (f"{sequence.name}/{step.file}", sequence.title)
+    for sequence in (COURSE, load_sequence(TEMPLATES / "career-switch-checklist"))
+    for step in sequence.steps
+]
+
+
+def course_renderer(templates: Path = TEMPLATES) -> Renderer:
+    return Renderer(templates, postal_address=POSTAL_ADDRESS, course_url=COURSE_URL)
+
+
+@pytest.mark.parametrize(("name", "title"), ALL_STEPS)
+def test_filling_in_gives_exactly_the_full_render(name, title):
+    renderer = course_renderer()
+    unsubscribe = f"{BASE_URL}/unsubscribe/AbC_d-9.e"
+    for first_name in AWKWARD_NAMES:
+        values = {"first_name": first_name}
+        filled = renderer.render(name, values, unsubscribe_url=unsubscribe, list_title=title)
+        full = renderer._render_fully(name, values, unsubscribe_url=unsubscribe, list_title=title)
+        assert filled == full, first_name
+    # The shipped emails really take the quick path, so the comparison above means something.
+    assert renderer._shape(name, {"first_name": "Ann"}, True, title) is not None
+    assert renderer._shape(name, {"first_name": ""}, True, title) is not None
+
+
+def test_a_value_used_through_a_filter_renders_in_full(templates):
+    replace_line(templates / BROKEN, 5, "Hi {{ first_name|upper }},")
+    renderer = course_renderer(templates)
+
+    email = renderer.render(BROKEN, {"first_name": "ann"}, list_title=COURSE.title)
+
+    assert "Hi ANN," in email.text
+    assert renderer._shape(BROKEN, {"first_name": "ann"}, False, COURSE.title) is None
+
+
+def test_an_edit_shows_in_the_next_email(templates):
+    renderer = course_renderer(templates)
+    assert "Hi Ann," in renderer.render(BROKEN, {"first_name": "Ann"}).text
+    path = templates / BROKEN
+    replace_line(path, 5, "Hello again {{ first_name or 'there' }},")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+    assert "Hello again Ann," in renderer.render(BROKEN, {"first_name": "Ann"}).text
+
+
+def test_a_broken_email_is_reported_on_the_quick_path_too(templates):
+    renderer = course_renderer(templates)
+    renderer.render(BROKEN, {"first_name": "Ann"})  # a good shape is cached
+    path = templates / BROKEN
+    replace_line(path, 12, "Hello {{ nickname }}, welcome back.")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+    with pytest.raises(RenderError, match=r"04-overlap\.md:12:.*nickname"):
+        renderer.render(BROKEN, {"first_name": "Ann"})
