@@ -7,6 +7,7 @@ frozen `Settings`; the rest of the code takes a `Settings` and never reads
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -97,11 +98,11 @@ class Settings:
         """Rate-limit counters live in Redis when there is one, so every web process shares them."""
         return self.broker_url if self.broker_url.startswith("redis") else "memory://"
 
-    @property
+    @functools.cached_property
     def mail_from_address(self) -> str:
         return parseaddr(self.mail_from)[1]
 
-    @property
+    @functools.cached_property
     def mail_domain(self) -> str:
         return self.mail_from_address.rpartition("@")[2] or "localhost"
 

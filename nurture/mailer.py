@@ -9,6 +9,7 @@ which is all the delivery code needs to know about SMTP.
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 import smtplib
 import ssl
@@ -110,7 +111,7 @@ def build_message(
     (`ValueError`), so nothing a subscriber typed can add a header; non-ASCII
     names and subjects are RFC 2047 encoded.
     """
-    from_name, from_address = parseaddr(mail_from)
+    from_name, from_address = _parse_sender(mail_from)
     headers = [
         ("From", _address(from_name, from_address)),
         ("To", _address(to_name, to_email)),
@@ -148,6 +149,12 @@ def build_message(
         )
     )
     return OutgoingEmail(sender=from_address, recipients=(to_email,), data=data)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_sender(mail_from: str) -> tuple[str, str]:
+    """MAIL_FROM as (name, address); it is the same for every email."""
+    return parseaddr(mail_from)
 
 
 def _checked(name: str, value: str) -> str:

@@ -6,7 +6,7 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 
 from nurture.config import Settings
-from nurture.delivery import Composer
+from nurture.delivery import composer_for
 from nurture.dkim import dkim_signer
 from nurture.mailer import OutgoingEmail, SMTPConnection, parse_smtp_url
 from nurture.models import Subscriber, utcnow
@@ -19,7 +19,7 @@ def preview_email(
     settings: Settings, sequence: str, step: str, *, first_name: str = "Alex"
 ) -> OutgoingEmail:
     """The email for `sequence`/`step` (or the confirmation email), as it would be sent."""
-    composer = Composer(settings, current_sequences(settings.templates_path))
+    composer = composer_for(settings, current_sequences(settings.templates_path))
     sample = Subscriber(id=0, email=SAMPLE_EMAIL, first_name=first_name)
     message_id = f"<preview@{settings.mail_domain}>"
     if step == "confirmation":

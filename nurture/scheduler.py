@@ -316,11 +316,6 @@ def next_to_send(
 #: serves hundreds of rows, small enough to keep locks and parameter lists short.
 SCAN_BATCH = 500
 
-
-#: Enrollments the due-scan takes per transaction: big enough that a statement
-#: serves hundreds of rows, small enough to keep locks and parameter lists short.
-SCAN_BATCH = 500
-
 #: `_step_due_now`'s answer for an enrollment that has to wait.
 WAIT = object()
 
