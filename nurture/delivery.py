@@ -321,6 +321,7 @@ _RECIPIENT = (
         _subscribers.c.status,
         _enrollments.c.status.label("enrollment_status"),
         _enrollments.c.converted_at,
+        _enrollments.c.next_step,
     )
     .select_from(_subscribers)
     .outerjoin(_enrollments, _enrollments.c.id == bindparam("enrollment_id"))
@@ -463,7 +464,19 @@ def _send_one(session, settings: Settings, composer: Composer, smtp, delivery, n
         log.warning("delivery %s deferred: %s", delivery.id, error)
         outcome = _retry_or_fail(session, settings, delivery, now, str(error))
         return "unreachable" if isinstance(error, ServerUnreachable) else outcome
-    _finish(session, delivery, now, status=DeliveryStatus.SENT, sent_at=now, last_error=None)
+    # Only an enrollment with no step left can complete. Its next step cannot
+    # become empty meanwhile: only the due-scan empties it, and the due-scan
+    # leaves alone an enrollment with an email on its way, like this one.
+    last = subscriber.next_step is None
+    _finish(
+        session,
+        delivery,
+        now,
+        complete=last,
+        status=DeliveryStatus.SENT,
+        sent_at=now,
+        last_error=None,
+    )
     return "sent"
 
 
