@@ -294,7 +294,7 @@ class Renderer:
         if not links and _fillable(values, unsubscribe_url):
             shape = self._shape(name, values, unsubscribe_url is not None, list_title)
             if shape is not None:
-                return shape.fill(self, name, values, unsubscribe_url)
+                return shape.fill(values, unsubscribe_url)
         return self._render_fully(
             name, values, links=links, unsubscribe_url=unsubscribe_url, list_title=list_title
         )
@@ -449,6 +449,8 @@ class _Shape:
     file version.
     """
 
+    subject: str
+    preheader: str
     html: str
     text: str
     slots: tuple[tuple[str, str], ...]  # (value name, slot)
@@ -468,26 +470,32 @@ class _Shape:
             )
         except RenderError:
             return None  # rendering in full reports the error
-        shape = cls(rendered.html, rendered.text, tuple((k, s) for k, s in slots if values[k]))
+        used = tuple((key, slot) for key, slot in slots if values[key])
+        shape = cls(rendered.subject, rendered.preheader, rendered.html, rendered.text, used)
         probe = {key: (PROBE_VALUE if values[key] else values[key]) for key in values}
         unsubscribe = PROBE_UNSUBSCRIBE if unsubscribing else None
         full = renderer._render_fully(
             name, probe, unsubscribe_url=unsubscribe, list_title=list_title
         )
-        if shape.fill(renderer, name, probe, unsubscribe) != full:
+        if shape.fill(probe, unsubscribe) != full:
             return None
         return shape
 
-    def fill(self, renderer: Renderer, name: str, values, unsubscribe_url) -> RenderedEmail:
-        page, text = self.html, self.text
+    def fill(self, values, unsubscribe_url) -> RenderedEmail:
+        """The email for these values (the same emptiness as the shape was made for)."""
+        subject, preheader, page, text = self.subject, self.preheader, self.html, self.text
         for key, slot in self.slots:
-            page = page.replace(slot, _html_text(values[key]))
-            text = text.replace(slot, values[key])
+            value = values[key]
+            subject = subject.replace(slot, value)
+            preheader = preheader.replace(slot, value)
+            page = page.replace(slot, _html_text(value))
+            text = text.replace(slot, value)
         if unsubscribe_url is not None:
             page = page.replace(UNSUBSCRIBE_SLOT, unsubscribe_url)
             text = text.replace(UNSUBSCRIBE_SLOT, unsubscribe_url)
-        try:
-            subject, preheader = renderer.headers_for(name, values)
-        except TemplateError as error:
-            raise RenderError(f"{name}: {error.message or error}") from error
-        return RenderedEmail(subject=subject, preheader=preheader, html=page, text=text)
+        return RenderedEmail(
+            subject=_strip_controls(subject) if self.slots else subject,
+            preheader=_strip_controls(preheader) if self.slots else preheader,
+            html=page,
+            text=text,
+        )

@@ -503,3 +503,16 @@ def test_a_broken_email_is_reported_on_the_quick_path_too(templates):
 
     with pytest.raises(RenderError, match=r"04-overlap\.md:12:.*nickname"):
         renderer.render(BROKEN, {"first_name": "Ann"})
+
+
+def test_a_name_in_the_subject_is_filled_in_too(templates):
+    replace_line(templates / BROKEN, 2, "subject: Day 3 for {{ first_name or 'you' }}: the overlap")
+    renderer = course_renderer(templates)
+
+    for first_name in ["Ann", "Mary  Ann", "A & <B>", ""]:
+        values = {"first_name": first_name}
+        assert renderer.render(BROKEN, values) == renderer._render_fully(BROKEN, values)
+    assert renderer.render(BROKEN, {"first_name": "Mary  Ann"}).subject == (
+        "Day 3 for Mary Ann: the overlap"
+    )
+    assert renderer._shape(BROKEN, {"first_name": "Ann"}, False, "") is not None
