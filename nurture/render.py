@@ -424,13 +424,18 @@ URL_SAFE = re.compile(r"[A-Za-z0-9:/._~%?=+-]*")
 def _fillable(values: Mapping[str, object], unsubscribe_url: str | None) -> bool:
     """Values that a filled-in shape reproduces exactly; others render in full.
 
-    Printable text without surrounding spaces (a space next to `*` changes
-    what Markdown makes of it), and an unsubscribe URL of plain URL characters.
+    Printable text with single spaces between words and none around them (a
+    space next to `*` changes what Markdown makes of it, and a subject's spaces
+    are collapsed), and an unsubscribe URL of plain URL characters.
     """
     for value in values.values():
         if value is None or value == "":
             continue
-        if not isinstance(value, str) or not value.isprintable() or value != value.strip():
+        if (
+            not isinstance(value, str)
+            or not value.isprintable()
+            or value != " ".join(value.split())
+        ):
             return False
     return unsubscribe_url is None or bool(URL_SAFE.fullmatch(unsubscribe_url))
 
