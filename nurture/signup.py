@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+from datetime import datetime, timedelta
 
 from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
+from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from nurture import scheduler, subscribers, tokens
 from nurture.app import csrf, limiter, state
 from nurture.db import session_scope
-from nurture.models import utcnow
-from nurture.sequences import first_steps
+from nurture.models import Delivery, utcnow
+from nurture.sequences import Sequence, first_steps
 from nurture.subscribers import DEFAULT_SEQUENCE
 from nurture.tasks import publisher
 
+log = logging.getLogger(__name__)
 bp = Blueprint("signup", __name__)
 
 ACCEPTED = {
@@ -26,7 +30,7 @@ def _client_ip() -> str:
     return request.remote_addr or ""
 
 
-def _record_signup(clean: dict[str, str], source: str) -> None:
+def _record_signup(clean: dict[str, str], source: str, sequences: dict[str, Sequence]) -> None:
     """Store the signup, then hand any confirmation email to the workers.
 
     The email itself is sent by a worker, never inside this request; if the
@@ -41,25 +45,48 @@ def _record_signup(clean: dict[str, str], source: str) -> None:
         timezone=clean["timezone"],
         sequence=clean["sequence"],
         source=source,
-        consent_text=subscribers.consent_text(app_state.sequences()[clean["sequence"]].title),
+        consent_text=subscribers.consent_text(sequences[clean["sequence"]].title),
         ip=_client_ip(),
         user_agent=request.headers.get("User-Agent", ""),
     )
     with session_scope(settings.database_url) as session:
         delivery_id = subscribers.signup(
-            session, settings, signup, first_steps=first_steps(app_state.sequences()), now=now
+            session,
+            settings,
+            signup,
+            first_steps=first_steps(sequences),
+            now=now,
+            publishing=True,
         )
-        session.commit()
+        session.commit()  # the row exists before any worker can hear of it
         if delivery_id is not None:
-            scheduler.hand_over(session, [delivery_id], now, publisher(app_state.celery))
+            _publish_confirmation(session, delivery_id, now, publisher(app_state.celery))
 
 
-def _validate(data, *, strict_timezone: bool):
-    settings = state().settings
+def _publish_confirmation(
+    session: Session, delivery_id: int, now: datetime, publish: scheduler.Publish
+) -> None:
+    """Hand the confirmation to the broker, already marked as handed over.
+
+    If the broker is down, the mark is taken back so the next due-scan hands
+    it over instead; the signup itself is already stored.
+    """
+    try:
+        publish([delivery_id])
+    except Exception as error:
+        log.warning("broker unavailable, confirmation waits for the next due-scan: %s", error)
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.enqueued_at == now)
+            .values(enqueued_at=None)
+        )
+
+
+def _validate(data, sequences: dict[str, Sequence], *, strict_timezone: bool):
     return subscribers.validate_signup(
         data,
-        sequences=frozenset(state().sequences()),
-        default_timezone=settings.default_timezone,
+        sequences=frozenset(sequences),
+        default_timezone=state().settings.default_timezone,
         strict_timezone=strict_timezone,
     )
 
@@ -103,10 +130,11 @@ def subscribe():
         return redirect(url_for("signup.thanks"), code=303)  # say nothing to the bot
     fields = ("email", "first_name", "timezone", "sequence")
     form = {key: request.form.get(key, "") for key in fields}
-    clean, errors = _validate(form, strict_timezone=False)
+    sequences = state().sequences()  # read once per request
+    clean, errors = _validate(form, sequences, strict_timezone=False)
     if errors:
         return _form_page(form, errors, 422)
-    _record_signup(clean, "form")
+    _record_signup(clean, "form", sequences)
     return redirect(url_for("signup.thanks"), code=303)
 
 
@@ -123,11 +151,12 @@ def api_subscribe():
     if not isinstance(data, dict):
         return jsonify({"errors": {"body": 'Send a JSON object, e.g. {"email": ...}.'}}), 400
     unknown = set(data) - {"email", "first_name", "timezone", "sequence"}
-    clean, errors = _validate(data, strict_timezone=True)
+    sequences = state().sequences()  # read once per request
+    clean, errors = _validate(data, sequences, strict_timezone=True)
     errors.update({field: "Unknown field." for field in sorted(unknown)})
     if errors:
         return jsonify({"errors": errors}), 422
-    _record_signup(clean, "api")
+    _record_signup(clean, "api", sequences)
     return jsonify(ACCEPTED), 202
 
 

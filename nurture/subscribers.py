@@ -16,12 +16,13 @@ from datetime import datetime, timedelta
 from functools import cache
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Insert, Row, Select, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from nurture.config import Settings
 from nurture.models import (
     CONFIRMATION_STEP,
+    Base,
     Consent,
     Delivery,
     DeliveryStatus,
@@ -178,17 +179,65 @@ def new_message_id(settings: Settings) -> str:
     return f"<{uuid.uuid4().hex}@{settings.mail_domain}>"
 
 
-def _queue_confirmation(session: Session, settings: Settings, subscriber: Subscriber, now):
-    delivery = Delivery(
-        subscriber_id=subscriber.id,
+@cache
+def _insert_statement(table: Table) -> Insert:
+    """A table's INSERT ... RETURNING id, built once per process rather than per signup."""
+    return insert(table).returning(table.c.id)
+
+
+def _insert(session: Session, model: type[Base], **values) -> int:
+    """Write one row with a plain INSERT and return its id.
+
+    Signups are the busiest writes the service takes and never read their rows
+    back, so they skip the ORM's unit of work, which costs more than the SQL.
+    """
+    return session.scalar(_insert_statement(model.__table__), values)
+
+
+def _lookup_statement() -> Select:
+    """The address's subscriber id and status, and any suppression of it, in one query.
+
+    A suppression matters only when there is no subscriber: it is what an
+    erasure keeps of a bounced or complained address.
+    """
+    subscribers, suppressions = Subscriber.__table__, Suppression.__table__
+    of_address = subscribers.c.email == bindparam("email")
+    return select(
+        select(subscribers.c.id).where(of_address).scalar_subquery().label("id"),
+        select(subscribers.c.status).where(of_address).scalar_subquery().label("status"),
+        select(suppressions.c.reason)
+        .where(suppressions.c.email_hash == bindparam("email_hash"))
+        .scalar_subquery()
+        .label("suppressed"),
+    )
+
+
+#: Built once: every signup runs it.
+_LOOKUP = _lookup_statement()
+
+
+def _queue_confirmation(
+    session: Session,
+    settings: Settings,
+    subscriber_id: int,
+    now: datetime,
+    enqueued_at: datetime | None = None,
+) -> int:
+    """Write the confirmation email's delivery row; its id.
+
+    `enqueued_at` is for a caller that publishes the id right after commit: the
+    row is marked as handed over in the same write.
+    """
+    return _insert(
+        session,
+        Delivery,
+        subscriber_id=subscriber_id,
         step=CONFIRMATION_STEP,
         message_id=new_message_id(settings),
         not_before=now,
         created_at=now,
+        enqueued_at=enqueued_at,
     )
-    session.add(delivery)
-    session.flush()
-    return delivery.id
 
 
 def _last_confirmation_at(session: Session, subscriber_id: int) -> datetime | None:
@@ -233,19 +282,18 @@ def _start(
     enrollment.started_at = now
 
 
-def _consent(
-    subscriber: Subscriber, request: SignupRequest, now: datetime, confirmed_at=None
-) -> Consent:
-    return Consent(
-        subscriber_id=subscriber.id,
-        source=request.source,
-        consent_text=request.consent_text,
-        consent_version=CONSENT_VERSION,
-        ip=request.ip[:45],
-        user_agent=request.user_agent[:512],
-        created_at=now,
-        confirmed_at=confirmed_at,
-    )
+def _consent(subscriber_id: int, request: SignupRequest, now: datetime, confirmed_at=None) -> dict:
+    """The consent record's columns: what the person agreed to, where and when."""
+    return {
+        "subscriber_id": subscriber_id,
+        "source": request.source,
+        "consent_text": request.consent_text,
+        "consent_version": CONSENT_VERSION,
+        "ip": request.ip[:45],
+        "user_agent": request.user_agent[:512],
+        "created_at": now,
+        "confirmed_at": confirmed_at,
+    }
 
 
 def signup(
@@ -255,63 +303,95 @@ def signup(
     *,
     first_steps: Mapping[str, str],
     now: datetime,
+    publishing: bool = False,
 ) -> int | None:
     """Record a signup; return the id of a confirmation delivery to enqueue, if any.
 
     Whatever the address's history, the caller gives the same answer, so the
     form cannot be used to learn who is subscribed. Bounced addresses stay
-    suppressed; an unsubscribed address must confirm again.
+    suppressed; an unsubscribed address must confirm again. With `publishing`
+    the caller hands the confirmation to the broker right after commit, so its
+    row is written already marked as handed over.
     """
-    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == request.email))
-    if subscriber is not None and subscriber.status in (
-        SubscriberStatus.BOUNCED,
-        SubscriberStatus.COMPLAINED,
-    ):
-        return None
-    if subscriber is None and suppression_of(session, request.email) not in (
-        None,
-        *SubscriberStatus.REVERSIBLE,
-    ):
-        return None  # bounced or complained before the record was erased
-    if subscriber is not None and subscriber.status == SubscriberStatus.PENDING:
-        # Asked twice: resend, but at most once per RESEND_CONFIRMATION_AFTER. Within that
-        # window nothing changes, so the link already sent stays the one that works.
-        last = _last_confirmation_at(session, subscriber.id)
-        if last is not None and now - last < RESEND_CONFIRMATION_AFTER:
+    found = session.execute(
+        _LOOKUP, {"email": request.email, "email_hash": email_hash(request.email)}
+    ).one()
+    if found.id is None:
+        if found.suppressed not in (None, *SubscriberStatus.REVERSIBLE):
+            return None  # bounced or complained before the record was erased
+        subscriber_id = _new_subscriber(session, request, now)
+    else:
+        subscriber_id = found.id
+        if not _signs_up_again(session, settings, request, found, first_steps, now):
             return None
-    if subscriber is None:
-        subscriber = Subscriber(
-            email=request.email,
-            first_name=request.first_name,
-            timezone=request.timezone,
-            status=SubscriberStatus.PENDING,
-            created_at=now,
-        )
-        session.add(subscriber)
-        session.flush()
-    elif subscriber.status == SubscriberStatus.ACTIVE:
-        # A confirmed address joining another sequence: its consent is recorded too.
-        enrollment = _ensure_enrollment(session, subscriber, request.sequence, now)
-        if enrollment.status == EnrollmentStatus.PENDING:
-            session.add(_consent(subscriber, request, now, confirmed_at=now))
-            _start(session, enrollment, first_steps[request.sequence], now, _gap(settings))
-        return None
-    else:  # pending, or unsubscribed and coming back: confirm again
-        subscriber.status = SubscriberStatus.PENDING
-        subscriber.first_name = request.first_name or subscriber.first_name
-        subscriber.timezone = request.timezone
-
-    session.add(_consent(subscriber, request, now))
-    enrollment = _ensure_enrollment(session, subscriber, request.sequence, now)
-    if enrollment.status == EnrollmentStatus.STOPPED:
-        enrollment.status = EnrollmentStatus.PENDING
-    session.add(Event(subscriber_id=subscriber.id, kind="signup", created_at=now))
-    session.flush()
+    _insert(session, Consent, **_consent(subscriber_id, request, now))
+    _insert(session, Event, subscriber_id=subscriber_id, kind="signup", created_at=now)
 
     if not settings.double_opt_in:
-        confirm(session, subscriber.id, now=now, first_steps=first_steps, min_gap=_gap(settings))
+        confirm(session, subscriber_id, now=now, first_steps=first_steps, min_gap=_gap(settings))
         return None
-    return _queue_confirmation(session, settings, subscriber, now)
+    return _queue_confirmation(
+        session, settings, subscriber_id, now, enqueued_at=now if publishing else None
+    )
+
+
+def _new_subscriber(session: Session, request: SignupRequest, now: datetime) -> int:
+    """Write a first-time subscriber, pending, with their enrollment; their id."""
+    subscriber_id = _insert(
+        session,
+        Subscriber,
+        email=request.email,
+        first_name=request.first_name,
+        timezone=request.timezone,
+        status=SubscriberStatus.PENDING,
+        created_at=now,
+    )
+    _insert(
+        session,
+        Enrollment,
+        subscriber_id=subscriber_id,
+        sequence=request.sequence,
+        status=EnrollmentStatus.PENDING,
+        created_at=now,
+    )
+    return subscriber_id
+
+
+def _signs_up_again(
+    session: Session,
+    settings: Settings,
+    request: SignupRequest,
+    found: Row,
+    first_steps: Mapping[str, str],
+    now: datetime,
+) -> bool:
+    """A known address signs up again; True if it must confirm (again).
+
+    Bounced and complained addresses stay suppressed. A pending one gets at most
+    one new confirmation per RESEND_CONFIRMATION_AFTER, so within that window
+    the link already sent stays the one that works. A confirmed one joining
+    another sequence starts it at once, with its consent recorded too. An
+    unsubscribed one coming back must confirm again.
+    """
+    if found.status in (SubscriberStatus.BOUNCED, SubscriberStatus.COMPLAINED):
+        return False
+    if found.status == SubscriberStatus.PENDING:
+        last = _last_confirmation_at(session, found.id)
+        if last is not None and now - last < RESEND_CONFIRMATION_AFTER:
+            return False
+    subscriber = session.get(Subscriber, found.id)
+    enrollment = _ensure_enrollment(session, subscriber, request.sequence, now)
+    if subscriber.status == SubscriberStatus.ACTIVE:
+        if enrollment.status == EnrollmentStatus.PENDING:
+            _insert(session, Consent, **_consent(subscriber.id, request, now, confirmed_at=now))
+            _start(session, enrollment, first_steps[request.sequence], now, _gap(settings))
+        return False
+    subscriber.status = SubscriberStatus.PENDING
+    subscriber.first_name = request.first_name or subscriber.first_name
+    subscriber.timezone = request.timezone
+    if enrollment.status == EnrollmentStatus.STOPPED:
+        enrollment.status = EnrollmentStatus.PENDING
+    return True
 
 
 def latest_consent(session: Session, subscriber_id: int) -> Consent | None:
@@ -479,7 +559,7 @@ def resend_confirmation(
     subscriber = session.get(Subscriber, subscriber_id)
     if subscriber is None or subscriber.status != SubscriberStatus.PENDING:
         return None
-    return _queue_confirmation(session, settings, subscriber, now)
+    return _queue_confirmation(session, settings, subscriber.id, now)
 
 
 def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str) -> bool:
