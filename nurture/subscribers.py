@@ -438,6 +438,35 @@ def confirm(
     return subscriber
 
 
+def _complete_statement():
+    """UPDATE the enrollment to completed if it has no step left and nothing unsent.
+
+    Built once: it runs after every email sent.
+    """
+    deliveries, enrollments = Delivery.__table__, Enrollment.__table__
+    unsent = (
+        select(deliveries.c.id)
+        .where(
+            deliveries.c.enrollment_id == bindparam("enrollment_id"),
+            deliveries.c.status.in_(DeliveryStatus.UNSENT),
+        )
+        .exists()
+    )
+    return (
+        update(enrollments)
+        .where(
+            enrollments.c.id == bindparam("enrollment_id"),
+            enrollments.c.status == EnrollmentStatus.ACTIVE,
+            enrollments.c.next_step.is_(None),
+            ~unsent,
+        )
+        .values(status=EnrollmentStatus.COMPLETED, completed_at=bindparam("now"))
+    )
+
+
+_COMPLETE = _complete_statement()
+
+
 def complete_if_done(session: Session, enrollment_id: int | None, now: datetime) -> bool:
     """Complete an active enrollment that has no step left and nothing unsent.
 
@@ -449,25 +478,7 @@ def complete_if_done(session: Session, enrollment_id: int | None, now: datetime)
     if enrollment_id is None:
         return False
     session.flush()
-    unsent = session.scalar(
-        select(func.count())
-        .select_from(Delivery)
-        .where(
-            Delivery.enrollment_id == enrollment_id,
-            Delivery.status.in_(DeliveryStatus.UNSENT),
-        )
-    )
-    if unsent:
-        return False
-    result = session.execute(
-        update(Enrollment)
-        .where(
-            Enrollment.id == enrollment_id,
-            Enrollment.status == EnrollmentStatus.ACTIVE,
-            Enrollment.next_step.is_(None),
-        )
-        .values(status=EnrollmentStatus.COMPLETED, completed_at=now)
-    )
+    result = session.execute(_COMPLETE, {"enrollment_id": enrollment_id, "now": now})
     return result.rowcount == 1
 
 
