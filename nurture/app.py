@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from celery import Celery
@@ -55,7 +56,9 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
         RATELIMIT_STORAGE_URI=settings.rate_limit_storage,
         # A rate limiter that cannot reach Redis must not stop signups.
         RATELIMIT_SWALLOW_ERRORS=True,
-        RATELIMIT_HEADERS_ENABLED=True,
+        # X-RateLimit-* on every response would cost two more Redis round trips per
+        # signup; a refused request still gets its Retry-After (see http_error).
+        RATELIMIT_HEADERS_ENABLED=False,
     )
     if settings.trusted_proxies:  # behind a reverse proxy, the client is in X-Forwarded-For
         app.wsgi_app = ProxyFix(
@@ -88,6 +91,15 @@ def _error(status: int, title: str, message: str, errors: dict | None = None):
     return render_template("error.html", title=title, message=message), status
 
 
+def _retry_after() -> int:
+    """Seconds until the rate limit that refused this request lets it through again."""
+    try:
+        refused = limiter.current_limit
+        return max(1, int(refused.reset_at - time.time())) if refused else 60
+    except Exception:  # the limiter's storage is unreachable: a minute is a fair guess
+        return 60
+
+
 def _register_error_pages(app: Flask) -> None:
     @app.errorhandler(CSRFError)
     def csrf_error(error):
@@ -118,7 +130,11 @@ def _register_error_pages(app: Flask) -> None:
             429: "Too many requests from your network. Please wait a minute and try again.",
         }
         message = messages.get(error.code or 500, error.description or error.name)
-        return _error(error.code or 500, error.name, message)
+        body, status = _error(error.code or 500, error.name, message)
+        response = app.make_response((body, status))
+        if status == 429:
+            response.headers["Retry-After"] = str(_retry_after())
+        return response
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception):

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
 from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from nurture import scheduler, subscribers, tokens
@@ -50,15 +51,24 @@ def _record_signup(clean: dict[str, str], source: str, sequences: dict[str, Sequ
         user_agent=request.headers.get("User-Agent", ""),
     )
     with session_scope(settings.database_url) as session:
-        delivery_id = subscribers.signup(
-            session,
-            settings,
-            signup,
-            first_steps=first_steps(sequences),
-            now=now,
-            publishing=True,
-        )
-        session.commit()  # the row exists before any worker can hear of it
+        for attempt in (1, 2):
+            try:
+                delivery_id = subscribers.signup(
+                    session,
+                    settings,
+                    signup,
+                    first_steps=first_steps(sequences),
+                    now=now,
+                    publishing=True,
+                )
+                session.commit()  # the row exists before any worker can hear of it
+                break
+            except IntegrityError:
+                # The same address signed up at the same moment in another request
+                # (a double click): once that one is stored, this is a repeat signup.
+                session.rollback()
+                if attempt == 2:
+                    raise
         if delivery_id is not None:
             _publish_confirmation(session, delivery_id, now, publisher(app_state.celery))
 

@@ -749,7 +749,7 @@ def test_signups_are_rate_limited_per_address(stack):
 
     assert refused.status_code == 429
     assert refused.is_json and refused.get_json()["errors"]
-    assert "Retry-After" in refused.headers
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60, "within the minute of the limit"
 
     for n in range(3):
         assert form_signup(client, f"form{n}@example.com").status_code == 303

@@ -20,7 +20,7 @@ from nurture.models import (
     Subscriber,
     SubscriberStatus,
 )
-from nurture.subscribers import CONSENT_TEXT, latest_consent
+from nurture.subscribers import CONSENT_TEXT, DEFAULT_SEQUENCE, latest_consent
 from nurture.tokens import make_confirm_token, make_unsubscribe_token
 
 API = "/api/v1/subscribers"
@@ -336,3 +336,29 @@ def test_email_case_does_not_make_a_second_subscriber(client, settings):
     with session_scope(settings.database_url) as session:
         emails = list(session.scalars(select(Subscriber.email)))
     assert emails == ["ann@example.com"]
+
+
+@pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+def test_the_same_address_at_the_same_moment_gets_the_same_answer(client, settings):
+    """A double click: the second request's insert waits for the first, then conflicts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nurture.models import utcnow
+    from nurture.sequences import current_sequences, first_steps
+    from nurture.subscribers import SignupRequest, signup
+
+    email = "twice@example.com"
+    first = SignupRequest(
+        email=email, first_name="Ann", timezone="UTC", sequence=DEFAULT_SEQUENCE, source="api"
+    )
+    steps = first_steps(current_sequences(settings.templates_path))
+    with session_scope(settings.database_url) as session, ThreadPoolExecutor(1) as pool:
+        signup(session, settings, first, first_steps=steps, now=utcnow())  # not committed yet
+        second = pool.submit(api_signup, client, email)
+        with pytest.raises(TimeoutError):
+            second.result(timeout=1)  # blocked on the first request's row
+        session.commit()
+        response = second.result(timeout=10)
+
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert count(settings, Subscriber, Subscriber.email == email) == 1
