@@ -4,13 +4,12 @@
 For each list size N (default 100,000 then 1,000,000) a fresh PostgreSQL
 database is made and seeded server-side with N active enrollments, of which
 DUE (default 10,000) are due now, spread evenly over the table, and the rest
-due in the next week. The timed part is what one dispatch tick does with them:
-`scheduler.create_due_deliveries` (claim the due steps, write their deliveries,
-move each enrollment on) and `scheduler.enqueue_ready` with a no-op publish
-(mark them handed over, collect the ids). `scheduler.dispatch` hands out
-after each batch of SCAN_BATCH enrollments; here the hand-out runs once after
-all of them, so the two parts are timed apart. Between repetitions the same
-DUE enrollments are made due again and the table is vacuumed.
+due in the next week. The timed part is one dispatch tick, `scheduler.dispatch`, with a publish
+that only collects the ids: release lapsed claims, claim the due steps in
+batches of SCAN_BATCH (write their deliveries already marked as handed over,
+move each enrollment on, commit, hand the batch out), then hand out anything
+else that is ready. Between repetitions the same DUE enrollments are made due
+again and the table is vacuumed.
 
 Figures are ratios against the smallest N, measured in the same run:
 t(N)/t(N0), goal <= 1.5. Claims per second are compared with the delivery
@@ -273,17 +272,13 @@ def tick(url: str, settings, sequences, now, recorder: Recorder) -> dict:
     lsn = wal_lsn()
     with session_scope(url) as session:
         started = time.perf_counter()
-        created = scheduler.create_due_deliveries(session, settings, sequences, now)
-        claimed = time.perf_counter()
-        enqueued, failed = scheduler.enqueue_ready(session, settings, now, published.extend)
+        result = scheduler.dispatch(session, settings, sequences, now=now, publish=published.extend)
         done = time.perf_counter()
     return {
-        "created": created,
-        "enqueued": enqueued,
+        "created": result.created,
+        "enqueued": result.enqueued,
         "published": len(published),
-        "publish_failed": failed,
-        "create_s": claimed - started,
-        "enqueue_s": done - claimed,
+        "publish_failed": result.publish_failed,
         "total_s": done - started,
         "statements": recorder.count,
         "wal_mb": wal_mb_since(lsn),
@@ -348,8 +343,7 @@ def run_size(n: int, due: int, repeat: int, history: bool, max_load: float) -> d
             runs.append(result)
             print(
                 f"  run {attempt + 1}: {result['total_s']:.2f}s "
-                f"(create {result['create_s']:.2f}s, enqueue {result['enqueue_s']:.2f}s, "
-                f"{result['created']:,} created, {result['statements']:,} statements, "
+                f"({result['created']:,} created, {result['statements']:,} statements, "
                 f"{result['wal_mb']} MB WAL, "
                 f"load {load['load_1min']})",
                 flush=True,

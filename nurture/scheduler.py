@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -169,7 +169,7 @@ class DispatchResult:
     publish_failed: int = 0
 
 
-def _write_delivery(session: Session, settings: Settings, enrollment: Enrollment, step: Step, now):
+def _write_delivery(session: Session, settings: Settings, enrollment: _Due, step: Step, now):
     """Write the delivery for `step`; False if the subscriber already had this step.
 
     A delivery cancelled by an unsubscribe is revived for a returning subscriber;
@@ -218,7 +218,21 @@ def _write_delivery(session: Session, settings: Settings, enrollment: Enrollment
     return bool(revived)
 
 
-def _due_batch(session: Session, now: datetime, limit: int):
+@dataclass
+class _Due:
+    """A due enrollment as the due-scan sees it; what it changes is written back in bulk."""
+
+    id: int
+    subscriber_id: int
+    sequence: str
+    next_step: str | None
+    next_due_at: datetime | None
+    started_at: datetime | None
+    converted_at: datetime | None
+    timezone: str
+
+
+def _due_batch(session: Session, now: datetime, limit: int) -> list[_Due]:
     """Due enrollments, oldest first, none of which has an email still on its way.
 
     Waiting for the previous email (a retry after a 451, a step held by a
@@ -234,8 +248,17 @@ def _due_batch(session: Session, now: datetime, limit: int):
         .offset(0)
         .exists()
     )
-    return session.execute(
-        select(Enrollment, Subscriber.timezone)
+    rows = session.execute(
+        select(
+            Enrollment.id,
+            Enrollment.subscriber_id,
+            Enrollment.sequence,
+            Enrollment.next_step,
+            Enrollment.next_due_at,
+            Enrollment.started_at,
+            Enrollment.converted_at,
+            Subscriber.timezone,
+        )
         .join(Subscriber, Subscriber.id == Enrollment.subscriber_id)
         .where(
             Enrollment.status == EnrollmentStatus.ACTIVE,
@@ -245,7 +268,8 @@ def _due_batch(session: Session, now: datetime, limit: int):
         .order_by(Enrollment.next_due_at)
         .limit(limit)
         .with_for_update(of=Enrollment, skip_locked=True)
-    ).all()
+    )
+    return [_Due(*row) for row in rows]
 
 
 @dataclass
@@ -325,7 +349,7 @@ def create_due_deliveries(
     settings: Settings,
     sequences: Mapping[str, Sequence],
     now: datetime,
-    after_batch: Callable[[], None] | None = None,
+    hand_out: Publish | None = None,
 ) -> int:
     """Write a delivery row for every due step and move each enrollment on.
 
@@ -334,37 +358,40 @@ def create_due_deliveries(
     with SKIP LOCKED, so two dispatchers share the work instead of doubling
     it, and the unique (enrollment, step) constraint backs that up everywhere.
     Cost grows with what is due, not with the number of enrollments.
-    `after_batch` runs after each batch that wrote deliveries, so a big tick
-    hands out its first emails while it goes on with the rest.
+    With `hand_out`, each batch's deliveries are written already marked as
+    handed over and given to it right after the commit, so a big tick gets its
+    first emails moving while it goes on with the rest.
     """
     created = 0
     while True:
         rows = _due_batch(session, now, SCAN_BATCH)
-        histories = _history(session, [enrollment.id for enrollment, _ in rows])
-        due = []
-        for enrollment, timezone in rows:
+        histories = _history(session, [enrollment.id for enrollment in rows])
+        due, settled, careful = [], [], []
+        for enrollment in rows:
             had = histories[enrollment.id]
-            step = _step_due_now(settings, sequences, enrollment, timezone, had, now)
-            if step is not WAIT:
-                due.append((enrollment, timezone, had.steps, step))
-        written = _insert_deliveries(
-            session, settings, [(e, step) for e, _, _, step in due if step is not None], now
-        )
-        for enrollment, timezone, had, step in due:
+            step = _step_due_now(settings, sequences, enrollment, had, now)
+            (settled if step is WAIT else due).append((enrollment, had.steps, step))
+        wanted = [(e, step) for e, _, step in due if step is not None]
+        written = _insert_deliveries(session, settings, wanted, now, marked=hand_out is not None)
+        for enrollment, had, step in due:
             sequence = sequences[enrollment.sequence]
             if step is not None and enrollment.id in written:
-                _move_on(settings, sequence, enrollment, timezone, had, now)
+                _move_on(settings, sequence, enrollment, had, now)
+                settled.append((enrollment, had, step))
                 created += 1
             else:  # nothing left, written meanwhile, or cancelled earlier: one row at a time
-                created += _advance(session, settings, sequence, enrollment, timezone, had, now)
+                careful.append((enrollment, sequence, had))
+        _save(session, [enrollment for enrollment, _, _ in settled])
+        for enrollment, sequence, had in careful:
+            created += _advance(session, settings, sequence, enrollment, had, now)
         session.commit()
-        if written and after_batch is not None:
-            after_batch()
+        if written and hand_out is not None:
+            hand_out(list(written.values()))
         if len(rows) < SCAN_BATCH:
             return created
 
 
-def _step_due_now(settings, sequences, enrollment: Enrollment, timezone: str, history, now):
+def _step_due_now(settings, sequences, enrollment: _Due, history, now):
     """The step to write now for a due enrollment (None: it has none left), or WAIT.
 
     The minimum gap counts from when the last email was really sent: one that
@@ -388,7 +415,7 @@ def _step_due_now(settings, sequences, enrollment: Enrollment, timezone: str, hi
         enrollment.next_due_at = next_due(
             step,
             started_at=enrollment.started_at or now,
-            timezone=timezone,
+            timezone=enrollment.timezone,
             previous_send=history.last_sent,
             settings=settings,
             skip_weekends=sequence.skip_weekends,
@@ -397,16 +424,17 @@ def _step_due_now(settings, sequences, enrollment: Enrollment, timezone: str, hi
     return step
 
 
-def _insert_deliveries(session: Session, settings: Settings, wanted, now) -> set[int]:
-    """Insert a queued delivery for each (enrollment, step); return the enrollments written.
+def _insert_deliveries(
+    session: Session, settings: Settings, wanted, now, *, marked: bool = False
+) -> dict[int, int]:
+    """Insert a queued delivery for each (enrollment, step); {enrollment id: delivery id}.
 
     One statement; a pair that exists already (written by another dispatcher,
     or cancelled by an unsubscribe) is skipped here and left to `_advance`.
+    `marked` writes them as handed over to the broker at `now`.
     """
     if not wanted:
-        return set()
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        return {}
     rows = [
         {
             "subscriber_id": enrollment.subscriber_id,
@@ -417,22 +445,30 @@ def _insert_deliveries(session: Session, settings: Settings, wanted, now) -> set
             "message_id": new_message_id(settings),
             "attempts": 0,
             "not_before": now,
+            "enqueued_at": now if marked else None,
             "created_at": now,
         }
         for enrollment, step in wanted
     ]
-    statement = insert(Delivery.__table__).on_conflict_do_nothing(
+    if session.get_bind().dialect.name == "postgresql":
+        # The batch as arrays in one statement: no per-row round trip or parameter set.
+        columns = ("subscriber_id", "enrollment_id", "sequence", "step", "message_id")
+        arrays = {f"{column}s": [row[column] for row in rows] for column in columns}
+        parameters = {**arrays, "status": DeliveryStatus.QUEUED, "now": now}
+        written = session.execute(_PG_INSERT, {**parameters, "enqueued_at": rows[0]["enqueued_at"]})
+        return {enrollment_id: delivery_id for delivery_id, enrollment_id in written}
+    statement = sqlite_insert(Delivery.__table__).on_conflict_do_nothing(
         index_elements=["enrollment_id", "step"]
     )
-    inserted = session.execute(statement, rows).rowcount
-    if inserted == len(rows):
-        return {enrollment.id for enrollment, _ in wanted}
-    # Some already existed: the message ids say which rows are the ones just written.
-    mine = [row["message_id"] for row in rows]
-    return set(session.scalars(select(Delivery.enrollment_id).where(Delivery.message_id.in_(mine))))
+    session.execute(statement, rows)
+    mine = [row["message_id"] for row in rows]  # the rows just written, not older ones
+    found = session.execute(
+        select(Delivery.enrollment_id, Delivery.id).where(Delivery.message_id.in_(mine))
+    )
+    return {enrollment_id: delivery_id for enrollment_id, delivery_id in found}
 
 
-def _advance(session, settings, sequence: Sequence, enrollment, timezone: str, had, now) -> int:
+def _advance(session, settings, sequence: Sequence, enrollment: _Due, had, now) -> int:
     """Write the step due now one row at a time, and move the enrollment on.
 
     For the few enrollments the batch insert did not settle: a step someone
@@ -446,13 +482,15 @@ def _advance(session, settings, sequence: Sequence, enrollment, timezone: str, h
         step, _ = next_to_send(sequence, enrollment.next_step, had, converted)
     if step is None:
         enrollment.next_step = enrollment.next_due_at = None
+        _save(session, [enrollment])
         complete_if_done(session, enrollment.id, now)
         return 0
-    _move_on(settings, sequence, enrollment, timezone, had, now)
+    _move_on(settings, sequence, enrollment, had, now)
+    _save(session, [enrollment])
     return 1
 
 
-def _move_on(settings, sequence: Sequence, enrollment, timezone: str, had, now) -> None:
+def _move_on(settings, sequence: Sequence, enrollment: _Due, had, now) -> None:
     """Point an enrollment whose due step was just written at the step after it.
 
     `had` is what the enrollment had before that step, as the step was chosen.
@@ -464,7 +502,7 @@ def _move_on(settings, sequence: Sequence, enrollment, timezone: str, had, now) 
         next_due(
             following,
             started_at=enrollment.started_at or now,
-            timezone=timezone,
+            timezone=enrollment.timezone,
             previous_send=now,
             settings=settings,
             skip_weekends=sequence.skip_weekends,
@@ -472,6 +510,56 @@ def _move_on(settings, sequence: Sequence, enrollment, timezone: str, had, now) 
         if following
         else None
     )
+
+
+def _save(session: Session, enrollments: list[_Due]) -> None:
+    """Write the enrollments' next step and due time: one statement on PostgreSQL."""
+    if not enrollments:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            _PG_SAVE,
+            {
+                "ids": [e.id for e in enrollments],
+                "steps": [e.next_step for e in enrollments],
+                "dues": [e.next_due_at for e in enrollments],
+            },
+        )
+        return
+    session.execute(
+        _SAVE,
+        [{"b_id": e.id, "b_step": e.next_step, "b_due": e.next_due_at} for e in enrollments],
+    )
+
+
+_enrollments = Enrollment.__table__
+_SAVE = (
+    update(_enrollments)
+    .where(_enrollments.c.id == bindparam("b_id"))
+    .values(next_step=bindparam("b_step"), next_due_at=bindparam("b_due"))
+)
+_PG_SAVE = text(
+    """
+    UPDATE enrollments SET next_step = batch.next_step, next_due_at = batch.next_due_at
+    FROM unnest(CAST(:ids AS integer[]), CAST(:steps AS varchar[]), CAST(:dues AS timestamptz[]))
+         AS batch(id, next_step, next_due_at)
+    WHERE enrollments.id = batch.id
+    """
+)
+_PG_INSERT = text(
+    """
+    INSERT INTO deliveries (subscriber_id, enrollment_id, sequence, step, message_id,
+                            status, attempts, not_before, enqueued_at, created_at)
+    SELECT subscriber_id, enrollment_id, sequence, step, message_id,
+           :status, 0, :now, CAST(:enqueued_at AS timestamptz), :now
+    FROM unnest(CAST(:subscriber_ids AS integer[]), CAST(:enrollment_ids AS integer[]),
+                CAST(:sequences AS varchar[]), CAST(:steps AS varchar[]),
+                CAST(:message_ids AS varchar[]))
+         AS batch(subscriber_id, enrollment_id, sequence, step, message_id)
+    ON CONFLICT (enrollment_id, step) DO NOTHING
+    RETURNING id, enrollment_id
+    """
+)
 
 
 def release_expired_leases(session: Session, now: datetime) -> int:
@@ -520,17 +608,25 @@ def enqueue_ready(
 
 
 def hand_over(
-    session: Session, ids: list[int], now: datetime, publish: Publish, batch_size: int = 0
+    session: Session,
+    ids: list[int],
+    now: datetime,
+    publish: Publish,
+    batch_size: int = 0,
+    *,
+    marked: bool = False,
 ) -> tuple[int, int]:
     """Mark deliveries as handed to the broker, then publish them in tasks of `batch_size`.
 
-    The marks are committed in one statement before anything is published. If
-    the broker goes down part way, the marks of what was not published are
-    taken back, so the next tick tries again at once; the delivery rows
-    themselves stay, so nothing is lost. Returns (published, failed).
+    The marks are committed in one statement before anything is published
+    (`marked`: they were written so already). If the broker goes down part
+    way, the marks of what was not published are taken back, so the next tick
+    tries again at once; the delivery rows themselves stay, so nothing is
+    lost. Returns (published, failed).
     """
-    session.execute(update(Delivery).where(Delivery.id.in_(ids)).values(enqueued_at=now))
-    session.commit()
+    if not marked:
+        session.execute(update(Delivery).where(Delivery.id.in_(ids)).values(enqueued_at=now))
+        session.commit()
     size = batch_size or len(ids)
     published = 0
     try:
@@ -542,14 +638,19 @@ def hand_over(
         log.warning(
             "broker unavailable, %d deliveries wait for the next tick: %s", len(rest), error
         )
-        session.execute(
-            update(Delivery)
-            .where(and_(Delivery.id.in_(rest), Delivery.enqueued_at == now))
-            .values(enqueued_at=None)
-        )
-        session.commit()
+        take_back(session, rest, now)
         return published, len(rest)
     return published, 0
+
+
+def take_back(session: Session, ids: list[int], now: datetime) -> None:
+    """Undo a hand-over the broker did not take, so the next due-scan hands them out."""
+    session.execute(
+        update(Delivery)
+        .where(and_(Delivery.id.in_(ids), Delivery.enqueued_at == now))
+        .values(enqueued_at=None)
+    )
+    session.commit()
 
 
 def dispatch(
@@ -569,12 +670,17 @@ def dispatch(
     result = DispatchResult()
     result.released = release_expired_leases(session, now)
 
-    def hand_out() -> None:
-        if not result.publish_failed:
-            enqueued, failed = enqueue_ready(session, settings, now, publish)
-            result.enqueued += enqueued
-            result.publish_failed += failed
+    def hand_out(ids: list[int]) -> None:
+        if result.publish_failed:  # the broker is down: leave these for the next tick
+            take_back(session, ids, now)
+            result.publish_failed += len(ids)
+            return
+        published, failed = hand_over(session, ids, now, publish, settings.batch_size, marked=True)
+        result.enqueued += published
+        result.publish_failed += failed
 
     result.created = create_due_deliveries(session, settings, sequences, now, hand_out)
-    hand_out()
+    if not result.publish_failed:  # retries come due, messages the broker lost
+        enqueued, result.publish_failed = enqueue_ready(session, settings, now, publish)
+        result.enqueued += enqueued
     return result
