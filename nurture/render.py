@@ -12,6 +12,7 @@ clients drop <style> blocks.
 from __future__ import annotations
 
 import html
+import os
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -128,7 +129,9 @@ def _escape_markdown_only(value: object) -> object:
 
 def _strip_controls(value: str) -> str:
     """A subject is one header line: no CR, LF or other control characters."""
-    return " ".join("".join(c if c.isprintable() else " " for c in value).split())
+    if not value.isprintable():  # rare: look at each character only then
+        value = "".join(c if c.isprintable() else " " for c in value)
+    return " ".join(value.split())
 
 
 LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)(\{[^}]*\})?")
@@ -207,6 +210,18 @@ def add_open_pixel(email: RenderedEmail, url: str) -> RenderedEmail:
     return replace(email, html=page)
 
 
+class _Paths(dict):
+    """Template names to their paths as strings, made once (a stat runs per email)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> str:
+        path = self[name] = str(self.root / name)
+        return path
+
+
 @dataclass(frozen=True)
 class _Header:
     source: str
@@ -232,6 +247,7 @@ class Renderer:
         self._header_cache: dict[str, tuple[int, dict[str, _Header]]] = {}
         self._shapes: dict[tuple, tuple[tuple, _Shape | None]] = {}
         self._include_cache: dict[str, tuple[int, list[str]]] = {}
+        self._paths = _Paths(templates_path)
         self._local = threading.local()
         for env in (self._html_env, self._text_env, self._text_body_env):
             env.globals.update(SNIPPET_FUNCTIONS)
@@ -330,11 +346,11 @@ class Renderer:
     def _stamp(self, name: str) -> tuple:
         """The version of everything an email is rendered from: its files' mtimes."""
         names = (name, LAYOUT_HTML, LAYOUT_TEXT, *self._includes(name))
-        return tuple((n, (self.templates_path / n).stat().st_mtime_ns) for n in names)
+        return tuple((n, os.stat(self._paths[n]).st_mtime_ns) for n in names)
 
     def _includes(self, name: str, depth: int = 0) -> list[str]:
         """The files `name` includes, directly or not (constant names only)."""
-        mtime = (self.templates_path / name).stat().st_mtime_ns
+        mtime = os.stat(self._paths[name]).st_mtime_ns
         cached = self._include_cache.get(name)
         if cached is not None and cached[0] == mtime:
             return cached[1]
