@@ -169,6 +169,22 @@ class DispatchResult:
     publish_failed: int = 0
 
 
+def _new_delivery(settings: Settings, enrollment, step: Step, now, enqueued_at=None) -> dict:
+    """The row of a queued delivery of `step` for `enrollment`, due at once."""
+    return {
+        "subscriber_id": enrollment.subscriber_id,
+        "enrollment_id": enrollment.id,
+        "sequence": enrollment.sequence,
+        "step": step.key,
+        "status": DeliveryStatus.QUEUED,
+        "message_id": new_message_id(settings),
+        "attempts": 0,
+        "not_before": now,
+        "enqueued_at": enqueued_at,
+        "created_at": now,
+    }
+
+
 def _write_delivery(session: Session, settings: Settings, enrollment: _Due, step: Step, now):
     """Write the delivery for `step`; False if the subscriber already had this step.
 
@@ -178,17 +194,7 @@ def _write_delivery(session: Session, settings: Settings, enrollment: _Due, step
     """
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    values = {
-        "subscriber_id": enrollment.subscriber_id,
-        "enrollment_id": enrollment.id,
-        "sequence": enrollment.sequence,
-        "step": step.key,
-        "status": DeliveryStatus.QUEUED,
-        "message_id": new_message_id(settings),
-        "attempts": 0,
-        "not_before": now,
-        "created_at": now,
-    }
+    values = _new_delivery(settings, enrollment, step, now)
     statement = insert(Delivery).values(**values)
     inserted = session.scalar(
         statement.on_conflict_do_nothing(index_elements=["enrollment_id", "step"]).returning(
@@ -436,18 +442,7 @@ def _insert_deliveries(
     if not wanted:
         return {}
     rows = [
-        {
-            "subscriber_id": enrollment.subscriber_id,
-            "enrollment_id": enrollment.id,
-            "sequence": enrollment.sequence,
-            "step": step.key,
-            "status": DeliveryStatus.QUEUED,
-            "message_id": new_message_id(settings),
-            "attempts": 0,
-            "not_before": now,
-            "enqueued_at": now if marked else None,
-            "created_at": now,
-        }
+        _new_delivery(settings, enrollment, step, now, enqueued_at=now if marked else None)
         for enrollment, step in wanted
     ]
     if session.get_bind().dialect.name == "postgresql":
