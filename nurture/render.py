@@ -210,6 +210,13 @@ def add_open_pixel(email: RenderedEmail, url: str) -> RenderedEmail:
     return replace(email, html=page)
 
 
+#: Tags that load another template: its file is part of the email's version.
+_LOADS = (nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)
+#: Tags whose output can be used again as a value (compared, filtered), so a
+#: value used inside them is not plain.
+_CAPTURES = (nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.AssignBlock, nodes.Block)
+
+
 class _Paths(dict):
     """Template names to their paths as strings, made once (a stat runs per email)."""
 
@@ -329,8 +336,9 @@ class Renderer:
             stamp = self._stamp(name)
         except (OSError, TemplateError):
             return None
-        key = (name, tuple((k, bool(v)) for k, v in sorted(values.items())), unsubscribing)
-        key += (list_title,)
+        # None and "" are both empty, but `{{ first_name }}` prints them differently.
+        emptiness = tuple((k, bool(v), v is None) for k, v in sorted(values.items()))
+        key = (name, emptiness, unsubscribing, list_title)
         cached = self._shapes.get(key)
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -345,35 +353,52 @@ class Renderer:
 
     def _stamp(self, name: str) -> tuple:
         """The version of everything an email is rendered from: its files' mtimes."""
-        names = (name, LAYOUT_HTML, LAYOUT_TEXT, *self._includes(name))
-        return tuple((n, os.stat(self._paths[n]).st_mtime_ns) for n in names)
+        email, *loaded = self._versions(name)
+        layouts = tuple(
+            (n, os.stat(self._paths[n]).st_mtime_ns) for n in (LAYOUT_HTML, LAYOUT_TEXT)
+        )
+        return (email, *layouts, *loaded)
 
-    def _includes(self, name: str, depth: int = 0) -> list[str]:
-        """The files `name` includes, directly or not (constant names only)."""
+    def _versions(self, name: str, depth: int = 0) -> list[tuple[str, int]]:
+        """`name` and the files it includes, imports or extends, directly or not, with mtimes.
+
+        Only each file's own loads are cached (by its mtime), so a snippet
+        that starts including another file brings that file in at once.
+        """
         mtime = os.stat(self._paths[name]).st_mtime_ns
         cached = self._include_cache.get(name)
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
-        found: list[str] = []
-        source = self._html_env.loader.get_source(self._html_env, name)[0]
-        for node in self._html_env.parse(source).find_all(nodes.Include):
-            if isinstance(node.template, nodes.Const) and depth < 5:
-                found += [node.template.value, *self._includes(node.template.value, depth + 1)]
-        self._include_cache[name] = (mtime, found)
+        if cached is None or cached[0] != mtime:
+            source = self._html_env.loader.get_source(self._html_env, name)[0]
+            loads = [
+                node.template.value
+                for node in self._html_env.parse(source).find_all(_LOADS)
+                if isinstance(node.template, nodes.Const)  # others render in full
+            ]
+            cached = self._include_cache[name] = (mtime, loads)
+        found = [(name, mtime)]
+        if depth < 5:
+            for loaded in cached[1]:
+                found += self._versions(loaded, depth + 1)
         return found
 
     def _plain_uses(self, stamp: tuple, names: set[str]) -> bool:
         """Whether every use of `names` is plain: `{{ x }}`, `{{ x or "..." }}`, `{% if x %}`.
 
         Then the output depends only on whether each value is empty, and the
-        value itself can be put in afterwards. A filter, a call, a comparison
-        or an include with a computed name makes the email render in full.
+        value itself can be put in afterwards. A filter, a call, a comparison,
+        an include or import with a computed name, or a use inside a macro, a
+        call or filter block, a `{% set %}` block or a block (whose output can
+        be compared or filtered: `caller()`, `self.name()`) makes the email
+        render in full.
         """
         sources = [self._html_env.loader.get_source(self._html_env, n)[0] for n, _ in stamp]
         sources += [h.source for h in self._headers(stamp[0][0]).values()]
         for source in sources:
             tree = self._html_env.parse(source)
-            if any(not isinstance(i.template, nodes.Const) for i in tree.find_all(nodes.Include)):
+            if any(not isinstance(i.template, nodes.Const) for i in tree.find_all(_LOADS)):
+                return False
+            captured = {id(n) for c in tree.find_all(_CAPTURES) for n in c.find_all(nodes.Name)}
+            if any(n.name in names and id(n) in captured for n in tree.find_all(nodes.Name)):
                 return False
             plain: set[int] = set()
             for output in tree.find_all(nodes.Output):
@@ -429,8 +454,9 @@ class Renderer:
 
 #: Stand-ins for per-subscriber values: lower-case letters and digits, which
 #: Jinja, Markdown, the layouts and the CSS inliner all pass through untouched.
-SLOT = "nurtureslot{}x"
-UNSUBSCRIBE_SLOT = "https://nurtureslot.invalid/unsubscribe"
+SLOT_PREFIX = "nurtureslot"
+SLOT = SLOT_PREFIX + "{}x"
+UNSUBSCRIBE_SLOT = f"https://{SLOT_PREFIX}.invalid/unsubscribe"
 #: Awkward values a shape must render exactly as a full render does.
 PROBE_VALUE = 'Zoë O\'Brien-Smith & <Ann> "Jo" *x* _y_ [z](w) #1 \\ | 100%.'
 PROBE_UNSUBSCRIBE = "https://probe.example/unsubscribe/a_b-c.D9~x"
@@ -442,7 +468,9 @@ def _fillable(values: Mapping[str, object], unsubscribe_url: str | None) -> bool
 
     Printable text with single spaces between words and none around them (a
     space next to `*` changes what Markdown makes of it, and a subject's spaces
-    are collapsed), and an unsubscribe URL of plain URL characters.
+    are collapsed), and an unsubscribe URL of plain URL characters. Not a
+    value of only `=` (alone on a line, Markdown reads it as underlining a
+    heading), nor one with a slot in it (filling in would replace it too).
     """
     for value in values.values():
         if value is None or value == "":
@@ -451,6 +479,8 @@ def _fillable(values: Mapping[str, object], unsubscribe_url: str | None) -> bool
             not isinstance(value, str)
             or not value.isprintable()
             or value != " ".join(value.split())
+            or not value.strip("=")
+            or SLOT_PREFIX in value
         ):
             return False
     return unsubscribe_url is None or bool(URL_SAFE.fullmatch(unsubscribe_url))

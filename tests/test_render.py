@@ -516,3 +516,113 @@ def test_a_name_in_the_subject_is_filled_in_too(templates):
         "Day 3 for Mary Ann: the overlap"
     )
     assert renderer._shape(BROKEN, {"first_name": "Ann"}, False, "") is not None
+
+
+def bump_mtime(path: Path) -> None:
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+
+BOB_MACRO = "{% macro m() %}{{ first_name }}{% endmacro %}"
+SNIPPET = "_snippets/greeting.md"
+
+
+@pytest.mark.parametrize(
+    ("line", "snippet"),
+    [
+        # A value read in an imported file (with context) or the file an email extends.
+        (
+            f'{{% from "{SNIPPET}" import greeting with context %}}{{{{ greeting }}}},',
+            '{% set greeting = "Yo Bob" if first_name == "Bob" else "Hello" %}',
+        ),
+        # Output captured and compared: a set block, a macro, a block through self, caller().
+        ('{% set x %}{{ first_name }}{% endset %}{% if x == "Bob" %}Yo{% endif %} Hi,', None),
+        (BOB_MACRO + '{% if m() == "Bob" %}Yo{% endif %} Hi,', None),
+        (
+            '{% block n %}{{ first_name }}{% endblock %}{% if self.n() == "Bob" %}Yo{% endif %},',
+            None,
+        ),
+        (
+            '{% macro m() %}{% if caller() == "Bob" %}Yo{% endif %}{% endmacro %}'
+            "{% call m() %}{{ first_name }}{% endcall %} Hi,",
+            None,
+        ),
+    ],
+)
+def test_a_value_whose_output_is_looked_at_again_renders_in_full(templates, line, snippet):
+    if snippet is not None:
+        (templates / SNIPPET).write_text(snippet, encoding="utf-8")
+    replace_line(templates / BROKEN, 5, line)
+    renderer = course_renderer(templates)
+
+    for first_name in ["Ann", "Bob"]:
+        values = {"first_name": first_name}
+        assert renderer.render(BROKEN, values) == renderer._render_fully(BROKEN, values)
+
+
+def test_an_email_that_extends_a_file_is_checked_through_it(templates):
+    (templates / SNIPPET).write_text(
+        '{% block top %}{% endblock %}\n\n{% if first_name == "Bob" %}Yo Bob{% endif %}',
+        encoding="utf-8",
+    )
+    path = templates / BROKEN
+    head = path.read_text(encoding="utf-8").split("\n")[:4]
+    path.write_text(
+        "\n".join([*head, f'{{% extends "{SNIPPET}" %}}{{% block top %}}Hi{{% endblock %}}']),
+        encoding="utf-8",
+    )
+    renderer = course_renderer(templates)
+
+    for first_name in ["Ann", "Bob"]:
+        values = {"first_name": first_name}
+        assert renderer.render(BROKEN, values) == renderer._render_fully(BROKEN, values)
+
+
+def test_an_edit_to_an_imported_file_shows_in_the_next_email(templates):
+    snippet = templates / SNIPPET
+    snippet.write_text('{% set greeting = "Hello" %}', encoding="utf-8")
+    replace_line(
+        templates / BROKEN, 5, f'{{% from "{SNIPPET}" import greeting %}}{{{{ greeting }}}},'
+    )
+    renderer = course_renderer(templates)
+    assert "Hello," in renderer.render(BROKEN, {"first_name": "Ann"}).text
+
+    snippet.write_text('{% set greeting = "Goodbye" %}', encoding="utf-8")
+    bump_mtime(snippet)
+
+    assert "Goodbye," in renderer.render(BROKEN, {"first_name": "Ann"}).text
+
+
+def test_values_that_filling_in_cannot_reproduce_render_in_full(templates):
+    replace_line(templates / BROKEN, 5, "Hi there,\n{{ first_name }}")
+    renderer = course_renderer(templates)
+    unsubscribe = f"{BASE_URL}/unsubscribe/AbC_d-9.e"
+    names = ["Ann", "===", "https://nurtureslot.invalid/unsubscribe", "nurtureslot0x", "", None, ""]
+    for first_name in names:
+        values = {"first_name": first_name}
+        filled = renderer.render(BROKEN, values, unsubscribe_url=unsubscribe, list_title="T")
+        full = renderer._render_fully(BROKEN, values, unsubscribe_url=unsubscribe, list_title="T")
+        assert filled == full, first_name
+
+
+def test_a_file_newly_included_by_a_snippet_is_part_of_the_email(templates):
+    outer, inner = templates / "_snippets/outer.md", templates / "_snippets/inner.md"
+    outer.write_text("Outer.", encoding="utf-8")
+    inner.write_text("Inner one.", encoding="utf-8")
+    replace_line(templates / BROKEN, 5, 'Hi {{ first_name }}, {% include "_snippets/outer.md" %}')
+    renderer = course_renderer(templates)
+    assert "Outer." in renderer.render(BROKEN, {"first_name": "Ann"}).text
+
+    # The snippet now includes another file: edits to that one show too...
+    outer.write_text('Outer. {% include "_snippets/inner.md" %}', encoding="utf-8")
+    bump_mtime(outer)
+    assert "Outer. Inner one." in renderer.render(BROKEN, {"first_name": "Ann"}).text
+    inner.write_text("Inner two.", encoding="utf-8")
+    bump_mtime(inner)
+    assert "Outer. Inner two." in renderer.render(BROKEN, {"first_name": "Ann"}).text
+
+    # ... and its uses of a value are checked like the email's own.
+    inner.write_text('{% if first_name == "Bob" %}Yo Bob.{% endif %}', encoding="utf-8")
+    bump_mtime(inner)
+    for first_name in ["Ann", "Bob"]:
+        values = {"first_name": first_name}
+        assert renderer.render(BROKEN, values) == renderer._render_fully(BROKEN, values)
