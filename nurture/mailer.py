@@ -172,11 +172,16 @@ def _address(name: str, address: str) -> str:
 
 
 def _encoded(value: str) -> str:
-    """A header value, RFC 2047 encoded (and folded) if it is not plain ASCII."""
+    """A header value, RFC 2047 encoded if it is not plain ASCII.
+
+    A long value becomes several encoded words (at most 75 characters each),
+    kept on one line like every other header: the space between encoded words
+    is not part of the text.
+    """
     _checked("header", value)
     if value.isascii():
         return value
-    return Header(value, "utf-8").encode(linesep="\r\n")
+    return Header(value, "utf-8").encode(linesep="\r\n").replace("\r\n ", " ")
 
 
 def _part(content_type: str, body: str) -> bytes:

@@ -512,3 +512,24 @@ def test_build_message_is_well_formed():
 def test_build_message_refuses_header_injection(subject, to_name):
     with pytest.raises(ValueError, match="(?i)CR|LF|linefeed|carriage"):
         build(subject=subject, to_name=to_name)
+
+
+def test_a_long_non_ascii_subject_and_list_name_are_encoded_on_one_line():
+    subject = "Leçon 3 — where the two roles meet, and where they part ways for good"
+    title = "Produktmanager oder Projektmanager — der Kurs für Quereinsteiger"
+    message = build(subject=subject, list_id=f"{title} <c.nurture.test>")
+
+    assert message["Subject"] == subject
+    assert message["List-Id"] == f"{title} <c.nurture.test>"
+    raw = build_message(
+        RenderedEmail(subject, "pre", "<p>Hi</p>", "Hi\n"),
+        to_email="ann@example.com",
+        to_name="Zoë",
+        mail_from="Course Team <course@nurture.test>",
+        message_id="<abc@nurture.test>",
+        step_label=f"{SEQUENCE}/welcome",
+        date=T0,
+    ).data
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    assert any(line.startswith(b"Subject: =?utf-8?") for line in head)
+    assert all(len(line) <= 998 and not line.startswith((b" ", b"\t")) for line in head)
