@@ -34,7 +34,6 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import shutil
 import signal
@@ -51,13 +50,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import harness  # noqa: E402
 import redis  # noqa: E402
+from harness import finish_machine, free_port, machine, wait_for_quiet  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
 
 from nurture import migrate, scheduler  # noqa: E402
 from nurture.config import load_settings  # noqa: E402
-from nurture.db import dispose_all, normalize_url, session_scope  # noqa: E402
+from nurture.db import normalize_url, session_scope  # noqa: E402
 from nurture.delivery import Composer, send_batch  # noqa: E402
 from nurture.models import Subscriber, utcnow  # noqa: E402
 from nurture.preview import preview_email  # noqa: E402
@@ -72,64 +72,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SEQUENCE = "product-vs-project"
 
 
-# --- machine and load ------------------------------------------------------------
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model or platform.processor(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "load_at_start": os.getloadavg(),
-        "code": code_state(),
-    }
-
-
-def code_state() -> dict:
-    """The commit measured, and product files that differed from it (others edit too)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "modified": git("status", "--porcelain", "--", "nurture", "worker.py").splitlines(),
-    }
-
-
-def wait_for_quiet(max_load: float, timeout: float = 300) -> dict:
-    """Wait until the 1-minute load average is below `max_load` (or give up)."""
-    started = time.monotonic()
-    load = os.getloadavg()[0]
-    while load >= max_load and time.monotonic() - started < timeout:
-        print(f"  load {load:.2f} >= {max_load}; waiting…", flush=True)
-        time.sleep(15)
-        load = os.getloadavg()[0]
-    return {
-        "load_1min": round(load, 2),
-        "quiet": load < max_load,
-        "waited_s": round(time.monotonic() - started, 1),
-    }
-
-
 # --- services ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Sink:
@@ -170,18 +113,7 @@ class Sink:
 
 
 def fresh_database() -> tuple[str, callable]:
-    name = f"nurture_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(normalize_url(BASE_URL), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(normalize_url(BASE_URL)).set(database=name).render_as_string(False)
-
-    def drop() -> None:
-        dispose_all()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
+    url, drop = harness.fresh_database(BASE_URL)
     migrate.upgrade(url)
     return url, drop
 
@@ -656,7 +588,7 @@ def main() -> None:
     finally:
         sink.stop()
     result["finished_at"] = utcnow().isoformat(timespec="seconds")
-    result["load_at_end"] = os.getloadavg()
+    finish_machine(info)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2, default=str))
 

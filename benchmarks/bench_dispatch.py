@@ -33,22 +33,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import finish_machine, fresh_database, machine, wait_for_quiet  # noqa: E402
 from sqlalchemy import create_engine, event, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
 
 from nurture import migrate, scheduler  # noqa: E402
 from nurture.config import load_settings  # noqa: E402
@@ -61,74 +58,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SEQUENCE = "product-vs-project"
 
 
-# --- machine and load ------------------------------------------------------------
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model or platform.processor(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "load_at_start": os.getloadavg(),
-        "code": code_state(),
-    }
-
-
-def code_state() -> dict:
-    """The commit measured, and product files that differed from it (others edit too)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "modified": git("status", "--porcelain", "--", "nurture", "worker.py").splitlines(),
-    }
-
-
-def wait_for_quiet(max_load: float, timeout: float) -> dict:
-    """Wait until the 1-minute load average is below `max_load` (or give up)."""
-    started = time.monotonic()
-    load = os.getloadavg()[0]
-    while load >= max_load and time.monotonic() - started < timeout:
-        print(f"  load {load:.2f} >= {max_load}; waiting…", flush=True)
-        time.sleep(15)
-        load = os.getloadavg()[0]
-    return {
-        "load_1min": round(load, 2),
-        "quiet": load < max_load,
-        "waited_s": round(time.monotonic() - started, 1),
-    }
-
-
 # --- databases ---------------------------------------------------------------------
-
-
-def fresh_database() -> tuple[str, callable]:
-    name = f"nurture_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(normalize_url(BASE_URL), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(normalize_url(BASE_URL)).set(database=name).render_as_string(False)
-
-    def drop() -> None:
-        dispose_all()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return url, drop
 
 
 def vacuum_analyze(url: str) -> None:
@@ -309,7 +239,7 @@ def indexes_used(plan: list[str]) -> list[str]:
 
 
 def run_size(n: int, due: int, repeat: int, history: bool, max_load: float) -> dict:
-    url, drop = fresh_database()
+    url, drop = fresh_database(BASE_URL)
     try:
         migrate.upgrade(url)
         instance = Path(tempfile.mkdtemp(prefix="nurture-bench-"))
@@ -428,11 +358,11 @@ def main() -> None:
         size["idle_ratio_vs_smallest"] = size["idle_tick_median_s"] / base["idle_tick_median_s"]
     rate, rate_note = delivery_rate()
     largest = sizes[-1]
+    finish_machine(info)
     result = {
         "benchmark": "bench_dispatch",
         "finished_at": utcnow().isoformat(timespec="seconds"),
         "machine": info,
-        "load_at_end": os.getloadavg(),
         "parameters": {
             "due": args.due,
             "repeat": args.repeat,

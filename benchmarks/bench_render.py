@@ -40,10 +40,8 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,7 +55,7 @@ import markdown
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from machine import cpu_ticks, finish_machine  # noqa: E402
+from harness import finish_machine, machine  # noqa: E402
 
 import nurture.delivery as delivery_module  # noqa: E402
 import nurture.render as render_module  # noqa: E402
@@ -95,29 +93,6 @@ FIRST_NAMES = [
     "Ngozi",
     "Chris & Pat",
 ]  # 13 names, coprime with 7 steps: every step meets every name
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip())
-    except (OSError, ValueError):
-        nproc = os.cpu_count()
-    return {
-        "nproc": nproc,
-        "cpu_model": model,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg(),
-        "_cpu_ticks_start": cpu_ticks(),
-    }
 
 
 class Timed:

@@ -29,10 +29,8 @@ import cProfile
 import http.client
 import json
 import os
-import platform
 import pstats
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
-from machine import cpu_ticks, finish_machine  # noqa: E402
+from harness import finish_machine, free_port, machine  # noqa: E402
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BROKER_URL = "redis://127.0.0.1:6379/13"
@@ -64,35 +62,6 @@ PROFILE_POSTS = 200
 RESULTS = ROOT / "benchmarks" / "results"
 GOAL_RATIO = 0.5
 GOAL_P99_MS = 50.0
-
-
-def machine() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip())
-    except (OSError, ValueError):
-        nproc = os.cpu_count()
-    return {
-        "nproc": nproc,
-        "cpu_model": model,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg(),
-        "_cpu_ticks_start": cpu_ticks(),
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

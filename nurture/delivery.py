@@ -86,18 +86,8 @@ class Claimed(NamedTuple):
     lease_until: datetime
 
 
-#: What a worker reads of a delivery when it claims it (the fields of Claimed).
-CLAIMED_COLUMNS = (
-    Delivery.id,
-    Delivery.subscriber_id,
-    Delivery.enrollment_id,
-    Delivery.sequence,
-    Delivery.step,
-    Delivery.message_id,
-    Delivery.attempts,
-    Delivery.created_at,
-    Delivery.lease_until,
-)
+#: What a worker reads of a delivery when it claims it: the fields of Claimed.
+CLAIMED_COLUMNS = tuple(getattr(Delivery, field) for field in Claimed._fields)
 
 
 def claim_many(
