@@ -315,21 +315,69 @@ _RECIPIENT = (
         _enrollments.c.next_step,
     )
     .select_from(_subscribers)
-    .outerjoin(_enrollments, _enrollments.c.id == bindparam("enrollment_id"))
-    .where(_subscribers.c.id == bindparam("subscriber_id"))
+    .outerjoin(_enrollments, _enrollments.c.id == bindparam("for_enrollment"))
+    .where(_subscribers.c.id == bindparam("for_subscriber"))
 )
 
 
-def _may_send(connection: Connection, delivery, sequences: Mapping[str, Sequence]):
+#: The "sent" mark of an email, as its own statement and as part of the next check.
+_SENT = frozenset({"status", "sent_at", "last_error"})
+_MARK_SENT = _finish_statement(_SENT)
+_RECIPIENT_AFTER_SENT = _RECIPIENT.add_cte(_MARK_SENT.cte("marked_sent"))
+
+
+class _SentMarks:
+    """Commits each sent email's mark with the next statement on the batch's connection.
+
+    The mark must be committed as soon as the server has taken the email:
+    that is the only window for a duplicate. The next thing a batch does is
+    check the next recipient, so on PostgreSQL the mark rides in that very
+    statement (a data-modifying WITH runs even when nothing reads it), still
+    committed on its own, before the next email goes out: one round trip per
+    email instead of two. Elsewhere it is a statement of its own, as before.
+    """
+
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self.combine = connection.dialect.name == "postgresql"
+        self.pending: dict | None = None
+
+    def add(self, delivery_id: int, now: datetime) -> None:
+        self.flush()
+        self.pending = {
+            "delivery_id": delivery_id,
+            "status": DeliveryStatus.SENT,
+            "sent_at": now,
+            "last_error": None,
+        }
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.connection.execute(_MARK_SENT, pending)
+
+    def recipient(self, delivery):
+        """The check before sending `delivery` (see `_may_send`), with any pending mark."""
+        # Named unlike any column of deliveries: an UPDATE given a parameter
+        # named after one of its columns sets that column too.
+        values = {
+            "for_subscriber": delivery.subscriber_id,
+            "for_enrollment": delivery.enrollment_id,
+        }
+        if self.pending is not None and self.combine:
+            pending, self.pending = self.pending, None
+            return self.connection.execute(_RECIPIENT_AFTER_SENT, {**values, **pending}).first()
+        self.flush()
+        return self.connection.execute(_RECIPIENT, values).first()
+
+
+def _may_send(marks: _SentMarks, delivery, sequences: Mapping[str, Sequence]):
     """The recipient, or the reason this delivery must not go out any more.
 
     Checked just before the SMTP send (one query), so an unsubscribe, a bounce
     or a conversion that happened after the delivery was queued still counts.
     """
-    recipient = connection.execute(
-        _RECIPIENT,
-        {"subscriber_id": delivery.subscriber_id, "enrollment_id": delivery.enrollment_id},
-    ).first()
+    recipient = marks.recipient(delivery)
     if recipient is None or recipient.status in SubscriberStatus.SUPPRESSED:
         return None, f"subscriber is {recipient.status if recipient else 'gone'}"
     if delivery.step == CONFIRMATION_STEP:
@@ -369,22 +417,27 @@ def send_batch(
     claimed = claim_many(session, list(dict.fromkeys(ids)), clock(), lease)
     result.skipped += len(ids) - len(claimed)
     with smtp, _own_commits(session) as quick:
-        while claimed:
-            now = clock()
-            if now >= claimed[0].lease_until - lease / 2:
-                kept = _renew(session, claimed, now, lease)
-                result.skipped += len(claimed) - len(kept)
-                claimed = kept
-                continue
-            delivery = claimed.pop(0)
-            outcome = _send_one(session, quick, settings, composer, smtp, delivery, now)
-            if outcome == "unreachable":
-                # No point trying the rest now: they wait for a later tick.
-                _defer(session, settings, claimed, now, "SMTP server unreachable")
-                result.retry += 1 + len(claimed)
-                claimed = []
-            else:
-                setattr(result, outcome, getattr(result, outcome) + 1)
+        marks = _SentMarks(quick)
+        try:
+            while claimed:
+                now = clock()
+                if now >= claimed[0].lease_until - lease / 2:
+                    marks.flush()
+                    kept = _renew(session, claimed, now, lease)
+                    result.skipped += len(claimed) - len(kept)
+                    claimed = kept
+                    continue
+                delivery = claimed.pop(0)
+                outcome = _send_one(session, marks, settings, composer, smtp, delivery, now)
+                if outcome == "unreachable":
+                    # No point trying the rest now: they wait for a later tick.
+                    _defer(session, settings, claimed, now, "SMTP server unreachable")
+                    result.retry += 1 + len(claimed)
+                    claimed = []
+                else:
+                    setattr(result, outcome, getattr(result, outcome) + 1)
+        finally:
+            marks.flush()
     return result
 
 
@@ -411,10 +464,10 @@ def _defer(session: Session, settings: Settings, claimed: list, now, reason: str
 def _own_commits(session: Session) -> Iterator[Connection]:
     """A connection on which each statement commits on its own.
 
-    Every email needs two statements, the check before sending and the mark
-    after. Each is a single statement, so neither needs a transaction around
-    it, and alone each costs one round trip instead of three (BEGIN, the
-    statement, COMMIT). Everything that writes more than one row at once
+    Every email needs the check before sending and the mark after (one
+    statement on PostgreSQL, see `_SentMarks`). Neither needs a transaction
+    around it, and alone each costs one round trip instead of three (BEGIN,
+    the statement, COMMIT). Everything that writes more than one row at once
     goes through the session, in a transaction.
     """
     with session.get_bind().connect() as connection:
@@ -422,10 +475,10 @@ def _own_commits(session: Session) -> Iterator[Connection]:
 
 
 def _send_one(
-    session, quick: Connection, settings: Settings, composer: Composer, smtp, delivery, now
+    session, marks: _SentMarks, settings: Settings, composer: Composer, smtp, delivery, now
 ) -> str:
     """Send one claimed delivery; return sent, retry, unreachable, failed or skipped."""
-    subscriber, reason = _may_send(quick, delivery, composer.sequences)
+    subscriber, reason = _may_send(marks, delivery, composer.sequences)
     if subscriber is None:
         _finish(session, delivery, now, status=DeliveryStatus.CANCELLED, last_error=reason)
         return "skipped"
@@ -474,11 +527,11 @@ def _send_one(
     # Only an enrollment with no step left can complete. Its next step cannot
     # become empty meanwhile: only the due-scan empties it, and the due-scan
     # leaves alone an enrollment with an email on its way, like this one.
-    sent = {"status": DeliveryStatus.SENT, "sent_at": now, "last_error": None}
     if delivery.enrollment_id is not None and subscriber.next_step is None:
-        _finish(session, delivery, now, **sent)  # with the enrollment's completion
+        # With the enrollment's completion, in one transaction.
+        _finish(session, delivery, now, status=DeliveryStatus.SENT, sent_at=now, last_error=None)
     else:
-        quick.execute(_finish_statement(frozenset(sent)), {"delivery_id": delivery.id, **sent})
+        marks.add(delivery.id, now)
     return "sent"
 
 

@@ -79,17 +79,38 @@ def free_port() -> int:
 
 
 class CapturingHandler:
-    """An SMTP server's brain: keeps messages, or refuses them with `refuse_with`."""
+    """An SMTP server's brain: keeps messages, or refuses them with `refuse_with`.
+
+    Like Postfix and most providers it offers PIPELINING (`pipelining = False`
+    for one that does not); `refuse_recipients_with` refuses at RCPT instead.
+    """
 
     def __init__(self):
         self.messages: list[EmailMessage] = []
         self.refuse_with: str | None = None  # e.g. "451 4.3.0 Try again later"
+        self.refuse_recipients_with: str | None = None
+        self.pipelining = True
+        self.on_message: Callable[[EmailMessage], None] | None = None  # before the 250
         self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_RCPT(self, server, session, envelope, address, options) -> str:
+        if self.refuse_recipients_with:
+            return self.refuse_recipients_with
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope) -> str:
         if self.refuse_with:
             return self.refuse_with
         message = message_from_bytes(envelope.original_content, policy=policy.default)
+        if self.on_message is not None:
+            self.on_message(message)
         with self.lock:
             self.messages.append(message)
         return "250 OK"

@@ -8,6 +8,7 @@ passed in, so retries and backoff need no sleeping.
 
 from __future__ import annotations
 
+import html as htmllib
 import re
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -20,7 +21,15 @@ from nurture import tokens
 from nurture.config import Settings
 from nurture.db import session_scope
 from nurture.delivery import send_batch
-from nurture.mailer import SMTPURLError, build_message, parse_smtp_url
+from nurture.mailer import (
+    OutgoingEmail,
+    PermanentFailure,
+    SMTPConnection,
+    SMTPURLError,
+    TemporaryFailure,
+    build_message,
+    parse_smtp_url,
+)
 from nurture.models import (
     Delivery,
     DeliveryStatus,
@@ -402,6 +411,23 @@ def test_the_sender_checks_the_subscriber_just_before_sending(settings, smtp):
 
 
 @BOTH_DATABASES
+def test_each_email_is_marked_sent_before_the_next_one_goes_out(settings, smtp):
+    for name in ("ann", "bob", "cy"):
+        enroll(settings, f"{name}@example.com")
+    ids = hand_out(settings, T0)
+    marked_when_received = []
+    smtp.handler.on_message = lambda message: marked_when_received.append(
+        sum(delivery(settings, i).status == DeliveryStatus.SENT for i in ids)
+    )
+
+    assert send(settings, ids, T0).sent == 3
+    # What the server had already taken is committed as sent by the time the next
+    # email arrives: a crash can only ever resend the one email in flight.
+    assert marked_when_received == [0, 1, 2]
+    assert all(delivery(settings, i).status == DeliveryStatus.SENT for i in ids)
+
+
+@BOTH_DATABASES
 def test_the_enrollment_completes_only_when_everything_is_sent(settings, smtp):
     subscriber_id = enroll(settings, "ann@example.com")
     keys = [step.key for step in sequences(settings)[SEQUENCE].steps]
@@ -480,7 +506,7 @@ def test_parse_smtp_url_refuses_bad_urls(url):
         parse_smtp_url(url)
 
 
-def build(subject: str = "Hello", to_name: str = "Ann", **overrides):
+def build(subject: str = "Hello", to_name: str = "Ann", html: str = "<p>Hi</p>", **overrides):
     values = dict(
         to_email="ann@example.com",
         to_name=to_name,
@@ -490,7 +516,7 @@ def build(subject: str = "Hello", to_name: str = "Ann", **overrides):
         date=T0,
     )
     values.update(overrides)
-    return build_message(RenderedEmail(subject, "pre", "<p>Hi</p>", "Hi\n"), **values).message()
+    return build_message(RenderedEmail(subject, "pre", html, "Hi\n"), **values).message()
 
 
 def test_build_message_is_well_formed():
@@ -533,3 +559,88 @@ def test_a_long_non_ascii_subject_and_list_name_are_encoded_on_one_line():
     head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
     assert any(line.startswith(b"Subject: =?utf-8?") for line in head)
     assert all(len(line) <= 998 and not line.startswith((b" ", b"\t")) for line in head)
+
+
+# --- The SMTP conversation ---------------------------------------------------------
+
+
+def outgoing(recipient: str, text: str = "Hi\n") -> OutgoingEmail:
+    return build_message(
+        RenderedEmail("Hello", "pre", "<p>Hi</p>", text),
+        to_email=recipient,
+        to_name="Ann",
+        mail_from="Course Team <course@nurture.test>",
+        message_id=f"<{recipient}@nurture.test>",
+        step_label=f"{SEQUENCE}/welcome",
+        date=T0,
+    )
+
+
+def counting_writes(connection: SMTPConnection) -> list[bytes]:
+    """What the client writes to the server, one entry per write (after the greeting)."""
+    connection.send(outgoing("warm@example.com"))  # connects and says EHLO
+    writes: list[bytes] = []
+    smtp = connection._smtp
+    original = smtp.send
+    smtp.send = lambda data: (writes.append(data), original(data))[1]
+    return writes
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
+def test_emails_cross_one_connection_intact_with_or_without_pipelining(smtp, pipelining):
+    smtp.handler.pipelining = pipelining
+    text = ".a line that starts with a dot\n..and two\n.\nend\n"
+    with SMTPConnection(parse_smtp_url(smtp.url)) as connection:
+        writes = counting_writes(connection)
+        for name in ("ann", "bob", "cy"):
+            connection.send(outgoing(f"{name}@example.com", text))
+        # MAIL, RCPT and DATA in one write and the body in another, or four writes.
+        assert len(writes) == (2 if pipelining else 4) * 3
+    messages = smtp.messages[1:]
+    assert [m["To"].addresses[0].addr_spec for m in messages] == [
+        "ann@example.com",
+        "bob@example.com",
+        "cy@example.com",
+    ]
+    plain = messages[0].get_body(("plain",)).get_content()
+    assert plain.replace("\r\n", "\n") == text
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-by-one"])
+@pytest.mark.parametrize(
+    ("at", "reply", "failure"),
+    [
+        ("recipient", "550 5.1.1 No such user", PermanentFailure),
+        ("recipient", "450 4.2.0 Mailbox busy", TemporaryFailure),
+        ("data", "554 5.7.1 Message refused", PermanentFailure),
+        ("data", "451 4.3.0 Try again later", TemporaryFailure),
+    ],
+)
+def test_a_refusal_is_sorted_and_the_connection_goes_on(smtp, pipelining, at, reply, failure):
+    smtp.handler.pipelining = pipelining
+    with SMTPConnection(parse_smtp_url(smtp.url)) as connection:
+        connection.send(outgoing("ann@example.com"))
+        if at == "recipient":
+            smtp.handler.refuse_recipients_with = reply
+        else:
+            smtp.handler.refuse_with = reply
+        with pytest.raises(failure, match=reply.split()[0]):
+            connection.send(outgoing("bob@example.com"))
+        smtp.handler.refuse_recipients_with = smtp.handler.refuse_with = None
+        connection.send(outgoing("cy@example.com"))
+
+    recipients = [m["To"].addresses[0].addr_spec for m in smtp.messages]
+    assert recipients == ["ann@example.com", "cy@example.com"]
+
+
+def test_non_ascii_html_goes_as_7bit_with_character_references():
+    html = '<p title="Zoë">“Quoted” — café</p>'
+    message = build(html=html)
+    part = message.get_body(("html",))
+    assert part["Content-Transfer-Encoding"] == "7bit"
+    assert htmllib.unescape(part.get_content()).strip() == html
+    # Inside a style element a reference would be shown as written: quoted-printable.
+    styled = '<style>p::before { content: "—"; }</style><p>“Quoted”</p>'
+    part = build(html=styled).get_body(("html",))
+    assert part["Content-Transfer-Encoding"] == "quoted-printable"
+    assert part.get_content().strip() == styled

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import email.policy
+import html
 import re
 import stat
 import subprocess
@@ -210,7 +211,8 @@ def test_non_ascii_text_and_long_html_lines_verify(signer, raw_smtp):
     assert verifies(signer, raw)
     received = message_from_bytes(raw, policy=MESSAGE_POLICY)
     assert received["Subject"] == "Leçon 1 — café 🚀"
-    assert received.get_body(("html",)).get_content().strip() == long_line
+    # Non-ASCII in the HTML goes as character references, which show the same.
+    assert html.unescape(received.get_body(("html",)).get_content()).strip() == long_line
 
 
 def test_body_lines_starting_with_from_or_a_dot_verify(signer, raw_smtp):
