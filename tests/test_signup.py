@@ -339,26 +339,164 @@ def test_email_case_does_not_make_a_second_subscriber(client, settings):
 
 
 @pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
-def test_the_same_address_at_the_same_moment_gets_the_same_answer(client, settings):
-    """A double click: the second request's insert waits for the first, then conflicts."""
+@pytest.mark.parametrize("first_path", ["transaction", "one statement"])
+def test_the_same_address_at_the_same_moment_gets_the_same_answer(client, settings, first_path):
+    """A double click: the second request's insert waits for the first, then conflicts.
+
+    The first request's rows are written but not committed yet, by either way a
+    signup is written (`signup` in a transaction, or `first_signup`).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
+    from nurture.db import get_engine
     from nurture.models import utcnow
     from nurture.sequences import current_sequences, first_steps
-    from nurture.subscribers import SignupRequest, signup
+    from nurture.subscribers import SignupRequest, first_signup, signup
 
     email = "twice@example.com"
     first = SignupRequest(
         email=email, first_name="Ann", timezone="UTC", sequence=DEFAULT_SEQUENCE, source="api"
     )
     steps = first_steps(current_sequences(settings.templates_path))
-    with session_scope(settings.database_url) as session, ThreadPoolExecutor(1) as pool:
-        signup(session, settings, first, first_steps=steps, now=utcnow())  # not committed yet
+    with (
+        get_engine(settings.database_url).connect() as connection,
+        session_scope(settings.database_url) as session,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        if first_path == "transaction":
+            signup(session, settings, first, first_steps=steps, now=utcnow())
+        else:
+            assert first_signup(connection, settings, first, now=utcnow()) is not None
         second = pool.submit(api_signup, client, email)
         with pytest.raises(TimeoutError):
             second.result(timeout=1)  # blocked on the first request's row
         session.commit()
+        connection.commit()
         response = second.result(timeout=10)
 
     assert response.status_code == 202, response.get_data(as_text=True)
     assert count(settings, Subscriber, Subscriber.email == email) == 1
+    sub = subscriber(settings, email)
+    assert sub.status == SubscriberStatus.PENDING
+    assert len(confirmation_deliveries(settings, sub.id)) == 1
+    assert count(settings, Consent, Consent.subscriber_id == sub.id) == 1
+
+
+@pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+def test_the_one_statement_signup_writes_what_the_general_path_writes(settings):
+    """A first signup on PostgreSQL takes one statement; its rows are those of `signup`."""
+    from sqlalchemy import text
+
+    from nurture.db import get_engine
+    from nurture.models import utcnow
+    from nurture.sequences import current_sequences, first_steps
+    from nurture.subscribers import SignupRequest, first_signup, signup
+
+    def request(email: str) -> SignupRequest:
+        return SignupRequest(
+            email=email,
+            first_name="Ann",
+            timezone="Europe/Paris",
+            sequence=DEFAULT_SEQUENCE,
+            source="api",
+            consent_text=CONSENT_TEXT,
+            ip="203.0.113.7",
+            user_agent="x" * 600,  # cut to the column's 512, as on the general path
+        )
+
+    now = utcnow()
+    steps = first_steps(current_sequences(settings.templates_path))
+    with session_scope(settings.database_url) as session:
+        general = signup(
+            session,
+            settings,
+            request("general@example.com"),
+            first_steps=steps,
+            now=now,
+            publishing=True,
+        )
+    with get_engine(settings.database_url).connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        one = first_signup(
+            connection, settings, request("one@example.com"), now=now, enqueued_at=now
+        )
+        assert first_signup(connection, settings, request("one@example.com"), now=now) is None
+
+    def rows(email: str) -> dict[str, list[tuple]]:
+        """Every row of the address, without its ids, address and message id."""
+        found: dict[str, list[tuple]] = {}
+        with session_scope(settings.database_url) as session:
+            sub_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email))
+            for table in ("subscribers", "enrollments", "consents", "events", "deliveries"):
+                column = "id" if table == "subscribers" else "subscriber_id"
+                result = session.execute(
+                    text(f"SELECT * FROM {table} WHERE {column} = :id"), {"id": sub_id}
+                )
+                skip = {"id", "subscriber_id", "email", "message_id"}
+                found[table] = [
+                    tuple(v for k, v in row._mapping.items() if k not in skip) for row in result
+                ]
+        return found
+
+    assert one is not None and general is not None
+    assert rows("one@example.com") == rows("general@example.com")
+    with session_scope(settings.database_url) as session:
+        delivery = session.get(Delivery, one)
+        assert (delivery.step, delivery.status, delivery.enqueued_at) == (
+            CONFIRMATION_STEP,
+            DeliveryStatus.QUEUED,
+            now,
+        )
+
+
+@BOTH_DATABASES
+def test_a_confirmation_the_broker_refused_waits_for_the_due_scan(stack):
+    """Broker down: the signup is still stored and answered, its confirmation not marked."""
+    down = stack.with_env(BROKER_URL="redis://127.0.0.1:1/0")
+    client = create_app(down.settings).test_client()
+
+    response = api_signup(client, "patient@example.com")
+
+    assert response.status_code == 202
+    settings = down.settings
+    sub = subscriber(settings, "patient@example.com")
+    assert sub.status == SubscriberStatus.PENDING
+    [confirmation] = confirmation_deliveries(settings, sub.id)
+    assert confirmation.status == DeliveryStatus.QUEUED
+    assert confirmation.enqueued_at is None  # the next due-scan hands it over
+
+
+def test_publishing_to_redis_keeps_one_client_per_pool(stack):
+    """The Redis channel reuses one client (kombu would build one per message)."""
+    import json
+
+    import redis
+    from conftest import REDIS_URL, require
+    from kombu import Connection
+
+    from nurture.tasks import KeptClientTransport, make_celery, publisher
+
+    broker = require(REDIS_URL, "Redis")
+    with Connection(broker, transport=KeptClientTransport) as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+        channel._disconnect_pools()  # what kombu does after a fork
+        with channel.conn_or_acquire() as third:
+            assert third is not first and third.connection_pool is channel.pool
+
+    settings = stack.with_env(BROKER_URL=broker).settings
+    celery = make_celery(settings)
+    with celery.connection_for_write() as connection:
+        assert isinstance(connection.transport, KeptClientTransport)
+    queue = settings.queue
+    client = redis.Redis.from_url(broker)
+    try:
+        publish = publisher(celery)
+        publish([1])
+        publish([2, 3])
+        bodies = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]
+        assert [m["headers"]["task"] for m in bodies] == ["nurture.send_batch"] * 2
+        assert [m["headers"]["argsrepr"] for m in bodies] == ["[[1]]", "[[2, 3]]"]
+    finally:
+        client.delete(queue)
