@@ -439,6 +439,7 @@ def profile_post(env: dict[str, str], tag: str, database: str) -> dict:
     saved = [
         (subscribers_module, "validate_signup"),
         (subscribers_module, "signup"),
+        (subscribers_module, "first_signup"),
         handing,
         (signup_module, "publisher"),
         (app_module, "current_sequences"),
@@ -449,6 +450,10 @@ def profile_post(env: dict[str, str], tag: str, database: str) -> dict:
     )
     subscribers_module.signup = clock.wrap(
         "subscribers.signup (queries, inserts, flushes)", originals[(subscribers_module, "signup")]
+    )
+    subscribers_module.first_signup = clock.wrap(
+        "subscribers.first_signup (a new address: one statement)",
+        originals[(subscribers_module, "first_signup")],
     )
     owner, name = handing
     label = f"{name} (hand the confirmation to the broker)"
