@@ -296,10 +296,12 @@ def composer_for(settings: Settings, sequences: Mapping[str, Sequence]) -> Compo
     template loader reloads changed files, so edits still show at once.
     """
     key = (id(settings), id(sequences))
-    if key not in _composers:
+    composer = _composers.get(key)  # one lookup: another thread may clear it meanwhile
+    if composer is None:
+        composer = Composer(settings, sequences)
         _composers.clear()  # an edited sequence replaces the old one
-        _composers[key] = Composer(settings, sequences)
-    return _composers[key]
+        _composers[key] = composer
+    return composer
 
 
 #: What the last check before sending reads of the subscriber and the enrollment.

@@ -4,7 +4,8 @@ things break. Nothing may be lost; duplicates only where the design allows them.
 (a) kill -9 the worker mid-batch and start a new one: 0 lost, duplicates at most the
     deliveries that were in flight; (b) flush the broker's Redis database mid-run: 0 lost,
     0 duplicates; (c) the SMTP server answers 451 for a while: all delivered, 0 duplicates;
-    (d) two beats and two workers for the whole run: 0 duplicates.
+    (d) two beats and two workers (one prefork, one of four threads) for the whole run:
+    0 duplicates.
 
 Each scenario's counts are written to test-artifacts/chaos.json.
 """
@@ -28,7 +29,8 @@ from nurture.models import Delivery, DeliveryStatus, Enrollment, Subscriber, utc
 
 N = 1000
 RESULTS = ROOT / "test-artifacts" / "chaos.json"
-WORKER = ["--pool", "prefork", "--concurrency", "2", "--without-gossip", "--without-mingle"]
+WORKER = ("--pool", "prefork", "--concurrency", "2", "--without-gossip", "--without-mingle")
+THREADED = ("--pool", "threads", "--concurrency", "4", "--without-gossip", "--without-mingle")
 
 
 class Chaos:
@@ -82,8 +84,8 @@ class Chaos:
         self.processes.append(process)
         return process
 
-    def worker(self, name: str = "worker") -> Process:
-        process = self._start(name, "worker", "--hostname", f"{name}@%h", *WORKER)
+    def worker(self, name: str = "worker", pool: tuple[str, ...] = WORKER) -> Process:
+        process = self._start(name, "worker", "--hostname", f"{name}@%h", *pool)
         process.wait_for_output(r"ready\.", timeout=60)
         return process
 
@@ -236,7 +238,7 @@ def test_smtp_server_refuses_for_a_while(chaos):
 
 def test_two_beats_and_two_workers(chaos):
     chaos.worker("worker-1")
-    chaos.worker("worker-2")
+    chaos.worker("worker-2", THREADED)  # the pool docker-compose runs: four sending threads
     chaos.beat("beat-1")
     chaos.beat("beat-2")
     chaos.wait_all_sent()
