@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -287,6 +288,7 @@ class Composer:
 
 
 _composers: dict[tuple[int, int], Composer] = {}
+_composers_lock = threading.Lock()
 
 
 def composer_for(settings: Settings, sequences: Mapping[str, Sequence]) -> Composer:
@@ -298,9 +300,12 @@ def composer_for(settings: Settings, sequences: Mapping[str, Sequence]) -> Compo
     key = (id(settings), id(sequences))
     composer = _composers.get(key)  # one lookup: another thread may clear it meanwhile
     if composer is None:
-        composer = Composer(settings, sequences)
-        _composers.clear()  # an edited sequence replaces the old one
-        _composers[key] = composer
+        with _composers_lock:  # threads of one worker share one (and its throttle)
+            composer = _composers.get(key)
+            if composer is None:
+                composer = Composer(settings, sequences)
+                _composers.clear()  # an edited sequence replaces the old one
+                _composers[key] = composer
     return composer
 
 

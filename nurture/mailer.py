@@ -185,8 +185,13 @@ def _encoded(value: str) -> str:
     return Header(value, "utf-8").encode(linesep="\r\n").replace("\r\n ", " ")
 
 
-#: Elements whose text is not HTML: a character reference there would show as written.
-_RAW_TEXT = re.compile(r"<(style|script)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+#: Where text is not HTML, so a character reference would show as written: raw-text
+#: elements (to their end tag, or to the end if there is none) and CDATA sections.
+_RAW_TEXT = re.compile(
+    r"<(style|script|xmp|iframe|noembed|noframes|plaintext)\b.*?(?:</\1\s*>|\Z)"
+    r"|<!\[CDATA\[.*?(?:\]\]>|\Z)",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 def _ascii_html(html: str) -> str:
@@ -195,8 +200,8 @@ def _ascii_html(html: str) -> str:
     `&#8220;` shows exactly as `“` does, and an ASCII part with short lines
     goes as 7bit: smaller than quoted-printable (which also turns every `=`
     of every attribute into `=3D`) and cheaper to write. Left as it is when
-    a style or script element holds non-ASCII text, where a reference would
-    not be read as one.
+    non-ASCII text sits in a style, script or other raw-text element or a
+    CDATA section, where a reference would not be read as one.
     """
     if html.isascii() or any(not m.group().isascii() for m in _RAW_TEXT.finditer(html)):
         return html
@@ -340,13 +345,20 @@ def _transfer(smtp: smtplib.SMTP, sender: str, recipients: tuple[str, ...], data
     commands = [f"MAIL FROM:<{sender}>\r\n"]
     commands += [f"RCPT TO:<{recipient}>\r\n" for recipient in recipients]
     smtp.send("".join(commands).encode("ascii") + b"DATA\r\n")
-    mail = smtp.getreply()
-    refused = {}
-    for recipient in recipients:
-        code, reply = smtp.getreply()
-        if code not in (250, 251):
-            refused[recipient] = (code, reply)
-    code, reply = smtp.getreply()
+    replies, hung_up = _replies(smtp, len(recipients) + 2)
+    mail, *answers = replies
+    refused = {
+        recipient: answer
+        for recipient, answer in zip(recipients, answers, strict=False)
+        if answer[0] not in (250, 251)
+    }
+    if hung_up:  # what the server said before it closed is the reason (RFC 5321: 421 closes)
+        if mail[0] != 250:
+            raise smtplib.SMTPSenderRefused(*mail, sender)
+        if refused:
+            raise smtplib.SMTPRecipientsRefused(refused)
+        raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+    code, reply = answers[-1]
     if code == 354 and (mail[0] != 250 or len(refused) == len(recipients)):
         # A server that took DATA after refusing the envelope gets an empty message,
         # which it must refuse too; then the transaction is reset.
@@ -354,7 +366,8 @@ def _transfer(smtp: smtplib.SMTP, sender: str, recipients: tuple[str, ...], data
         smtp.getreply()
         code = 0
     if mail[0] != 250 or len(refused) == len(recipients) or code != 354:
-        _end_transaction(smtp, 421 in (mail[0], code))
+        closing = 421 in (mail[0], code, *(answer[0] for answer in refused.values()))
+        _end_transaction(smtp, closing)
         if mail[0] != 250:
             raise smtplib.SMTPSenderRefused(*mail, sender)
         if len(refused) == len(recipients):
@@ -368,6 +381,25 @@ def _transfer(smtp: smtplib.SMTP, sender: str, recipients: tuple[str, ...], data
     if code != 250:
         _end_transaction(smtp, code == 421)
         raise smtplib.SMTPDataError(code, reply)
+
+
+def _replies(smtp: smtplib.SMTP, count: int) -> tuple[list[tuple[int, bytes]], bool]:
+    """Up to `count` pipelined replies, and whether the server hung up before the last.
+
+    A server that refuses may close the connection at once (it must after a
+    421, and many do after a 5xx): the replies read before that are kept, so
+    the refusal is reported as itself rather than as a lost connection. A
+    server that closes before saying anything raises as smtplib does.
+    """
+    replies: list[tuple[int, bytes]] = []
+    try:
+        while len(replies) < count:
+            replies.append(smtp.getreply())
+    except smtplib.SMTPServerDisconnected:
+        if not replies:
+            raise
+        return replies, True
+    return replies, False
 
 
 def _end_transaction(smtp: smtplib.SMTP, closing: bool) -> None:

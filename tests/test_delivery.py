@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import html as htmllib
 import re
+import socket
+import threading
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -24,7 +26,9 @@ from nurture.delivery import send_batch
 from nurture.mailer import (
     OutgoingEmail,
     PermanentFailure,
+    ServerUnreachable,
     SMTPConnection,
+    SMTPSettings,
     SMTPURLError,
     TemporaryFailure,
     build_message,
@@ -644,3 +648,73 @@ def test_non_ascii_html_goes_as_7bit_with_character_references():
     part = build(html=styled).get_body(("html",))
     assert part["Content-Transfer-Encoding"] == "quoted-printable"
     assert part.get_content().strip() == styled
+    # Likewise a style element without its end tag, and CDATA.
+    for raw in ('<p>“Quoted”</p><style>p::before { content: "—"; }', "<svg><![CDATA[—]]></svg>“"):
+        assert build(html=raw).get_body(("html",))["Content-Transfer-Encoding"] != "7bit"
+
+
+class HangingUpServer:
+    """A pipelining SMTP server that refuses `refuse_at` ("MAIL" or "RCPT") with `reply`
+    and closes the connection at once, as RFC 5321 has a server do after a 421 (and many
+    do after a 5xx); every later connection it serves normally."""
+
+    def __init__(self, refuse_at: str, reply: str):
+        self.refuse_at, self.reply = refuse_at, reply
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.delivered: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with self.listener:
+            while True:
+                client, _ = self.listener.accept()
+                self.accepted += 1
+                threading.Thread(
+                    target=self._talk, args=(client, self.accepted), daemon=True
+                ).start()
+
+    def _talk(self, client: socket.socket, number: int) -> None:
+        with client, client.makefile("rb") as lines:
+            client.sendall(b"220 ready\r\n")
+            for raw in lines:
+                command = raw.decode().strip().upper()
+                if command.startswith("EHLO"):
+                    client.sendall(b"250-hello\r\n250 PIPELINING\r\n")
+                elif number == 1 and command.startswith(self.refuse_at):
+                    client.sendall(f"{self.reply}\r\n".encode())
+                    return  # hang up
+                elif command == "DATA":
+                    client.sendall(b"354 go on\r\n")
+                    for line in lines:
+                        if line == b".\r\n":
+                            break
+                    self.delivered.append(str(number))
+                    client.sendall(b"250 queued\r\n")
+                elif command == "QUIT":
+                    client.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    client.sendall(b"250 ok\r\n")
+
+
+@pytest.mark.parametrize(
+    ("refuse_at", "reply", "failure"),
+    [
+        ("MAIL", "550 5.7.1 Sender blocked", PermanentFailure),
+        ("MAIL", "421 4.7.0 Too many connections", TemporaryFailure),
+        ("RCPT", "550 5.1.1 No such user", PermanentFailure),
+        ("RCPT", "421 4.7.0 Try again later", TemporaryFailure),
+    ],
+)
+def test_a_refusal_followed_by_a_hang_up_is_reported_as_the_refusal(refuse_at, reply, failure):
+    server = HangingUpServer(refuse_at, reply)
+    with SMTPConnection(SMTPSettings("127.0.0.1", server.port, timeout=5)) as connection:
+        with pytest.raises(failure) as raised:
+            connection.send(outgoing("bob@example.com"))
+        assert not isinstance(raised.value, ServerUnreachable)
+        assert reply.split()[0] in str(raised.value)
+        assert server.accepted == 1, "not sent again on a new connection at once"
+        connection.send(outgoing("cy@example.com"))  # the next one opens a new connection
+    assert server.delivered == ["2"]
