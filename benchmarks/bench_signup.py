@@ -430,12 +430,8 @@ def profile_post(env: dict[str, str], tag: str, database: str) -> dict:
     event.listen(engine, "commit", on_commit)
 
     clock = _Clock()
-    # How the confirmation reaches the broker: a helper of the signup's own where
-    # the code has one, scheduler.hand_over otherwise.
-    if hasattr(signup_module, "_publish_confirmation"):
-        handing = (signup_module, "_publish_confirmation")
-    else:
-        handing = (signup_module.scheduler, "hand_over")
+    # How the confirmation reaches the broker.
+    handing = (signup_module.scheduler, "hand_over")
     saved = [
         (subscribers_module, "validate_signup"),
         (subscribers_module, "signup"),

@@ -13,13 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-
-from nurture.db import dispose_all, normalize_url
+from nurture.db import scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,16 +97,4 @@ def free_port() -> int:
 
 def fresh_database(base_url: str) -> tuple[str, callable]:
     """An empty PostgreSQL database next to `base_url`'s, and a function that drops it."""
-    name = f"nurture_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(normalize_url(base_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(normalize_url(base_url)).set(database=name).render_as_string(False)
-
-    def drop() -> None:
-        dispose_all()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return url, drop
+    return scratch_database(base_url, "nurture_bench")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime, timedelta
 
 from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -14,12 +12,11 @@ from nurture import scheduler, subscribers, tokens
 from nurture.app import csrf, limiter, state
 from nurture.config import Settings
 from nurture.db import get_engine, session_scope
-from nurture.models import Delivery, utcnow
+from nurture.models import utcnow
 from nurture.sequences import Sequence, first_steps
 from nurture.subscribers import DEFAULT_SEQUENCE
 from nurture.tasks import publisher
 
-log = logging.getLogger(__name__)
 bp = Blueprint("signup", __name__)
 
 ACCEPTED = {
@@ -56,7 +53,12 @@ def _record_signup(clean: dict[str, str], source: str, sequences: dict[str, Sequ
         with session_scope(settings.database_url) as session:
             delivery_id = _signup(session, settings, signup, first_steps(sequences), now)
     if delivery_id is not None:
-        _publish_confirmation(settings.database_url, delivery_id, now, publisher(app_state.celery))
+        # Written already marked as handed over; if the broker refuses it, the
+        # mark is taken back and the next due-scan hands it over instead.
+        with session_scope(settings.database_url) as session:
+            scheduler.hand_over(
+                session, [delivery_id], now, publisher(app_state.celery), marked=True
+            )
 
 
 def _signup(
@@ -104,26 +106,6 @@ def _first_signup(
     with engine.connect() as connection:
         connection.execution_options(isolation_level="AUTOCOMMIT")
         return subscribers.first_signup(connection, settings, signup, now=now, enqueued_at=now)
-
-
-def _publish_confirmation(
-    database_url: str, delivery_id: int, now: datetime, publish: scheduler.Publish
-) -> None:
-    """Hand the confirmation to the broker, already marked as handed over.
-
-    If the broker is down, the mark is taken back so the next due-scan hands
-    it over instead; the signup itself is already stored (and committed).
-    """
-    try:
-        publish([delivery_id])
-    except Exception as error:
-        log.warning("broker unavailable, confirmation waits for the next due-scan: %s", error)
-        with session_scope(database_url) as session:
-            session.execute(
-                update(Delivery)
-                .where(Delivery.id == delivery_id, Delivery.enqueued_at == now)
-                .values(enqueued_at=None)
-            )
 
 
 def _validate(data, sequences: dict[str, Sequence], *, strict_timezone: bool):

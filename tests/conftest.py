@@ -26,12 +26,11 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from nurture import ROOT
 from nurture.config import Settings, load_settings
-from nurture.db import dispose_all, get_engine, normalize_url
+from nurture.db import dispose_all, get_engine, normalize_url, scratch_database
 from nurture.models import Base
 
 REQUIRE_SERVICES = os.environ.get("NURTURE_REQUIRE_SERVICES") == "1"
@@ -155,19 +154,7 @@ def smtp() -> Iterator[SMTPServer]:
 
 def _fresh_postgres(base_url: str) -> tuple[str, Callable[[], None]]:
     """A new, empty database on the PostgreSQL server; and how to drop it."""
-    name = f"nurture_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(normalize_url(base_url), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(normalize_url(base_url)).set(database=name).render_as_string(False)
-
-    def drop() -> None:
-        dispose_all()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return url, drop
+    return scratch_database(base_url, "nurture_test")
 
 
 @pytest.fixture
