@@ -10,12 +10,16 @@ carries delivery ids, and anything it loses is found again here.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from functools import partial
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import and_, bindparam, or_, select, text, update
+from sqlalchemy import BigInteger, and_, bindparam, cast, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -238,11 +242,15 @@ class _Due:
     timezone: str
 
 
-def _due_batch(session: Session, now: datetime, limit: int) -> list[_Due]:
+def _due_batch(
+    session: Session, now: datetime, limit: int, share: tuple[int, int] = (0, 1)
+) -> list[_Due]:
     """Due enrollments, oldest first, none of which has an email still on its way.
 
     Waiting for the previous email (a retry after a 451, a step held by a
-    broken template) keeps each subscriber's course in order.
+    broken template) keeps each subscriber's course in order. `share` (k, n)
+    takes only the enrollments whose id hashes to k modulo n (PostgreSQL only),
+    so that n claim loops never contend for a row.
     """
     # OFFSET 0 keeps PostgreSQL from turning this into an anti-join, whose plan
     # depends on statistics that lag behind a burst of new deliveries (it then
@@ -254,6 +262,13 @@ def _due_batch(session: Session, now: datetime, limit: int) -> list[_Due]:
         .offset(0)
         .exists()
     )
+    wanted = [Enrollment.status == EnrollmentStatus.ACTIVE, Enrollment.next_due_at <= now, ~unsent]
+    if share[1] > 1:
+        # Shared out by a hash of the id (PostgreSQL's own integer hash), not by
+        # the id itself, whose pattern (every other id in one sequence) could
+        # give one loop all the work.
+        spread = func.abs(cast(func.hashint4(Enrollment.id), BigInteger))
+        wanted.append(spread % share[1] == share[0])
     rows = session.execute(
         select(
             Enrollment.id,
@@ -266,11 +281,7 @@ def _due_batch(session: Session, now: datetime, limit: int) -> list[_Due]:
             Subscriber.timezone,
         )
         .join(Subscriber, Subscriber.id == Enrollment.subscriber_id)
-        .where(
-            Enrollment.status == EnrollmentStatus.ACTIVE,
-            Enrollment.next_due_at <= now,
-            ~unsent,
-        )
+        .where(*wanted)
         .order_by(Enrollment.next_due_at)
         .limit(limit)
         .with_for_update(of=Enrollment, skip_locked=True)
@@ -292,14 +303,20 @@ def _history(session: Session, enrollment_ids: list[int]) -> dict[int, History]:
     A cancelled delivery does not count: a returning subscriber gets it after all.
     """
     had = {i: History([]) for i in enrollment_ids}
-    rows = session.execute(
-        select(Delivery.enrollment_id, Delivery.step, Delivery.sent_at)
-        .where(
-            Delivery.enrollment_id.in_(enrollment_ids),
-            Delivery.status != DeliveryStatus.CANCELLED,
+    if not enrollment_ids:
+        return had
+    if session.get_bind().dialect.name == "postgresql":
+        parameters = {"ids": enrollment_ids, "cancelled": DeliveryStatus.CANCELLED}
+        rows = _pg(session, _PG_HISTORY, parameters)
+    else:
+        rows = session.execute(
+            select(Delivery.enrollment_id, Delivery.step, Delivery.sent_at)
+            .where(
+                Delivery.enrollment_id.in_(enrollment_ids),
+                Delivery.status != DeliveryStatus.CANCELLED,
+            )
+            .order_by(Delivery.id)
         )
-        .order_by(Delivery.id)
-    )
     for enrollment_id, step, sent_at in rows:
         history = had[enrollment_id]
         history.steps.append(step)
@@ -356,6 +373,7 @@ def create_due_deliveries(
     sequences: Mapping[str, Sequence],
     now: datetime,
     hand_out: Publish | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> int:
     """Write a delivery row for every due step and move each enrollment on.
 
@@ -364,13 +382,14 @@ def create_due_deliveries(
     with SKIP LOCKED, so two dispatchers share the work instead of doubling
     it, and the unique (enrollment, step) constraint backs that up everywhere.
     Cost grows with what is due, not with the number of enrollments.
+    `share` (k, n) limits it to one of n shares of the enrollments (`_due_batch`).
     With `hand_out`, each batch's deliveries are written already marked as
     handed over and given to it right after the commit, so a big tick gets its
     first emails moving while it goes on with the rest.
     """
     created = 0
     while True:
-        rows = _due_batch(session, now, SCAN_BATCH)
+        rows = _due_batch(session, now, SCAN_BATCH, share)
         histories = _history(session, [enrollment.id for enrollment in rows])
         due, settled, careful = [], [], []
         for enrollment in rows:
@@ -450,7 +469,7 @@ def _insert_deliveries(
         columns = ("subscriber_id", "enrollment_id", "sequence", "step", "message_id")
         arrays = {f"{column}s": [row[column] for row in rows] for column in columns}
         parameters = {**arrays, "status": DeliveryStatus.QUEUED, "now": now}
-        written = session.execute(_PG_INSERT, {**parameters, "enqueued_at": rows[0]["enqueued_at"]})
+        written = _pg(session, _PG_INSERT, {**parameters, "enqueued_at": rows[0]["enqueued_at"]})
         return {enrollment_id: delivery_id for delivery_id, enrollment_id in written}
     statement = sqlite_insert(Delivery.__table__).on_conflict_do_nothing(
         index_elements=["enrollment_id", "step"]
@@ -512,7 +531,8 @@ def _save(session: Session, enrollments: list[_Due]) -> None:
     if not enrollments:
         return
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(
+        _pg(
+            session,
             _PG_SAVE,
             {
                 "ids": [e.id for e in enrollments],
@@ -533,28 +553,39 @@ _SAVE = (
     .where(_enrollments.c.id == bindparam("b_id"))
     .values(next_step=bindparam("b_step"), next_due_at=bindparam("b_due"))
 )
-_PG_SAVE = text(
-    """
+# PostgreSQL statements that take a whole batch as arrays: one statement and one
+# parameter set per batch. They are sent as written (psycopg's %(name)b), so the
+# arrays go over in binary: dumping them as text quotes every element, which
+# cost more CPU than the rest of the batch's Python code.
+_PG_SAVE = """
     UPDATE enrollments SET next_step = batch.next_step, next_due_at = batch.next_due_at
-    FROM unnest(CAST(:ids AS integer[]), CAST(:steps AS varchar[]), CAST(:dues AS timestamptz[]))
+    FROM unnest(CAST(%(ids)b AS integer[]), CAST(%(steps)b AS varchar[]),
+                CAST(%(dues)b AS timestamptz[]))
          AS batch(id, next_step, next_due_at)
     WHERE enrollments.id = batch.id
-    """
-)
-_PG_INSERT = text(
-    """
+"""
+_PG_INSERT = """
     INSERT INTO deliveries (subscriber_id, enrollment_id, sequence, step, message_id,
                             status, attempts, not_before, enqueued_at, created_at)
     SELECT subscriber_id, enrollment_id, sequence, step, message_id,
-           :status, 0, :now, CAST(:enqueued_at AS timestamptz), :now
-    FROM unnest(CAST(:subscriber_ids AS integer[]), CAST(:enrollment_ids AS integer[]),
-                CAST(:sequences AS varchar[]), CAST(:steps AS varchar[]),
-                CAST(:message_ids AS varchar[]))
+           %(status)s, 0, %(now)s, CAST(%(enqueued_at)s AS timestamptz), %(now)s
+    FROM unnest(CAST(%(subscriber_ids)b AS integer[]), CAST(%(enrollment_ids)b AS integer[]),
+                CAST(%(sequences)b AS varchar[]), CAST(%(steps)b AS varchar[]),
+                CAST(%(message_ids)b AS varchar[]))
          AS batch(subscriber_id, enrollment_id, sequence, step, message_id)
     ON CONFLICT (enrollment_id, step) DO NOTHING
     RETURNING id, enrollment_id
-    """
-)
+"""
+_PG_HISTORY = """
+    SELECT enrollment_id, step, sent_at FROM deliveries
+    WHERE enrollment_id = ANY(CAST(%(ids)b AS integer[])) AND status <> %(cancelled)s
+    ORDER BY id
+"""
+
+
+def _pg(session: Session, statement: str, parameters: dict):
+    """Run one of the statements above on the session's connection, as written."""
+    return session.connection().exec_driver_sql(statement, parameters)
 
 
 def release_expired_leases(session: Session, now: datetime) -> int:
@@ -648,6 +679,15 @@ def take_back(session: Session, ids: list[int], now: datetime) -> None:
     session.commit()
 
 
+#: Claim loops a due-scan runs side by side on PostgreSQL, each on its own
+#: connection (SKIP LOCKED shares the batches out): while one loop's batch is in
+#: the database, the other's is worked out in Python. On two cores two loops
+#: claimed 10,000 due steps about 1.5 times as fast as one; three or more were
+#: slower, because each loop's open transaction keeps the rows the others just
+#: moved on visible in the due index, and every batch walks past them.
+CLAIM_LOOPS = 2
+
+
 def dispatch(
     session: Session,
     settings: Settings,
@@ -660,22 +700,47 @@ def dispatch(
 
     Deliveries are handed out batch by batch as they are written; once the
     broker refuses one, the rest of this tick only writes rows, which the next
-    tick hands out.
+    tick hands out. `publish` must be safe to call from two threads at once.
     """
     result = DispatchResult()
     result.released = release_expired_leases(session, now)
+    counting = threading.Lock()
 
-    def hand_out(ids: list[int]) -> None:
-        if result.publish_failed:  # the broker is down: leave these for the next tick
-            take_back(session, ids, now)
-            result.publish_failed += len(ids)
-            return
-        published, failed = hand_over(session, ids, now, publish, settings.batch_size, marked=True)
-        result.enqueued += published
-        result.publish_failed += failed
+    def claim(loop_session: Session, share: tuple[int, int]) -> int:
+        def hand_out(ids: list[int]) -> None:
+            if result.publish_failed:  # the broker is down: leave these for the next tick
+                take_back(loop_session, ids, now)
+                with counting:
+                    result.publish_failed += len(ids)
+                return
+            published, failed = hand_over(
+                loop_session, ids, now, publish, settings.batch_size, marked=True
+            )
+            with counting:
+                result.enqueued += published
+                result.publish_failed += failed
 
-    result.created = create_due_deliveries(session, settings, sequences, now, hand_out)
+        return create_due_deliveries(loop_session, settings, sequences, now, hand_out, share)
+
+    engine = session.get_bind()
+    loops = CLAIM_LOOPS if engine.dialect.name == "postgresql" else 1  # SQLite: one writer
+    with ThreadPoolExecutor(loops - 1) if loops > 1 else nullcontext() as pool:
+        others = [
+            pool.submit(_in_own_session, engine, partial(claim, share=(k, loops)))
+            for k in range(1, loops)
+        ]
+        result.created = claim(session, (0, loops)) + sum(other.result() for other in others)
     if not result.publish_failed:  # retries come due, messages the broker lost
         enqueued, result.publish_failed = enqueue_ready(session, settings, now, publish)
         result.enqueued += enqueued
     return result
+
+
+def _in_own_session(engine, work: Callable[[Session], int]) -> int:
+    """Run `work` with a session (and so a connection) of its own, for another thread."""
+    with Session(engine, expire_on_commit=False) as session:
+        try:
+            return work(session)
+        except BaseException:
+            session.rollback()
+            raise

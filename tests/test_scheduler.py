@@ -12,13 +12,21 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from conftest import BOTH_DATABASES
-from sqlalchemy import select, update
+from sqlalchemy import event, select, text, update
 
 from nurture.config import Settings, load_settings
-from nurture.db import session_scope
+from nurture.db import get_engine, session_scope
 from nurture.delivery import send_batch
 from nurture.models import Delivery, DeliveryStatus, Enrollment, EnrollmentStatus, Subscriber
-from nurture.scheduler import dispatch, next_due, next_to_send, scheduled_at
+from nurture.scheduler import (
+    CLAIM_LOOPS,
+    SCAN_BATCH,
+    _due_batch,
+    dispatch,
+    next_due,
+    next_to_send,
+    scheduled_at,
+)
 from nurture.sequences import Sequence, Step, first_steps, load_sequences
 from nurture.subscribers import SignupRequest, confirm, signup, unsubscribe
 
@@ -741,3 +749,99 @@ def test_the_gap_counts_from_when_the_last_email_was_really_sent(settings):
     assert due >= late + timedelta(hours=20)
     assert due == at(2026, 6, 3, 9, 0), "and it keeps its 09:00 send time"
     assert run(settings, due, Broker()).created == 1
+
+
+# --- Claim loops side by side (PostgreSQL) -----------------------------------------
+
+ON_POSTGRES = pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+
+
+def many_due(settings: Settings, count: int, now: datetime) -> None:
+    """`count` confirmed subscribers whose first course email is due at `now`."""
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            text(
+                "INSERT INTO subscribers (email, first_name, timezone, status, created_at) "
+                "SELECT 'reader' || i || '@example.com', 'Reader', 'UTC', 'active', :now "
+                "FROM generate_series(1, :count) AS i"
+            ),
+            {"count": count, "now": now},
+        )
+        session.execute(
+            text(
+                "INSERT INTO enrollments (subscriber_id, sequence, status, next_step, "
+                "next_due_at, started_at, created_at) "
+                "SELECT id, :sequence, 'active', 'welcome', :now, :now, :now FROM subscribers"
+            ),
+            {"sequence": SEQUENCE, "now": now},
+        )
+
+
+@ON_POSTGRES
+def test_the_claim_loops_share_the_due_set_without_overlap(settings):
+    many_due(settings, 400, T0)
+    with session_scope(settings.database_url) as session:
+        shares = [
+            {row.id for row in _due_batch(session, T0, 1000, (k, CLAIM_LOOPS))}
+            for k in range(CLAIM_LOOPS)
+        ]
+        everything = {row.id for row in _due_batch(session, T0, 1000)}
+    assert len(everything) == 400
+    assert set().union(*shares) == everything
+    assert sum(len(share) for share in shares) == 400  # no enrollment in two shares
+    assert all(len(share) > 100 for share in shares)  # spread, not all in one
+
+
+@ON_POSTGRES
+def test_a_big_tick_claims_each_step_once_with_loops_side_by_side(settings):
+    due = 3 * SCAN_BATCH * CLAIM_LOOPS + 7
+    many_due(settings, due, T0)
+    engine = get_engine(settings.database_url)
+    open_now, most_open = [0], [0]
+
+    def checked_out(*_):
+        open_now[0] += 1
+        most_open[0] = max(most_open[0], open_now[0])
+
+    def checked_in(*_):
+        open_now[0] -= 1
+
+    event.listen(engine, "checkout", checked_out)
+    event.listen(engine, "checkin", checked_in)
+    broker = Broker()
+    try:
+        result = run(settings, T0, broker)
+    finally:
+        event.remove(engine, "checkout", checked_out)
+        event.remove(engine, "checkin", checked_in)
+
+    deliveries = course_deliveries(settings)
+    assert (result.created, result.enqueued, result.publish_failed) == (due, due, 0)
+    assert len({d.enrollment_id for d in deliveries}) == len(deliveries) == due
+    assert sorted(broker.ids) == sorted(d.id for d in deliveries)  # each handed out once
+    assert most_open[0] >= CLAIM_LOOPS  # the loops really ran at the same time
+    assert run(settings, T0, Broker()).created == 0
+
+
+@ON_POSTGRES
+def test_with_the_broker_down_no_loop_loses_a_step(settings):
+    due = 2 * SCAN_BATCH + 3
+    many_due(settings, due, T0)
+    result = run(settings, T0, Broker(down=True))
+    assert (result.created, result.enqueued, result.publish_failed) == (due, 0, due)
+    assert all(d.enqueued_at is None for d in course_deliveries(settings))
+    broker = Broker()
+    again = run(settings, T0 + timedelta(minutes=1), broker)  # the next tick hands them out
+    assert (again.created, again.enqueued) == (0, due)
+    assert len(set(broker.ids)) == due
+
+
+@ON_POSTGRES
+def test_postgresql_connections_plan_each_statement_for_its_values(settings):
+    engine = get_engine(settings.database_url)
+    with engine.connect() as connection:
+        for _ in range(10):  # psycopg would prepare it on the server after five
+            connection.execute(text("SELECT count(*) FROM enrollments WHERE id > :id"), {"id": 1})
+        prepared = connection.execute(text("SELECT count(*) FROM pg_prepared_statements"))
+        assert prepared.scalar() == 0
+        assert connection.execute(text("SHOW jit")).scalar() == "off"
