@@ -55,18 +55,7 @@ def _create_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 15})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    # No server-side prepared statements: each statement is planned for the
-    # values it runs with. A cached generic plan of the due-scan's batch query,
-    # made while the deliveries table looked empty, read every delivery for
-    # each due row (0.6 s a batch instead of 20 ms). Also what PgBouncer's
-    # transaction pooling needs.
-    engine = create_engine(
-        url,
-        pool_pre_ping=True,
-        pool_size=5,
-        max_overflow=10,
-        connect_args={"prepare_threshold": None},
-    )
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
     event.listen(engine, "connect", _postgresql_settings)
     return engine
 

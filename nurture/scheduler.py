@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from functools import partial
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import BigInteger, and_, bindparam, cast, func, or_, select, update
+from sqlalchemy import BigInteger, and_, bindparam, cast, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -262,6 +262,12 @@ def _due_batch(
         .offset(0)
         .exists()
     )
+    if session.get_bind().dialect.name == "postgresql":
+        # Planned for this `now` and this share, never from a cached generic
+        # plan: psycopg prepares a statement it has run five times, and a
+        # generic plan made while the deliveries table looked empty (a first
+        # big tick after an import) reads every delivery for each due row.
+        session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
     wanted = [Enrollment.status == EnrollmentStatus.ACTIVE, Enrollment.next_due_at <= now, ~unsent]
     if share[1] > 1:
         # Shared out by a hash of the id (PostgreSQL's own integer hash), not by
