@@ -69,7 +69,9 @@ def _postgresql_settings(dbapi_connection, _record) -> None:
     tick about a quarter slower. A session setting, so an operator's own
     server-wide choice is left alone for everything else.
     """
-    dbapi_connection.execute("SET jit = off")
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET jit = off")
+    cursor.close()
     dbapi_connection.commit()
 
 

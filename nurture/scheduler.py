@@ -326,7 +326,13 @@ def _history(session: Session, enrollment_ids: list[int]) -> dict[int, History]:
     for enrollment_id, step, sent_at in rows:
         history = had[enrollment_id]
         history.steps.append(step)
-        if sent_at and (history.last_sent is None or sent_at > history.last_sent):
+        if sent_at is None:
+            continue
+        # Read as written, PostgreSQL gives the server's time zone; the gap is
+        # added to this time, and across a daylight-saving change that is only
+        # right in UTC.
+        sent_at = sent_at.astimezone(UTC)
+        if history.last_sent is None or sent_at > history.last_sent:
             history.last_sent = sent_at
     return had
 
@@ -735,7 +741,15 @@ def dispatch(
             pool.submit(_in_own_session, engine, partial(claim, share=(k, loops)))
             for k in range(1, loops)
         ]
-        result.created = claim(session, (0, loops)) + sum(other.result() for other in others)
+        try:
+            result.created = claim(session, (0, loops))
+        except BaseException:
+            session.rollback()  # free this loop's rows now, not once the others are done
+            for other in others:
+                if (error := other.exception()) is not None:
+                    log.error("another claim loop failed as well: %r", error)
+            raise
+        result.created += sum(other.result() for other in others)
     if not result.publish_failed:  # retries come due, messages the broker lost
         enqueued, result.publish_failed = enqueue_ready(session, settings, now, publish)
         result.enqueued += enqueued

@@ -6,6 +6,7 @@ Time is always passed in: the pure schedule takes `started_at`, the due-scan a
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -23,6 +24,7 @@ from nurture.scheduler import (
     CLAIM_LOOPS,
     SCAN_BATCH,
     _due_batch,
+    _history,
     dispatch,
     next_due,
     next_to_send,
@@ -798,14 +800,16 @@ def test_a_big_tick_claims_each_step_once_with_loops_side_by_side(settings):
     due = 3 * SCAN_BATCH * CLAIM_LOOPS + 7
     many_due(settings, due, T0)
     engine = get_engine(settings.database_url)
-    open_now, most_open = [0], [0]
+    open_now, most_open, counting = [0], [0], threading.Lock()
 
     def checked_out(*_):
-        open_now[0] += 1
-        most_open[0] = max(most_open[0], open_now[0])
+        with counting:
+            open_now[0] += 1
+            most_open[0] = max(most_open[0], open_now[0])
 
     def checked_in(*_):
-        open_now[0] -= 1
+        with counting:
+            open_now[0] -= 1
 
     event.listen(engine, "checkout", checked_out)
     event.listen(engine, "checkin", checked_in)
@@ -860,3 +864,22 @@ def test_the_due_batch_is_planned_for_its_values_however_often_it_runs(settings)
         assert plans == (0, 5)  # prepared, yet never run from a generic plan
         assert connection.execute(text("SHOW jit")).scalar() == "off"
         connection.execute(text("RESET plan_cache_mode"))
+        connection.commit()
+
+
+@ON_POSTGRES
+def test_the_history_gives_send_times_in_utc_whatever_the_servers_time_zone(settings):
+    subscriber_id = enroll(settings, "ann@example.com", now=T0)
+    run(settings, T0, Broker())
+    sent_at = datetime(2026, 3, 7, 15, 0, tzinfo=UTC)  # the day before New York's clocks change
+    worker_sends(settings, sent_at, subscriber_id)
+    enrollment_id = enrollment_of(settings, subscriber_id).id
+    with get_engine(settings.database_url).connect() as connection:
+        connection.execute(text("SET TIME ZONE 'America/New_York'"))
+        history = _history(Session(connection), [enrollment_id])[enrollment_id]
+        connection.execute(text("RESET TIME ZONE"))
+        connection.commit()
+    assert history.steps == ["welcome"]
+    assert history.last_sent == sent_at
+    # In UTC, so that adding the minimum gap across the change adds real hours.
+    assert history.last_sent.utcoffset() == timedelta(0)
