@@ -1,6 +1,7 @@
 """Signup API throughput and latency under gunicorn + PostgreSQL, as a ratio against GET /.
 
-Run: `.venv/bin/python benchmarks/bench_signup.py` (about a minute on 2 cores).
+Run: `.venv/bin/python benchmarks/bench_signup.py` (about a minute on 2 cores);
+`BENCH_SIGNUP_WORKERS=n` runs gunicorn with n workers instead of 4.
 
 Creates a fresh PostgreSQL database, migrates it (`nurture db upgrade`),
 starts `gunicorn web:app --workers 4 --threads 1` on a free port, and drives it
@@ -12,7 +13,10 @@ in interleaved rounds after a warm-up:
 * `POST /api/v1/subscribers` with a unique address each time (JSON body);
 * `GET /` (the signup page: same server, same client, no database), the baseline;
 * `GET /healthz` (database + broker + held-template checks), and its latency
-  from one client polling alone.
+  from one client polling alone;
+* the same POST on a second gunicorn, serving `benchmarks/signup_parts.py` with
+  the rate limiter and the publish switched off: the database write alone, the
+  floor under any signup that is stored before it is answered.
 
 Goals: rps(POST) / rps(GET /) >= 0.5, p99(POST) at 16 clients < 50 ms. If one
 is missed (or with --profile), the POST path is profiled in-process (Flask test client, cProfile,
@@ -53,7 +57,7 @@ ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BROKER_URL = "redis://127.0.0.1:6379/13"
 QUEUE = "bench-signup"
 CLIENTS = 16
-WORKERS = 4
+WORKERS = int(os.environ.get("BENCH_SIGNUP_WORKERS", "4"))  # gunicorn sync workers
 ROUNDS = 3
 PER_ROUND = 500  # per endpoint per round: 1,500 requests per endpoint in all
 WARMUP = 96  # per endpoint, before measuring
@@ -62,6 +66,7 @@ PROFILE_POSTS = 200
 RESULTS = ROOT / "benchmarks" / "results"
 GOAL_RATIO = 0.5
 GOAL_P99_MS = 50.0
+DB_ONLY = "POST, database write only"
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -77,13 +82,14 @@ def percentile(sorted_values: list[float], q: float) -> float:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process has used; 0 if it is gone."""
+def _proc_cpu(pid: int, *, system_only: bool = False) -> float:
+    """CPU seconds (user + system, or system alone) a process has used; 0 if it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    system = int(fields[12])
+    return (system if system_only else int(fields[11]) + system) / CLOCK_TICKS
 
 
 def _children(parent: int) -> list[int]:
@@ -133,6 +139,8 @@ class CpuMeter:
         web = [self.gunicorn_pid, *_children(self.gunicorn_pid)]
         return {
             "gunicorn": {pid: _proc_cpu(pid) for pid in web},
+            # Of which in the kernel: sockets, and waking up after each round trip.
+            "gunicorn_sys": {pid: _proc_cpu(pid, system_only=True) for pid in web},
             "postgres": {pid: _proc_cpu(pid) for pid in self._backends()},
             "redis": {self.redis_pid: _proc_cpu(self.redis_pid)} if self.redis_pid else {},
             "client": {0: time.process_time()},
@@ -280,7 +288,7 @@ def _cpu_per_request(runs: list[dict], requests: int) -> dict[str, float]:
             parts[part] = parts.get(part, 0.0) + seconds
     per = {part: 1000 * seconds / requests for part, seconds in parts.items()} if requests else {}
     if per:
-        per["total"] = sum(per.values())
+        per["total"] = sum(v for part, v in per.items() if not part.endswith("_sys"))
     return per
 
 
@@ -326,6 +334,29 @@ def clean_broker() -> int:
         return len(keys)
     except Exception:
         return -1
+
+
+def start_gunicorn(app: str, port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`gunicorn <app>` as the benchmark runs it (benchmarks/ is on its path)."""
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [
+                str(BIN / "gunicorn"),
+                app,
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--workers",
+                str(WORKERS),
+                "--threads",
+                "1",
+                "--pythonpath",
+                str(ROOT / "benchmarks"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60) -> float:
@@ -600,9 +631,9 @@ def main() -> int:
         "SIGNUP_RATE_LIMIT": "1000000 per minute",
     }
     process_env = {**os.environ, **env}
-    port = free_port()
+    port, floor_port = free_port(), free_port()
     create_database(database)
-    server = None
+    server = floor_server = None
     log_path = Path(instance) / "gunicorn.log"
     try:
         subprocess.run(
@@ -612,24 +643,17 @@ def main() -> int:
             check=True,
             capture_output=True,
         )
-        with log_path.open("w") as log:
-            server = subprocess.Popen(
-                [
-                    str(BIN / "gunicorn"),
-                    "web:app",
-                    "--bind",
-                    f"127.0.0.1:{port}",
-                    "--workers",
-                    str(WORKERS),
-                    "--threads",
-                    "1",
-                ],
-                cwd=ROOT,
-                env=process_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        server = start_gunicorn("web:app", port, process_env, log_path)
+        # The same app with the rate limiter and the publish switched off: what the
+        # database write alone costs (benchmarks/signup_parts.py).
+        floor_server = start_gunicorn(
+            "signup_parts:app",
+            floor_port,
+            {**process_env, "BENCH_SIGNUP_WITHOUT": "limiter,publish"},
+            log_path.with_name("gunicorn-floor.log"),
+        )
         boot_s = wait_healthy(port, server)
+        wait_healthy(floor_port, floor_server)
 
         def signup_body(tag: str, index: int, n: int) -> bytes:
             email = f"b{run_id}-{tag}-{index}-{n}@example.com"
@@ -640,27 +664,37 @@ def main() -> int:
             Endpoint("POST /api/v1/subscribers", "POST", "/api/v1/subscribers", 202, signup_body),
             Endpoint("GET /healthz", "GET", "/healthz", 200),
         ]
+        floor_endpoint = Endpoint(
+            DB_ONLY, "POST", "/api/v1/subscribers", 202, lambda t, i, n: signup_body(f"f{t}", i, n)
+        )
         clients = [Client(port) for _ in range(CLIENTS)]
+        floor_clients = [Client(floor_port) for _ in range(CLIENTS)]
         for endpoint in endpoints:
             run_load(clients, endpoint, WARMUP, "warm")
+        run_load(floor_clients, floor_endpoint, WARMUP, "warm")
         meter = CpuMeter(server.pid, database)
-        runs: dict[str, list[dict]] = {e.name: [] for e in endpoints}
+        floor_meter = CpuMeter(floor_server.pid, database)
+        runs: dict[str, list[dict]] = {e.name: [] for e in [*endpoints, floor_endpoint]}
         for round_number in range(ROUNDS):
+            tag = f"r{round_number}"
             for endpoint in endpoints:
-                runs[endpoint.name].append(
-                    run_load(clients, endpoint, PER_ROUND, f"r{round_number}", meter)
-                )
-        for client in clients:
+                runs[endpoint.name].append(run_load(clients, endpoint, PER_ROUND, tag, meter))
+            runs[DB_ONLY].append(
+                run_load(floor_clients, floor_endpoint, PER_ROUND, tag, floor_meter)
+            )
+        for client in [*clients, *floor_clients]:
             client.close()
         meter.close()
+        floor_meter.close()
 
         solo = [Client(port)]
         solo_run = run_load(solo, endpoints[2], SOLO_HEALTHZ, "solo")
         solo[0].close()
         server_ok = server.poll() is None
     finally:
-        if server is not None:
-            stop(server)
+        for process in (server, floor_server):
+            if process is not None:
+                stop(process)
 
     summary = {name: summarize(r) for name, r in runs.items()}
     post, index, health = (
@@ -669,7 +703,9 @@ def main() -> int:
         summary["GET /healthz"],
     )
     solo_summary = summarize([solo_run])
+    db_only = summary[DB_ONLY]
     ratio = post["rps"] / index["rps"]
+    db_only_ratio = db_only["rps"] / index["rps"]
     round_ratios = [
         p["rps"] / g["rps"]
         for p, g in zip(runs["POST /api/v1/subscribers"], runs["GET /"], strict=True)
@@ -715,6 +751,9 @@ def main() -> int:
             "rounds": ROUNDS,
             "warmup_per_endpoint": WARMUP,
             "baseline": "GET / (signup page) on the same server and client",
+            "database_write_only": "the same POST on a second gunicorn serving "
+            "benchmarks/signup_parts.py with BENCH_SIGNUP_WITHOUT=limiter,publish, same "
+            "database, its own 16 clients, in the same rounds",
             "server_boot_s": boot_s,
             "server_alive_at_end": server_ok,
         },
@@ -724,6 +763,8 @@ def main() -> int:
             "healthz": health,
             "healthz_solo_client": solo_summary,
             "ratio_rps_post_over_get_index": ratio,
+            "post_database_write_only": db_only,
+            "ratio_rps_post_database_write_only_over_get_index": db_only_ratio,
             "round_ratios_post_over_get_index": round_ratios,
             "ratio_rps_healthz_over_get_index": health["rps"] / index["rps"],
             "healthz_polled_1hz_share_of_capacity": 1 / health["rps"] if health["rps"] else None,
@@ -748,6 +789,7 @@ def main() -> int:
     for name, row in (
         ("GET / (baseline)", index),
         ("POST /api/v1/subscribers", post),
+        ("  database write only", db_only),
         ("GET /healthz", health),
         ("GET /healthz (1 client)", solo_summary),
     ):
@@ -757,11 +799,13 @@ def main() -> int:
             f"{row['max_ms']:>9.1f}{bad:>6}"
         )
     print("\nCPU ms per request (all processes; 2 cores give 2,000 ms per second):")
-    parts = ["gunicorn", "postgres", "redis", "client", "total"]
-    print(f"  {'endpoint':<26}" + "".join(f"{p:>10}" for p in parts))
+    parts = ["gunicorn", "gunicorn_sys", "postgres", "redis", "client", "total"]
+    labels = {"gunicorn_sys": "(kernel)"}  # the part of gunicorn's CPU spent in the kernel
+    print(f"  {'endpoint':<26}" + "".join(f"{labels.get(p, p):>10}" for p in parts))
     for name, row in (
         ("GET /", index),
         ("POST /api/v1/subscribers", post),
+        ("  database write only", db_only),
         ("GET /healthz", health),
     ):
         cpu = row["cpu_ms_per_request"]
@@ -772,6 +816,10 @@ def main() -> int:
             f"{name}: {goal['value']:.3f} (goal {goal['goal']}): "
             f"{'met' if goal['met'] else 'MISSED'}"
         )
+    print(
+        f"the POST with only its database write (no rate limit, no publish): "
+        f"{db_only_ratio:.3f} of GET /"
+    )
     print(
         f"healthz polled every second uses {100 / health['rps']:.2f}% of the server's "
         f"healthz capacity ({health['rps']:.0f}/s)"

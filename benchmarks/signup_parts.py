@@ -1,0 +1,29 @@
+"""`web:app` with parts of the signup switched off, for bench_signup's cost breakdown.
+
+Never served to users. `BENCH_SIGNUP_WITHOUT` names the parts, comma-separated:
+
+* `limiter`: no rate limiting (Flask-Limiter's check and its Redis round trip);
+* `publish`: the confirmation is written but not handed to the broker.
+
+With both off, `POST /api/v1/subscribers` still validates the body and writes the
+signup to PostgreSQL before answering: what any durable signup must do.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nurture.signup
+from nurture.app import limiter
+from web import app
+
+WITHOUT = frozenset(filter(None, os.environ.get("BENCH_SIGNUP_WITHOUT", "").split(",")))
+unknown = WITHOUT - {"limiter", "publish"}
+if unknown:
+    raise SystemExit(f"BENCH_SIGNUP_WITHOUT: unknown parts {sorted(unknown)}")
+if "limiter" in WITHOUT:
+    limiter.enabled = False
+if "publish" in WITHOUT:
+    nurture.signup.publisher = lambda celery: lambda ids: None
+
+__all__ = ["app"]
