@@ -632,6 +632,8 @@ def main() -> int:
     }
     process_env = {**os.environ, **env}
     port, floor_port = free_port(), free_port()
+    while floor_port == port:
+        floor_port = free_port()
     create_database(database)
     server = floor_server = None
     log_path = Path(instance) / "gunicorn.log"
