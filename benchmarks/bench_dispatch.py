@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Due-scan cost grows with what is due, not with the size of the list.
 
-For each list size N (default 100,000 then 1,000,000) a fresh PostgreSQL
+For each list size N (default 100,000 and 1,000,000) a fresh PostgreSQL
 database is made and seeded server-side with N active enrollments, of which
 DUE (default 10,000) are due now, spread evenly over the table, and the rest
 due in the next week. The timed part is one dispatch tick, `scheduler.dispatch`, with a publish
@@ -9,7 +9,9 @@ that only collects the ids: release lapsed claims, claim the due steps in
 batches of SCAN_BATCH (write their deliveries already marked as handed over,
 move each enrollment on, commit, hand the batch out), then hand out anything
 else that is ready. Between repetitions the same DUE enrollments are made due
-again and the table is vacuumed.
+again and the table is vacuumed. All sizes are seeded first and their ticks
+are taken in turns (REPEAT each, default 5), so a drift in the machine's speed
+falls on every size alike.
 
 Figures are ratios against the smallest N, measured in the same run:
 t(N)/t(N0), goal <= 1.5. Claims per second are compared with the delivery
@@ -38,6 +40,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -238,7 +242,26 @@ def indexes_used(plan: list[str]) -> list[str]:
     return used
 
 
-def run_size(n: int, due: int, repeat: int, history: bool, max_load: float) -> dict:
+@dataclass
+class Size:
+    """One list size's seeded database and what its runs need."""
+
+    n: int
+    due: int
+    url: str
+    drop: Callable[[], None]
+    settings: object
+    sequences: dict
+    now: object
+    recorder: Recorder
+    seeded: dict
+    plan_due: list[str]
+    plan_idle: list[str] = field(default_factory=list)
+    runs: list[dict] = field(default_factory=list)
+
+
+def prepare_size(n: int, due: int, history: bool) -> Size:
+    """A fresh database with `n` enrollments, `due` of them due now."""
     url, drop = fresh_database(BASE_URL)
     try:
         migrate.upgrade(url)
@@ -258,54 +281,79 @@ def run_size(n: int, due: int, repeat: int, history: bool, max_load: float) -> d
         seeded = seed(url, n, due, now - timedelta(seconds=1), history)
         print(f"  seeded in {seeded['seconds']}s ({seeded['due']:,} due); {seeded['table_mb']}")
         recorder = Recorder(get_engine(url))
-
         # The plan of the first due batch, on the same data the timed runs see.
         with session_scope(url) as session:
             scheduler._due_batch(session, now, scheduler.SCAN_BATCH)
             session.rollback()
         plan_due = explain(url, recorder.due_batch)
-
-        runs = []
-        for attempt in range(repeat):
-            load = wait_for_quiet(max_load, timeout=300)
-            result = tick(url, settings, sequences, now, recorder)
-            result["load"] = load
-            runs.append(result)
-            print(
-                f"  run {attempt + 1}: {result['total_s']:.2f}s "
-                f"({result['created']:,} created, {result['statements']:,} statements, "
-                f"{result['wal_mb']} MB WAL, "
-                f"load {load['load_1min']})",
-                flush=True,
-            )
-            if result["created"] != due or result["published"] != due:
-                raise SystemExit(f"expected {due} due steps, got {result}")
-            idle = tick(url, settings, sequences, now, recorder)  # nothing due any more
-            result["idle_tick_s"] = idle["total_s"]
-            result["idle_statements"] = idle["statements"]
-            plan_idle = explain(url, recorder.due_batch)
-            if attempt + 1 < repeat:
-                reset(url, n, due, now - timedelta(seconds=1))
-        dispose_all()
-    finally:
+    except BaseException:
         drop()
-    totals = [r["total_s"] for r in runs]
+        raise
+    return Size(n, due, url, drop, settings, sequences, now, recorder, seeded, plan_due)
+
+
+def time_tick(size: Size, attempt: int, max_load: float, last: bool) -> None:
+    """One timed tick over `size`, then an idle one; the due steps are made due again."""
+    load = wait_for_quiet(max_load, timeout=300)
+    result = tick(size.url, size.settings, size.sequences, size.now, size.recorder)
+    result["load"] = load
+    size.runs.append(result)
+    print(
+        f"  N={size.n:,} run {attempt + 1}: {result['total_s']:.2f}s "
+        f"({result['created']:,} created, {result['statements']:,} statements, "
+        f"{result['wal_mb']} MB WAL, load {load['load_1min']})",
+        flush=True,
+    )
+    if result["created"] != size.due or result["published"] != size.due:
+        raise SystemExit(f"expected {size.due} due steps, got {result}")
+    idle = tick(size.url, size.settings, size.sequences, size.now, size.recorder)
+    result["idle_tick_s"] = idle["total_s"]
+    result["idle_statements"] = idle["statements"]
+    size.plan_idle = explain(size.url, size.recorder.due_batch)
+    if not last:
+        reset(size.url, size.n, size.due, size.now - timedelta(seconds=1))
+
+
+def summarize_size(size: Size) -> dict:
+    totals = [r["total_s"] for r in size.runs]
     median = statistics.median(totals)
+    recorder = size.recorder
     return {
-        "n": n,
-        "due": due,
-        "seed": seeded,
-        "runs": runs,
+        "n": size.n,
+        "due": size.due,
+        "seed": size.seeded,
+        "runs": size.runs,
         "median_s": median,
         "min_s": min(totals),
-        "claims_per_s": due / median,
-        "statements_per_claim": runs[-1]["statements"] / due,
-        "idle_tick_median_s": statistics.median(r["idle_tick_s"] for r in runs),
+        "claims_per_s": size.due / median,
+        "statements_per_claim": size.runs[-1]["statements"] / size.due,
+        "idle_tick_median_s": statistics.median(r["idle_tick_s"] for r in size.runs),
         "due_batch_sql": recorder.due_batch[0] if recorder.due_batch else None,
-        "explain_first_batch": plan_due,
-        "explain_nothing_due": plan_idle,
-        "indexes_used": indexes_used(plan_due),
+        "explain_first_batch": size.plan_due,
+        "explain_nothing_due": size.plan_idle,
+        "indexes_used": indexes_used(size.plan_due),
     }
+
+
+def run_sizes(ns: list[int], due: int, repeat: int, history: bool, max_load: float) -> list[dict]:
+    """Every size seeded first, then their ticks taken in turns.
+
+    The machine's speed drifts within minutes; timed in turns, each size's
+    runs see the same stretches of it, so the ratio between sizes is not a
+    ratio between two moments.
+    """
+    sizes: list[Size] = []
+    try:
+        for n in ns:
+            sizes.append(prepare_size(n, due, history))
+        for attempt in range(repeat):
+            for size in sizes:
+                time_tick(size, attempt, max_load, last=attempt + 1 == repeat)
+        dispose_all()
+        return [summarize_size(size) for size in sizes]
+    finally:
+        for size in sizes:
+            size.drop()
 
 
 def delivery_rate() -> tuple[float | None, str]:
@@ -321,7 +369,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--due", type=int, default=10_000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument(
         "--history",
         action="store_true",
@@ -351,7 +399,7 @@ def main() -> None:
         )
     engine.dispose()
 
-    sizes = [run_size(n, args.due, args.repeat, args.history, args.max_load) for n in args.sizes]
+    sizes = run_sizes(args.sizes, args.due, args.repeat, args.history, args.max_load)
     base = sizes[0]
     for size in sizes:
         size["ratio_vs_smallest"] = size["median_s"] / base["median_s"]
