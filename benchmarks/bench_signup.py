@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
-from harness import finish_machine, free_port, machine  # noqa: E402
+from harness import finish_machine, free_port, fresh_database, machine  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BROKER_URL = "redis://127.0.0.1:6379/13"
@@ -301,24 +302,6 @@ def _merge(dicts) -> dict[str, int]:
 
 
 # --- the server --------------------------------------------------------------------------
-
-
-def create_database(name: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-
-
-def drop_database(name: str) -> None:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    engine.dispose()
 
 
 def clean_broker() -> int:
@@ -618,9 +601,9 @@ def main() -> int:
     args = parser.parse_args()
     info = machine()
     run_id = uuid.uuid4().hex[:8]
-    database = f"bench_signup_{run_id}"
+    database_url, drop_database = fresh_database(ADMIN_URL)
+    database = make_url(database_url).database
     instance = tempfile.mkdtemp(prefix="bench-signup-")
-    database_url = f"postgresql://postgres@127.0.0.1:5432/{database}"
     env = {
         "DATABASE_URL": database_url,
         "BROKER_URL": BROKER_URL,
@@ -636,8 +619,7 @@ def main() -> int:
     port, floor_port = free_port(), free_port()
     while floor_port == port:
         floor_port = free_port()
-    create_database(database)
-    server = floor_server = None
+    server = floor_server = server_ok = None
     log_path = Path(instance) / "gunicorn.log"
     try:
         subprocess.run(
@@ -699,6 +681,8 @@ def main() -> int:
         for process in (server, floor_server):
             if process is not None:
                 stop(process)
+        if server_ok is None:  # the run failed: nothing more will use the database
+            drop_database()
 
     summary = {name: summarize(r) for name, r in runs.items()}
     post, index, health = (
@@ -737,7 +721,7 @@ def main() -> int:
         if args.profile or not all(g["met"] for g in goals.values()):
             profile = profile_post(env, run_id, database)
     finally:
-        drop_database(database)
+        drop_database()
         removed_keys = clean_broker()
         shutil.rmtree(instance, ignore_errors=True)
 
