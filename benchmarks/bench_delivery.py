@@ -14,6 +14,12 @@ just before it, so that both sides of a ratio see the machine at the same
 speed. The same is measured with one prefork process per core sending one
 email at a time, for comparison (against the floor's median).
 
+CLAIMS: after each product run, one due-scan tick (bench_dispatch.py's, with
+the beat's publisher onto Redis) claims and queues 10,000 due steps among
+1,000,000 enrollments, seeded before the first round. Each tick's claims per
+second over the product run just before it; the figure is their median (goal:
+claiming >= 10x faster than delivering).
+
 MEMORY: one worker process sends 5,000 then, in chunks, up to 50,000 emails;
 the prefork child's VmRSS is sampled after each chunk; RSS(50k) - RSS(5k) is
 the figure (goal < 30 MB).
@@ -26,6 +32,7 @@ and then under cProfile; the top costs go in the JSON.
     .venv/bin/python benchmarks/bench_delivery.py --sends 20000        # larger
     .venv/bin/python benchmarks/bench_delivery.py --memory-total 20000 # shorter memory run
     .venv/bin/python benchmarks/bench_delivery.py --skip-memory --skip-profile
+    .venv/bin/python benchmarks/bench_delivery.py --claims-list 0  # no claiming figure
 
 Needs PostgreSQL at 127.0.0.1:5432 (BENCH_POSTGRES_URL), Redis at
 127.0.0.1:6379 (database 12 is flushed; BENCH_REDIS_URL) and /usr/sbin/smtp-sink
@@ -57,7 +64,15 @@ sys.path.insert(0, str(ROOT))
 
 import harness  # noqa: E402
 import redis  # noqa: E402
-from harness import finish_machine, free_port, machine, wait_for_quiet  # noqa: E402
+from bench_dispatch import Size, prepare_size, summarize_size, time_tick  # noqa: E402
+from harness import (  # noqa: E402
+    POSTGRES_URL,
+    REDIS_URL,
+    finish_machine,
+    free_port,
+    machine,
+    wait_for_quiet,
+)
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from nurture import migrate, scheduler  # noqa: E402
@@ -69,8 +84,6 @@ from nurture.preview import preview_email  # noqa: E402
 from nurture.sequences import current_sequences  # noqa: E402
 from nurture.tasks import make_celery, prepare_broker, run_dispatch  # noqa: E402
 
-BASE_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 SMTP_SINK = "/usr/sbin/smtp-sink"
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -118,7 +131,7 @@ class Sink:
 
 
 def fresh_database() -> tuple[str, callable]:
-    url, drop = harness.fresh_database(BASE_URL)
+    url, drop = harness.fresh_database(POSTGRES_URL)
     migrate.upgrade(url)
     return url, drop
 
@@ -382,19 +395,28 @@ def product(
     }
 
 
-def floor_and_product(sink: Sink, data: bytes, args) -> tuple[dict, dict]:
-    """The floor and the product in turns, each product run paired with the floor just before.
+def in_turns(sink: Sink, data: bytes, args, claims: Size | None) -> tuple[dict, dict]:
+    """The floor, the product and a due-scan tick in turns, each paired with the floor before.
 
     The machine's speed drifts by a fifth over minutes; measured in turns, the
-    two sides of each ratio see the same machine. The figure is the median of
-    the pairs' ratios (the floor's extra runs, if any, come first).
+    two sides of each ratio see the same machine. The delivery figure is the
+    median of the product runs' ratios to the floor run just before them (the
+    floor's extra runs, if any, come first); the claiming figure is the median
+    of each tick's claims per second over the product run just before it.
     """
     floors, products = [], []
     extra = max(0, args.floor_repeat - args.repeat)
-    for index in range(max(args.repeat, args.floor_repeat)):
+    rounds = max(args.repeat, args.floor_repeat)
+    for index in range(rounds):
         floors.append(floor(sink, data, args.sends, 1, args.max_load))
-        if index >= extra:
-            products.append(product(sink, args.sends, args.workers, args.threads, 1, args.max_load))
+        if index < extra:
+            continue
+        products.append(product(sink, args.sends, args.workers, args.threads, 1, args.max_load))
+        if claims is not None:
+            tick = time_tick(claims, index - extra, args.max_load, last=index + 1 == rounds)
+            (run,) = products[-1]["runs"]
+            run["claims_per_s"] = claims.due / tick["total_s"]
+            run["claims_vs_delivery"] = run["claims_per_s"] / run["sends_per_s"]
     floor_runs = [run for f in floors for run in f["runs"]]
     product_runs = [run for p in products for run in p["runs"]]
     paired = floor_runs[extra:]
@@ -406,6 +428,10 @@ def floor_and_product(sink: Sink, data: bytes, args) -> tuple[dict, dict]:
     product_result = {**products[0], "runs": product_runs}
     product_result["sends_per_s"] = statistics.median(r["sends_per_s"] for r in product_runs)
     product_result["ratio_to_floor"] = statistics.median(r["ratio_to_floor"] for r in product_runs)
+    if claims is not None:
+        product_result["claims_vs_delivery"] = statistics.median(
+            r["claims_vs_delivery"] for r in product_runs
+        )
     return floor_result, product_result
 
 
@@ -587,6 +613,13 @@ def main() -> None:
         help="skip the comparison run with one prefork process per core, one email at a time",
     )
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs (median)")
+    parser.add_argument(
+        "--claims-list",
+        type=int,
+        default=1_000_000,
+        help="enrollments in the due-scan's list for the claiming figure (0: skip it)",
+    )
+    parser.add_argument("--claims-due", type=int, default=10_000)
     parser.add_argument("--floor-repeat", type=int, default=3)
     parser.add_argument("--memory-first", type=int, default=5000)
     parser.add_argument("--memory-total", type=int, default=50000)
@@ -607,6 +640,7 @@ def main() -> None:
 
     info = machine()
     sink = Sink()
+    claims: Size | None = None
     result: dict = {"benchmark": "bench_delivery", "machine": info}
     try:
         instance = Path(tempfile.mkdtemp(prefix="nurture-bench-"))
@@ -624,7 +658,23 @@ def main() -> None:
             f"{args.sends:,} due), taken in turns",
             flush=True,
         )
-        result["floor"], result["product"] = floor_and_product(sink, data, args)
+        if args.claims_list:
+            print(
+                f"CLAIMS: one due-scan tick, {args.claims_due:,} due among "
+                f"{args.claims_list:,}, after each product run",
+                flush=True,
+            )
+            claims = prepare_size(args.claims_list, args.claims_due)
+        try:
+            result["floor"], result["product"] = in_turns(sink, data, args, claims)
+        finally:
+            if claims is not None:
+                claims.close()
+        if claims is not None:
+            result["claims"] = summarize_size(claims)
+            result["claims_vs_delivery"] = result["product"]["claims_vs_delivery"]
+            result["claims_vs_delivery_goal"] = 10.0
+            result["claims_vs_delivery_goal_met"] = result["claims_vs_delivery"] >= 10
         if not args.skip_one_at_a_time and args.threads > 1:
             print(f"PRODUCT, one at a time: {args.workers} prefork workers", flush=True)
             result["product_one_at_a_time"] = product(
@@ -682,6 +732,18 @@ def main() -> None:
         f"product/floor = {result['ratio']:.3f}, the median of those "
         f"(goal >= 0.5: {'met' if result['ratio_goal_met'] else 'MISSED'})"
     )
+    if "claims" in result:
+        pairs = ", ".join(f"{run['claims_vs_delivery']:.1f}x" for run in result["product"]["runs"])
+        ok = "met" if result["claims_vs_delivery_goal_met"] else "MISSED"
+        print(
+            f"due-scan tick, {args.claims_due:,} due among {args.claims_list:,}: "
+            f"{result['claims']['claims_per_s']:,.0f} claims/s (median); "
+            f"each over the product run just before it: {pairs}"
+        )
+        print(
+            f"claims/s vs sends/s = {result['claims_vs_delivery']:.1f}x, the median of those "
+            f"(goal >= 10x: {ok})"
+        )
     if "memory" in result:
         mem = result["memory"]
         print(

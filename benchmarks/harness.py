@@ -18,6 +18,9 @@ from pathlib import Path
 from nurture.db import scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The servers every benchmark talks to; Redis database 12 is flushed.
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 
 
 def machine() -> dict:
