@@ -127,7 +127,9 @@ def publisher(app: Celery) -> scheduler.Publish:
     app.amqp.producer_pool  # noqa: B018
 
     def publish(ids: list[int]) -> None:
-        app.send_task("nurture.send_batch", args=[ids], declare=[])
+        # The arguments as events and monitors show them: what Celery's own
+        # `saferepr` would write for a list of ids, at a hundredth of its cost.
+        app.send_task("nurture.send_batch", args=[ids], declare=[], argsrepr=repr([ids]))
 
     return publish
 

@@ -26,6 +26,22 @@ def test_upgrade_matches_the_models(empty_database):
     assert "ix_enrollments_status_next_due_at" in indexes
     uniques = inspect(engine).get_unique_constraints("deliveries")
     assert any(set(u["column_names"]) == {"enrollment_id", "step"} for u in uniques)
+    # Writing an email locks no subscriber row (0006); its enrollment's key stays.
+    keys = inspect(engine).get_foreign_keys("deliveries")
+    assert [(k["constrained_columns"], k["referred_table"]) for k in keys] == [
+        (["enrollment_id"], "enrollments")
+    ]
+
+
+@BOTH_DATABASES
+def test_the_subscriber_key_comes_back_on_downgrade(empty_database):
+    migrate.upgrade(empty_database)
+    migrate.downgrade(empty_database, "0005")
+    keys = inspect(get_engine(empty_database)).get_foreign_keys("deliveries")
+    assert sorted(k["referred_table"] for k in keys) == ["enrollments", "subscribers"]
+    migrate.upgrade(empty_database)
+    keys = inspect(get_engine(empty_database)).get_foreign_keys("deliveries")
+    assert [k["referred_table"] for k in keys] == ["enrollments"]
 
 
 @BOTH_DATABASES

@@ -493,10 +493,13 @@ def test_publishing_to_redis_keeps_one_client_per_pool(stack):
     client = redis.Redis.from_url(broker)
     try:
         publish = publisher(celery)
+        batch = list(range(100, 150))
         publish([1])
         publish([2, 3])
+        publish(batch)
         bodies = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]
-        assert [m["headers"]["task"] for m in bodies] == ["nurture.send_batch"] * 2
-        assert [m["headers"]["argsrepr"] for m in bodies] == ["[[1]]", "[[2, 3]]"]
+        assert [m["headers"]["task"] for m in bodies] == ["nurture.send_batch"] * 3
+        assert [m["headers"]["argsrepr"] for m in bodies] == ["[[1]]", "[[2, 3]]", str([batch])]
+        assert [m["headers"]["kwargsrepr"] for m in bodies] == ["{}"] * 3
     finally:
         client.delete(queue)
