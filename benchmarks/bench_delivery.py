@@ -624,7 +624,7 @@ def main() -> None:
         action="store_true",
         help="skip the comparison run with one prefork process per core, one email at a time",
     )
-    parser.add_argument("--repeat", type=int, default=3, help="throughput runs (median)")
+    parser.add_argument("--repeat", type=int, default=5, help="throughput runs (median)")
     parser.add_argument(
         "--claims-list",
         type=int,
@@ -632,7 +632,7 @@ def main() -> None:
         help="enrollments in the due-scan's list for the claiming figure (0: skip it)",
     )
     parser.add_argument("--claims-due", type=int, default=10_000)
-    parser.add_argument("--floor-repeat", type=int, default=3)
+    parser.add_argument("--floor-repeat", type=int, default=5)
     parser.add_argument("--memory-first", type=int, default=5000)
     parser.add_argument("--memory-total", type=int, default=50000)
     parser.add_argument("--memory-chunk", type=int, default=5000)
