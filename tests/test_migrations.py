@@ -8,11 +8,11 @@ import sys
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conftest import BOTH_DATABASES, Stack
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from nurture import ROOT, migrate
-from nurture.db import get_engine
-from nurture.models import Base
+from nurture.db import get_engine, session_scope
+from nurture.models import Base, Delivery, Enrollment, Event, Subscriber
 
 
 @BOTH_DATABASES
@@ -33,15 +33,62 @@ def test_upgrade_matches_the_models(empty_database):
     ]
 
 
+def _delivery_keys(url: str) -> list[str]:
+    return sorted(
+        k["referred_table"] for k in inspect(get_engine(url)).get_foreign_keys("deliveries")
+    )
+
+
+def _sent_mail(url: str) -> list[tuple]:
+    """Each delivery with its subscriber's address and the kinds of its events."""
+    with get_engine(url).connect() as connection:
+        return connection.execute(
+            text(
+                "SELECT d.id, s.email, d.step, d.status, e.kind FROM deliveries d "
+                "JOIN subscribers s ON s.id = d.subscriber_id "
+                "JOIN events e ON e.delivery_id = d.id ORDER BY d.id, e.id"
+            )
+        ).all()
+
+
 @BOTH_DATABASES
-def test_the_subscriber_key_comes_back_on_downgrade(empty_database):
+def test_the_subscriber_key_goes_and_comes_back_with_sent_mail_in_place(empty_database):
+    """0006 rebuilds deliveries on SQLite, whose rows other tables' keys point at."""
+    migrate.upgrade(empty_database, "0005")
+    with session_scope(empty_database) as session:
+        ann = Subscriber(email="ann@example.com", status="active")
+        session.add(ann)
+        session.flush()
+        course = Enrollment(subscriber_id=ann.id, sequence="product-vs-project")
+        session.add(course)
+        session.flush()
+        mail = [
+            Delivery(subscriber_id=ann.id, step="confirmation", message_id="<1@x>"),
+            Delivery(
+                subscriber_id=ann.id, enrollment_id=course.id, step="welcome", message_id="<2@x>"
+            ),
+        ]
+        session.add_all(mail)
+        session.flush()
+        session.add_all(
+            [Event(subscriber_id=ann.id, delivery_id=d.id, kind="open") for d in mail]
+            + [Event(subscriber_id=ann.id, delivery_id=mail[1].id, kind="click")]
+        )
+    before = _sent_mail(empty_database)
+    assert len(before) == 3
+    assert _delivery_keys(empty_database) == ["enrollments", "subscribers"]
+
     migrate.upgrade(empty_database)
+    assert _delivery_keys(empty_database) == ["enrollments"]
+    assert _sent_mail(empty_database) == before
     migrate.downgrade(empty_database, "0005")
-    keys = inspect(get_engine(empty_database)).get_foreign_keys("deliveries")
-    assert sorted(k["referred_table"] for k in keys) == ["enrollments", "subscribers"]
+    assert _delivery_keys(empty_database) == ["enrollments", "subscribers"]
+    assert _sent_mail(empty_database) == before
     migrate.upgrade(empty_database)
-    keys = inspect(get_engine(empty_database)).get_foreign_keys("deliveries")
-    assert [k["referred_table"] for k in keys] == ["enrollments"]
+    assert _sent_mail(empty_database) == before
+    if empty_database.startswith("sqlite"):  # the migration turned them off for itself only
+        with get_engine(empty_database).connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
 @BOTH_DATABASES
