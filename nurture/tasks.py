@@ -126,10 +126,16 @@ def publisher(app: Celery) -> scheduler.Publish:
     # due-scan's claim loops cannot each make one at once.
     app.amqp.producer_pool  # noqa: B018
 
+    limit = app.amqp.argsrepr_maxsize
+
     def publish(ids: list[int]) -> None:
         # The arguments as events and monitors show them: what Celery's own
-        # `saferepr` would write for a list of ids, at a hundredth of its cost.
-        app.send_task("nurture.send_batch", args=[ids], declare=[], argsrepr=repr([ids]))
+        # `saferepr` writes for a list of ids (cut at the same length), at a
+        # hundredth of its cost.
+        shown = repr([ids])
+        if len(shown) > limit:
+            shown = shown[: limit - 3] + "..."
+        app.send_task("nurture.send_batch", args=[ids], declare=[], argsrepr=shown)
 
     return publish
 

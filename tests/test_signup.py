@@ -468,6 +468,7 @@ def test_a_confirmation_the_broker_refused_waits_for_the_due_scan(stack):
 
 def test_publishing_to_redis_keeps_one_client_per_pool(stack):
     """The Redis channel reuses one client (kombu would build one per message)."""
+    import base64
     import json
 
     import redis
@@ -493,13 +494,17 @@ def test_publishing_to_redis_keeps_one_client_per_pool(stack):
     client = redis.Redis.from_url(broker)
     try:
         publish = publisher(celery)
-        batch = list(range(100, 150))
+        batch, huge = list(range(100, 150)), list(range(100_000, 101_000))
         publish([1])
         publish([2, 3])
         publish(batch)
+        publish(huge)
         bodies = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]
-        assert [m["headers"]["task"] for m in bodies] == ["nurture.send_batch"] * 3
-        assert [m["headers"]["argsrepr"] for m in bodies] == ["[[1]]", "[[2, 3]]", str([batch])]
-        assert [m["headers"]["kwargsrepr"] for m in bodies] == ["{}"] * 3
+        assert [m["headers"]["task"] for m in bodies] == ["nurture.send_batch"] * 4
+        shown = [m["headers"]["argsrepr"] for m in bodies]
+        assert shown[:3] == ["[[1]]", "[[2, 3]]", str([batch])]
+        assert len(shown[3]) == 1024 and shown[3].startswith("[[100000, 100001,")
+        assert bodies[3]["body"] and json.loads(base64.b64decode(bodies[3]["body"]))[0] == [huge]
+        assert [m["headers"]["kwargsrepr"] for m in bodies] == ["{}"] * 4
     finally:
         client.delete(queue)
