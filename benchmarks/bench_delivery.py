@@ -68,6 +68,7 @@ from bench_dispatch import Size, prepare_size, summarize_size, time_tick  # noqa
 from harness import (  # noqa: E402
     POSTGRES_URL,
     REDIS_URL,
+    delete_queue,
     finish_machine,
     free_port,
     machine,
@@ -301,8 +302,12 @@ DROP_AT_EXIT: list = []
 
 
 def drop_databases() -> None:
+    """Drop them all, each even if another's drop fails."""
     while DROP_AT_EXIT:
-        DROP_AT_EXIT.pop()()
+        try:
+            DROP_AT_EXIT.pop()()
+        except Exception as error:  # noqa: BLE001 - say so, and go on with the rest
+            print(f"could not drop a benchmark database: {error}", file=sys.stderr)
 
 
 class Service:
@@ -332,6 +337,7 @@ class Service:
             worker.stop()
         self.engine.dispose()
         self.app.close()
+        delete_queue(self.settings.queue)
         DROP_AT_EXIT.append(self.drop)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -710,8 +716,10 @@ def main() -> None:
             wait_for_quiet(args.max_load)
             result["profile"] = profile(sink, args.profile_sends, 50)
     finally:
-        sink.stop()
-        drop_databases()
+        try:
+            sink.stop()
+        finally:
+            drop_databases()
     result["finished_at"] = utcnow().isoformat(timespec="seconds")
     finish_machine(info)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import statistics
 import sys
@@ -54,6 +55,7 @@ import redis  # noqa: E402
 from harness import (  # noqa: E402
     POSTGRES_URL,
     REDIS_URL,
+    delete_queue,
     finish_machine,
     fresh_database,
     machine,
@@ -299,19 +301,24 @@ class Size:
     runs: list[dict] = field(default_factory=list)
 
     def close(self) -> None:
-        """Drop the database and the queue."""
-        self.broker.delete(self.settings.queue)
-        self.app.close()
-        self.drop()
+        """Drop the database, the queue and the instance folder, each whatever befalls the others."""
+        try:
+            delete_queue(self.settings.queue)
+            self.app.close()
+        finally:
+            try:
+                self.drop()
+            finally:
+                shutil.rmtree(self.settings.instance_path, ignore_errors=True)
 
 
 def prepare_size(n: int, due: int, history: bool = False) -> Size:
     """A fresh database with `n` enrollments, `due` of them due now, and a queue on Redis."""
     url, drop = fresh_database(POSTGRES_URL)
     app = None
+    instance = Path(tempfile.mkdtemp(prefix="nurture-bench-"))
     try:
         migrate.upgrade(url)
-        instance = Path(tempfile.mkdtemp(prefix="nurture-bench-"))
         settings = load_settings(
             {
                 "NURTURE_INSTANCE": str(instance),
@@ -340,6 +347,7 @@ def prepare_size(n: int, due: int, history: bool = False) -> Size:
         if app is not None:
             app.close()
         drop()
+        shutil.rmtree(instance, ignore_errors=True)
         raise
     return Size(
         n,

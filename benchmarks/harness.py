@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import redis
+
 from nurture.db import scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +103,10 @@ def free_port() -> int:
 def fresh_database(base_url: str) -> tuple[str, callable]:
     """An empty PostgreSQL database next to `base_url`'s, and a function that drops it."""
     return scratch_database(base_url, "nurture_bench")
+
+
+def delete_queue(queue: str) -> None:
+    """Remove a benchmark's queue, and kombu's record of its bindings, from Redis."""
+    redis.Redis.from_url(REDIS_URL).delete(
+        queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"
+    )

@@ -56,6 +56,17 @@ def test_a_goal_missed_is_marked_and_a_script_that_failed_shows_as_not_run():
     assert "`GET /healthz`" not in rendered
 
 
+def test_a_result_missing_a_figure_is_named_and_the_other_rows_stay():
+    results = copy.deepcopy(RESULTS)
+    del results["bench_signup"]["results"]["healthz"]
+    rendered = table.render(results)
+    assert "| `benchmarks/bench_signup.py` | | result incomplete (KeyError('healthz')) | |" in (
+        rendered
+    )
+    assert "`POST /api/v1/subscribers`" not in rendered
+    assert "delivery end to end" in rendered and "rendering a course email" in rendered
+
+
 def test_update_replaces_only_the_marked_block_and_twice_is_once(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nBefore.\n\n{table.START}\nold table\n{table.END}\n\nAfter.\n")
