@@ -51,10 +51,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
-from harness import finish_machine, free_port, fresh_database, machine  # noqa: E402
+from harness import (  # noqa: E402
+    POSTGRES_URL,
+    finish_machine,
+    free_port,
+    fresh_database,
+    machine,
+)
 from sqlalchemy.engine import make_url  # noqa: E402
 
-ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 BROKER_URL = "redis://127.0.0.1:6379/13"
 QUEUE = "bench-signup"
 CLIENTS = 16
@@ -113,9 +118,13 @@ class CpuMeter:
     def __init__(self, gunicorn_pid: int, database: str):
         from sqlalchemy import create_engine
 
+        from nurture.db import normalize_url
+
         self.gunicorn_pid = gunicorn_pid
         self.database = database
-        self.engine = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+        self.engine = create_engine(
+            normalize_url(POSTGRES_URL), isolation_level="AUTOCOMMIT", pool_size=1
+        )
         self.redis_pid = None
         try:
             import redis
@@ -601,7 +610,7 @@ def main() -> int:
     args = parser.parse_args()
     info = machine()
     run_id = uuid.uuid4().hex[:8]
-    database_url, drop_database = fresh_database(ADMIN_URL)
+    database_url, drop_database = fresh_database(POSTGRES_URL)
     database = make_url(database_url).database
     instance = tempfile.mkdtemp(prefix="bench-signup-")
     env = {

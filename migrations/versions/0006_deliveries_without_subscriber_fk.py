@@ -24,19 +24,18 @@ depends_on: str | Sequence[str] | None = None
 NAMING = {"fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s"}
 
 
-def upgrade() -> None:
+def _key() -> str:
+    """The key's name: PostgreSQL's own, or the one NAMING gives SQLite's."""
     if op.get_bind().dialect.name == "postgresql":
-        op.drop_constraint("deliveries_subscriber_id_fkey", "deliveries", type_="foreignkey")
-        return
+        return "deliveries_subscriber_id_fkey"
+    return "fk_deliveries_subscriber_id_subscribers"
+
+
+def upgrade() -> None:
     with op.batch_alter_table("deliveries", naming_convention=NAMING) as batch_op:
-        batch_op.drop_constraint("fk_deliveries_subscriber_id_subscribers", type_="foreignkey")
+        batch_op.drop_constraint(_key(), type_="foreignkey")
 
 
 def downgrade() -> None:
-    name = (
-        "deliveries_subscriber_id_fkey"
-        if op.get_bind().dialect.name == "postgresql"
-        else "fk_deliveries_subscriber_id_subscribers"
-    )
     with op.batch_alter_table("deliveries") as batch_op:
-        batch_op.create_foreign_key(name, "subscribers", ["subscriber_id"], ["id"])
+        batch_op.create_foreign_key(_key(), "subscribers", ["subscriber_id"], ["id"])
