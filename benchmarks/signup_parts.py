@@ -3,7 +3,8 @@
 Never served to users. `BENCH_SIGNUP_WITHOUT` names the parts, comma-separated:
 
 * `limiter`: no rate limiting (Flask-Limiter's check and its Redis round trip);
-* `publish`: the confirmation is written but not handed to the broker.
+* `publish`: the confirmation is written but never handed to the broker (the
+  hand-over thread is not told of it).
 
 With both off, `POST /api/v1/subscribers` still validates the body and writes the
 signup to PostgreSQL before answering: what any durable signup must do.
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import os
 
-import nurture.signup
 from nurture.app import limiter
+from nurture.handover import Handover
 from web import app
 
 WITHOUT = frozenset(filter(None, os.environ.get("BENCH_SIGNUP_WITHOUT", "").split(",")))
@@ -24,6 +25,6 @@ if unknown:
 if "limiter" in WITHOUT:
     limiter.enabled = False
 if "publish" in WITHOUT:
-    nurture.signup.publisher = lambda celery: lambda ids: None
+    Handover.add = lambda self, delivery_id: None
 
 __all__ = ["app"]

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from nurture.config import Settings
+from nurture.handover import Handover
 from nurture.sequences import Sequence, current_sequences
 from nurture.tasks import make_celery
 
@@ -31,6 +32,7 @@ MAX_UPLOAD = 50 * 1024 * 1024  # a subscriber CSV in the admin
 class AppState:
     settings: Settings
     celery: Celery
+    handover: Handover
 
     def sequences(self) -> dict[str, Sequence]:
         return current_sequences(self.settings.templates_path)
@@ -70,7 +72,8 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
         if request.endpoint == "admin.subscribers_import":
             request.max_content_length = MAX_UPLOAD
 
-    app.extensions["nurture"] = AppState(settings=settings, celery=celery or make_celery(settings))
+    celery = celery or make_celery(settings)
+    app.extensions["nurture"] = AppState(settings, celery, Handover(settings, celery))
     csrf.init_app(app)
     limiter.init_app(app)
 

@@ -7,6 +7,7 @@ because the web app, the worker and beat write the same file at once.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,12 +39,15 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 _engines: dict[str, Engine] = {}
 _sessionmakers: dict[str, sessionmaker[Session]] = {}
+_creating = threading.Lock()  # the web's hand-over thread uses them too
 
 
 def get_engine(url: str) -> Engine:
     """The process's engine for `url`, created on first use."""
     if url not in _engines:
-        _engines[url] = _create_engine(normalize_url(url))
+        with _creating:
+            if url not in _engines:
+                _engines[url] = _create_engine(normalize_url(url))
     return _engines[url]
 
 
@@ -79,7 +83,9 @@ def _postgresql_settings(dbapi_connection, _record) -> None:
 def session_scope(url: str) -> Iterator[Session]:
     """A session that commits on success and rolls back on any error."""
     if url not in _sessionmakers:
-        _sessionmakers[url] = sessionmaker(get_engine(url), expire_on_commit=False)
+        engine = get_engine(url)
+        with _creating:
+            _sessionmakers.setdefault(url, sessionmaker(engine, expire_on_commit=False))
     session = _sessionmakers[url]()
     try:
         yield session
@@ -93,10 +99,12 @@ def session_scope(url: str) -> Iterator[Session]:
 
 def dispose_all() -> None:
     """Close every pooled connection (after a fork, and between tests)."""
-    for engine in _engines.values():
+    with _creating:
+        engines = list(_engines.values())
+        _engines.clear()
+        _sessionmakers.clear()
+    for engine in engines:
         engine.dispose()
-    _engines.clear()
-    _sessionmakers.clear()
 
 
 def scratch_database(base_url: str, prefix: str) -> tuple[str, Callable[[], None]]:

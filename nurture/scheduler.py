@@ -682,10 +682,14 @@ def hand_over(
 
 
 def take_back(session: Session, ids: list[int], now: datetime) -> None:
-    """Undo a hand-over the broker did not take, so the next due-scan hands them out."""
+    """Undo a hand-over the broker did not take, so the next due-scan hands them out.
+
+    `now` is when they were marked (the latest mark, for marks written one by
+    one); a later hand-over of the same rows is left alone.
+    """
     session.execute(
         update(Delivery)
-        .where(and_(Delivery.id.in_(ids), Delivery.enqueued_at == now))
+        .where(and_(Delivery.id.in_(ids), Delivery.enqueued_at <= now))
         .values(enqueued_at=None)
     )
     session.commit()

@@ -8,14 +8,13 @@ from flask import Blueprint, abort, jsonify, redirect, render_template, request,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from nurture import scheduler, subscribers, tokens
+from nurture import subscribers, tokens
 from nurture.app import csrf, limiter, state
 from nurture.config import Settings
 from nurture.db import get_engine, session_scope
 from nurture.models import utcnow
 from nurture.sequences import Sequence, first_steps
 from nurture.subscribers import DEFAULT_SEQUENCE
-from nurture.tasks import publisher
 
 bp = Blueprint("signup", __name__)
 
@@ -30,10 +29,13 @@ def _client_ip() -> str:
 
 
 def _record_signup(clean: dict[str, str], source: str, sequences: dict[str, Sequence]) -> None:
-    """Store the signup, then hand any confirmation email to the workers.
+    """Store the signup, and note any confirmation email for the hand-over thread.
 
-    The email itself is sent by a worker, never inside this request; if the
-    broker is down the delivery row waits for the next due-scan.
+    The email is sent by a worker, never inside this request, and the request
+    does not wait on the broker either. The delivery row is written already
+    marked as handed over, and `handover` publishes it a moment later; if the
+    broker refuses it, the mark is taken back and the next due-scan hands it
+    over instead.
     """
     app_state = state()
     settings = app_state.settings
@@ -53,12 +55,7 @@ def _record_signup(clean: dict[str, str], source: str, sequences: dict[str, Sequ
         with session_scope(settings.database_url) as session:
             delivery_id = _signup(session, settings, signup, first_steps(sequences), now)
     if delivery_id is not None:
-        # Written already marked as handed over; if the broker refuses it, the
-        # mark is taken back and the next due-scan hands it over instead.
-        with session_scope(settings.database_url) as session:
-            scheduler.hand_over(
-                session, [delivery_id], now, publisher(app_state.celery), marked=True
-            )
+        app_state.handover.add(delivery_id, marked_at=now)
 
 
 def _signup(

@@ -31,6 +31,7 @@ from sqlalchemy.engine import make_url
 from nurture import ROOT
 from nurture.config import Settings, load_settings
 from nurture.db import dispose_all, get_engine, normalize_url, scratch_database
+from nurture.handover import close_all
 from nurture.models import Base
 
 REQUIRE_SERVICES = os.environ.get("NURTURE_REQUIRE_SERVICES") == "1"
@@ -163,10 +164,12 @@ def empty_database(request, tmp_path) -> Iterator[str]:
     kind = getattr(request, "param", "sqlite")
     if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'nurture.db'}"
+        close_all()  # no hand-over thread outlives its test's database
         dispose_all()
         return
     url, drop = _fresh_postgres(require(POSTGRES_URL, "PostgreSQL"))
     yield url
+    close_all()
     drop()
 
 

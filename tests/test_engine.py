@@ -796,6 +796,7 @@ def test_published_tasks_carry_no_countdown_or_eta(settings, client):
     try:
         response = client.post("/api/v1/subscribers", json={"email": "bob@example.com"})
         assert response.status_code == 202
+        client.application.extensions["nurture"].handover.close()  # its thread published
         result = tasks.run_dispatch(tasks.make_celery(settings), T0 + timedelta(minutes=1))
         assert result.created == 1
         # What beat sends every DISPATCH_INTERVAL_SECONDS, with beat's own options.

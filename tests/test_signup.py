@@ -453,9 +453,10 @@ def test_the_one_statement_signup_writes_what_the_general_path_writes(settings):
 def test_a_confirmation_the_broker_refused_waits_for_the_due_scan(stack):
     """Broker down: the signup is still stored and answered, its confirmation not marked."""
     down = stack.with_env(BROKER_URL="redis://127.0.0.1:1/0")
-    client = create_app(down.settings).test_client()
+    app = create_app(down.settings)
 
-    response = api_signup(client, "patient@example.com")
+    response = api_signup(app.test_client(), "patient@example.com")
+    app.extensions["nurture"].handover.close()  # its thread has tried the broker
 
     assert response.status_code == 202
     settings = down.settings

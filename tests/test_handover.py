@@ -1,0 +1,103 @@
+"""A confirmation reaches the broker from the hand-over thread, never from the request."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis
+from conftest import BOTH_DATABASES, REDIS_URL, require
+from sqlalchemy import select
+
+from nurture import scheduler
+from nurture.app import create_app
+from nurture.db import session_scope
+from nurture.models import CONFIRMATION_STEP, Delivery
+from nurture.tasks import publisher
+
+API = "/api/v1/subscribers"
+
+
+@pytest.fixture
+def on_redis(stack):
+    """The stack with a Redis broker and a queue of this test's own; the Redis client."""
+    broker = require(REDIS_URL, "Redis")
+    settings = stack.with_env(
+        BROKER_URL=broker,
+        NURTURE_QUEUE=f"t-{uuid.uuid4().hex}",
+        SIGNUP_RATE_LIMIT="1000 per minute",  # its counts in Redis outlive the test
+    ).settings
+    client = redis.Redis.from_url(broker)
+    yield settings, client
+    client.delete(settings.queue)
+
+
+def published_ids(client, queue: str) -> list[list[int]]:
+    """The id lists of the send_batch messages waiting in `queue`, oldest first."""
+    bodies = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]
+    return [json.loads(base64.b64decode(m["body"]))[0][0] for m in bodies]
+
+
+def confirmations(settings) -> dict[int, object]:
+    """Each confirmation delivery's id and its hand-over mark."""
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            select(Delivery.id, Delivery.enqueued_at).where(Delivery.step == CONFIRMATION_STEP)
+        )
+        return dict(rows.all())
+
+
+@BOTH_DATABASES
+def test_signups_are_answered_before_the_broker_hears_of_them_then_published_together(on_redis):
+    settings, client = on_redis
+    app = create_app(settings)
+    handover = app.extensions["nurture"].handover
+    handover.linger = 60  # the thread would wait a minute: nothing but close() publishes
+    web = app.test_client()
+
+    for n in range(3):
+        assert web.post(API, json={"email": f"p{n}@example.com"}).status_code == 202
+
+    marks = confirmations(settings)
+    assert len(marks) == 3 and all(marks.values())  # written marked as handed over
+    assert published_ids(client, settings.queue) == []  # no request published anything
+    handover.close()
+    assert published_ids(client, settings.queue) == [sorted(marks)]  # one message for all
+
+
+def test_the_thread_publishes_on_its_own(on_redis):
+    settings, client = on_redis
+    app = create_app(settings)
+    app.extensions["nurture"].handover.linger = 0.01
+    assert app.test_client().post(API, json={"email": "soon@example.com"}).status_code == 202
+
+    deadline = time.monotonic() + 10  # a background thread, not a schedule: wait for it
+    while not published_ids(client, settings.queue) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert published_ids(client, settings.queue) == [list(confirmations(settings))]
+
+
+@BOTH_DATABASES
+def test_a_confirmation_whose_note_was_lost_is_handed_over_by_the_due_scan(on_redis):
+    """A web process killed before its thread published: the marked row is requeued."""
+    settings, client = on_redis
+    app = create_app(settings)
+    handover = app.extensions["nurture"].handover
+    handover.linger = 60
+    assert app.test_client().post(API, json={"email": "lost@example.com"}).status_code == 202
+    handover._pending.clear()  # what a killed process loses: the note, never the row
+    [(delivery_id, marked_at)] = confirmations(settings).items()
+
+    publish = publisher(create_app(settings).extensions["nurture"].celery)
+    with session_scope(settings.database_url) as session:
+        early = scheduler.enqueue_ready(session, settings, marked_at, publish)
+        later = marked_at + timedelta(seconds=settings.requeue_after + 1)
+        late = scheduler.enqueue_ready(session, settings, later, publish)
+
+    assert early == (0, 0)  # handed over a moment ago: left alone
+    assert late == (1, 0)
+    assert published_ids(client, settings.queue) == [[delivery_id]]
