@@ -771,6 +771,17 @@ def main() -> int:
         "profile_post_in_process": profile,
         "cleanup": {"database_dropped": database, "broker_keys_deleted": removed_keys},
     }
+    failed = {
+        name: {
+            **row["unexpected_status"],
+            **({"errors": len(row["errors"])} if row["errors"] else {}),
+        }
+        for name, row in summary.items()
+        if row["unexpected_status"] or row["errors"]
+    }
+    if failed:  # a rate of failing requests measures nothing: no result at all
+        print(f"requests failed, no result written: {failed}", file=sys.stderr)
+        return 1
     out = args.output
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

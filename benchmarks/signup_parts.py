@@ -25,6 +25,6 @@ if unknown:
 if "limiter" in WITHOUT:
     limiter.enabled = False
 if "publish" in WITHOUT:
-    Handover.add = lambda self, delivery_id: None
+    Handover.add = lambda self, delivery_id, marked_at: None
 
 __all__ = ["app"]
