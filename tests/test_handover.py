@@ -7,13 +7,14 @@ import json
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import redis
 from conftest import BOTH_DATABASES, REDIS_URL, require
 from sqlalchemy import select
 
-from nurture import scheduler
+from nurture import ROOT, scheduler
 from nurture.app import create_app
 from nurture.db import session_scope
 from nurture.models import CONFIRMATION_STEP, Delivery
@@ -101,3 +102,69 @@ def test_a_confirmation_whose_note_was_lost_is_handed_over_by_the_due_scan(on_re
     assert early == (0, 0)  # handed over a moment ago: left alone
     assert late == (1, 0)
     assert published_ids(client, settings.queue) == [[delivery_id]]
+
+
+def test_a_graceful_stop_publishes_the_last_batch(on_redis, stack, tmp_path):
+    """gunicorn's TERM: the worker exits normally and hands over what was still gathering.
+
+    The app is loaded before gunicorn forks its worker, so this also shows that a
+    forked process starts a thread of its own.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import free_port
+
+    settings, client = on_redis
+    (tmp_path / "slow_web.py").write_text(
+        "from web import app\n"
+        "app.extensions['nurture'].handover.linger = 60  # only the stop can publish\n"
+    )
+    env = {
+        **stack.process_env(),
+        "BROKER_URL": settings.broker_url,
+        "NURTURE_QUEUE": settings.queue,
+        "SIGNUP_RATE_LIMIT": settings.signup_rate_limit,
+    }
+    port = free_port()
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    server = subprocess.Popen(
+        # --preload: the app (and its Handover) is made before the fork, as many deploy it
+        [
+            str(gunicorn),
+            "slow_web:app",
+            "--preload",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+        ],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+    )
+    try:
+        body = json.dumps({"email": "last@example.com"}).encode()
+        deadline = time.monotonic() + 30
+        while True:  # until gunicorn answers
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}{API}",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    assert response.status == 202
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.1)
+        assert published_ids(client, settings.queue) == []
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert published_ids(client, settings.queue) == [list(confirmations(settings))]
