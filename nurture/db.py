@@ -82,11 +82,12 @@ def _postgresql_settings(dbapi_connection, _record) -> None:
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     """A session that commits on success and rolls back on any error."""
-    if url not in _sessionmakers:
+    factory = _sessionmakers.get(url)
+    if factory is None:
         engine = get_engine(url)
         with _creating:
-            _sessionmakers.setdefault(url, sessionmaker(engine, expire_on_commit=False))
-    session = _sessionmakers[url]()
+            factory = _sessionmakers.setdefault(url, sessionmaker(engine, expire_on_commit=False))
+    session = factory()
     try:
         yield session
         session.commit()

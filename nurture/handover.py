@@ -1,7 +1,7 @@
 """Hands new confirmation emails to the workers from a thread beside the web requests.
 
 A signup stores its confirmation delivery and answers; it never waits on the
-broker. The delivery row is written already marked as handed over; the web
+publish. The delivery row is written already marked as handed over; the web
 process notes its id here, and a thread of its own publishes it a moment
 later, many to a broker message, through the same `scheduler.hand_over` as the
 due-scan. If the broker refuses them, the marks are taken back and the next
@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import queue
 import threading
 import weakref
 from datetime import datetime
@@ -38,9 +39,8 @@ LINGER = 0.05
 #: Notes held at most while the broker is slow; beyond this the due-scan
 #: catches up.
 MAX_PENDING = 10_000
-#: Seconds without a signup after which the thread ends; the next signup starts
-#: another.
-IDLE = 30.0
+
+Note = tuple[int, datetime]  # a delivery id, and when its row was marked
 
 
 class Handover:
@@ -50,74 +50,71 @@ class Handover:
         self.settings = settings
         self.celery = celery
         self.linger = linger
-        self._publish: scheduler.Publish | None = None
-        self._reset()
+        self._fresh()
         _handovers.add(self)
 
-    def _reset(self) -> None:
-        """Fresh state for this process (a forked child inherits its parent's, not its thread)."""
-        self._pid = os.getpid()
-        self._wake = threading.Condition()
-        self._pending: list[int] = []
-        self._marked_at: datetime | None = None  # the latest mark among them
+    def _fresh(self) -> None:
+        """No notes and no thread: at start, and in a forked child (threads do not fork)."""
+        self._notes: queue.Queue[Note | None] = queue.Queue(MAX_PENDING)
+        self._dropped = 0
+        self._publish: scheduler.Publish | None = None
+        self._starting = threading.Lock()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._closing = False
 
     def add(self, delivery_id: int, marked_at: datetime) -> None:
         """Note a committed confirmation, marked as handed over at `marked_at`.
 
-        It is published within about `linger`.
+        It is published about `linger` later.
         """
-        if self._pid != os.getpid():
-            self._reset()
-        with self._wake:
-            if len(self._pending) < MAX_PENDING:
-                self._pending.append(delivery_id)
-                self._marked_at = max(marked_at, self._marked_at or marked_at)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="nurture-handover", daemon=True
+        if self._thread is None:
+            with self._starting:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="nurture-handover", daemon=True
+                    )
+                    self._thread.start()
+        try:
+            self._notes.put_nowait((delivery_id, marked_at))
+        except queue.Full:  # the broker hangs: these wait for the due-scan's requeue
+            self._dropped += 1
+            if self._dropped % 1000 == 1:
+                log.warning(
+                    "%d confirmations wait to be published; %d more left to the due-scan",
+                    MAX_PENDING,
+                    self._dropped,
                 )
-                self._thread.start()
-            self._wake.notify()
-
-    def flush(self) -> int:
-        """Publish what is waiting now, in the caller's thread; how many were waiting."""
-        if self._pid != os.getpid():
-            return 0
-        with self._wake:
-            ids, self._pending = self._pending, []
-            marked_at, self._marked_at = self._marked_at, None
-        if ids:
-            self._hand_over(ids, marked_at)
-        return len(ids)
 
     def close(self) -> None:
         """Stop the thread and publish what is waiting (at exit, and between tests)."""
-        if self._pid != os.getpid():
-            return
-        with self._wake:
-            thread, self._closing = self._thread, True
-            self._wake.notify()
-        if thread is not None:
-            thread.join()
-        self.flush()
-        self._closing = False
+        with self._starting:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._stopping.set()
+                self._notes.put(None)  # wakes a thread waiting for its first note
+                thread.join()
+                self._stopping.clear()
+        self._hand_over(self._waiting())
 
     def _run(self) -> None:
-        while True:
-            with self._wake:
-                self._wake.wait_for(lambda: self._pending or self._closing, timeout=IDLE)
-                if self._closing or not self._pending:
-                    self._thread = None  # under the lock: the next `add` starts another
-                    return
-                # Let the batch gather; `close` cuts this short and publishes itself.
-                if self._wake.wait_for(lambda: self._closing, timeout=self.linger):
-                    self._thread = None
-                    return
-            self.flush()
+        while not self._stopping.is_set():
+            first = self._notes.get()
+            self._stopping.wait(self.linger)  # let a batch gather; `close` cuts it short
+            self._hand_over([first, *self._waiting()])
 
-    def _hand_over(self, ids: list[int], marked_at: datetime) -> None:
+    def _waiting(self) -> list[Note | None]:
+        notes = []
+        while True:
+            try:
+                notes.append(self._notes.get_nowait())
+            except queue.Empty:
+                return notes
+
+    def _hand_over(self, notes: list[Note | None]) -> None:
+        ids = [note[0] for note in notes if note is not None]
+        if not ids:
+            return
+        marked_at = max(note[1] for note in notes if note is not None)
         try:
             if self._publish is None:
                 self._publish = publisher(self.celery)
@@ -137,3 +134,11 @@ def close_all() -> None:
     """Close every hand-over of this process: a graceful shutdown publishes what waits."""
     for handover in list(_handovers):
         handover.close()
+
+
+def _after_fork() -> None:
+    for handover in list(_handovers):
+        handover._fresh()
+
+
+os.register_at_fork(after_in_child=_after_fork)

@@ -365,8 +365,8 @@ def _queue_confirmation(
 ) -> int:
     """Write the confirmation email's delivery row; its id.
 
-    `enqueued_at` is for a caller that publishes the id right after commit: the
-    row is marked as handed over in the same write.
+    `enqueued_at` is for a caller that has the id published after commit (the
+    web's hand-over thread): the row is marked as handed over in the same write.
     """
     return _insert(
         session,
@@ -450,8 +450,8 @@ def signup(
     Whatever the address's history, the caller gives the same answer, so the
     form cannot be used to learn who is subscribed. Bounced addresses stay
     suppressed; an unsubscribed address must confirm again. With `publishing`
-    the caller hands the confirmation to the broker right after commit, so its
-    row is written already marked as handed over.
+    the caller has the confirmation published after commit (the web's hand-over
+    thread), so its row is written already marked as handed over.
     """
     found = session.execute(
         _LOOKUP, {"email": request.email, "email_hash": email_hash(request.email)}

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from nurture import ROOT, scheduler
 from nurture.app import create_app
 from nurture.db import session_scope
+from nurture.handover import close_all
 from nurture.models import CONFIRMATION_STEP, Delivery
 from nurture.tasks import publisher
 
@@ -34,6 +35,7 @@ def on_redis(stack):
     ).settings
     client = redis.Redis.from_url(broker)
     yield settings, client
+    close_all()  # nothing published after the queue is gone
     client.delete(settings.queue)
 
 
@@ -83,14 +85,13 @@ def test_the_thread_publishes_on_its_own(on_redis):
 
 
 @BOTH_DATABASES
-def test_a_confirmation_whose_note_was_lost_is_handed_over_by_the_due_scan(on_redis):
+def test_a_confirmation_whose_note_was_lost_is_handed_over_by_the_due_scan(on_redis, monkeypatch):
     """A web process killed before its thread published: the marked row is requeued."""
     settings, client = on_redis
     app = create_app(settings)
-    handover = app.extensions["nurture"].handover
-    handover.linger = 60
+    # What a killed process leaves: the committed row, and no note of it anywhere.
+    monkeypatch.setattr(app.extensions["nurture"].handover, "add", lambda *_a, **_k: None)
     assert app.test_client().post(API, json={"email": "lost@example.com"}).status_code == 202
-    handover._pending.clear()  # what a killed process loses: the note, never the row
     [(delivery_id, marked_at)] = confirmations(settings).items()
 
     publish = publisher(create_app(settings).extensions["nurture"].celery)
@@ -107,8 +108,8 @@ def test_a_confirmation_whose_note_was_lost_is_handed_over_by_the_due_scan(on_re
 def test_a_graceful_stop_publishes_the_last_batch(on_redis, stack, tmp_path):
     """gunicorn's TERM: the worker exits normally and hands over what was still gathering.
 
-    The app is loaded before gunicorn forks its worker, so this also shows that a
-    forked process starts a thread of its own.
+    The app is loaded before gunicorn forks its worker (`--preload`), as many deploy
+    it: the worker starts its thread after the fork.
     """
     import os
     import signal
@@ -168,3 +169,20 @@ def test_a_graceful_stop_publishes_the_last_batch(on_redis, stack, tmp_path):
         if server.poll() is None:
             server.kill()
     assert published_ids(client, settings.queue) == [list(confirmations(settings))]
+
+
+@BOTH_DATABASES
+def test_a_refused_batch_takes_back_every_mark_in_it(stack):
+    """Rows marked at different moments, refused in one batch: none is left marked."""
+    down = stack.with_env(BROKER_URL="redis://127.0.0.1:1/0")
+    app = create_app(down.settings)
+    app.extensions["nurture"].handover.linger = 60  # both go in one batch, at close()
+    web = app.test_client()
+    for n in range(2):
+        assert web.post(API, json={"email": f"refused{n}@example.com"}).status_code == 202
+    marks = confirmations(down.settings)
+    assert len(set(marks.values())) == 2  # each row was marked at its own signup
+
+    app.extensions["nurture"].handover.close()
+
+    assert list(confirmations(down.settings).values()) == [None, None]
