@@ -111,10 +111,11 @@ class Handover:
                 return notes
 
     def _hand_over(self, notes: list[Note | None]) -> None:
-        ids = [note[0] for note in notes if note is not None]
-        if not ids:
+        notes = [note for note in notes if note is not None]  # None only wakes the thread
+        if not notes:
             return
-        marked_at = max(note[1] for note in notes if note is not None)
+        ids = [delivery_id for delivery_id, _ in notes]
+        marked_at = max(at for _, at in notes)
         try:
             if self._publish is None:
                 self._publish = publisher(self.celery)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import BOTH_DATABASES, REDIS_URL, require
+from conftest import BOTH_DATABASES, REDIS_URL, free_port, require
 from sqlalchemy import select
 
 from nurture import ROOT, scheduler
@@ -111,14 +116,6 @@ def test_a_graceful_stop_publishes_the_last_batch(on_redis, stack, tmp_path):
     The app is loaded before gunicorn forks its worker (`--preload`), as many deploy
     it: the worker starts its thread after the fork.
     """
-    import os
-    import signal
-    import subprocess
-    import sys
-    import urllib.request
-
-    from conftest import free_port
-
     settings, client = on_redis
     (tmp_path / "slow_web.py").write_text(
         "from web import app\n"
