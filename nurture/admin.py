@@ -22,7 +22,7 @@ from sqlalchemy import func, or_, select
 
 from nurture import catcher, importer, privacy, stats, users
 from nurture import subscribers as lifecycle
-from nurture.app import limiter, state
+from nurture.app import limit, state
 from nurture.db import session_scope
 from nurture.mailer import PermanentFailure, TemporaryFailure
 from nurture.models import Consent, Enrollment, Subscriber, User, utcnow
@@ -80,11 +80,14 @@ def _safe_next(target: str | None) -> str:
     return url_for("admin.index")
 
 
+LOGIN_RATE_LIMIT = "10 per minute"  # password guesses per client address
+
+
 @bp.route("/login", methods=["GET", "POST"])
-@limiter.limit("10 per minute", methods=["POST"])
 def login():
     error = None
     if request.method == "POST":
+        limit("login", LOGIN_RATE_LIMIT)
         settings = state().settings
         with session_scope(settings.database_url) as db:
             user = users.authenticate(

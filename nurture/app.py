@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from celery import Celery
 from flask import Flask, current_app, jsonify, render_template, request
-from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import DBAPIError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, TooManyRequests
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from nurture.config import Settings
 from nurture.handover import Handover
+from nurture.ratelimit import RateLimiter
 from nurture.sequences import Sequence, current_sequences
 from nurture.tasks import make_celery
 
 log = logging.getLogger(__name__)
 csrf = CSRFProtect()
-limiter = Limiter(get_remote_address)
 
 MAX_BODY = 64 * 1024  # no form or JSON body of ours comes near this
 MAX_UPLOAD = 50 * 1024 * 1024  # a subscriber CSV in the admin
@@ -33,6 +30,7 @@ class AppState:
     settings: Settings
     celery: Celery
     handover: Handover
+    limiter: RateLimiter
 
     def sequences(self) -> dict[str, Sequence]:
         return current_sequences(self.settings.templates_path)
@@ -40,6 +38,19 @@ class AppState:
 
 def state() -> AppState:
     return current_app.extensions["nurture"]
+
+
+def limit(scope: str, value: str) -> None:
+    """Refuse this request (429, with Retry-After) if its client is over `value`.
+
+    `value` is in `limits` notation, e.g. `10 per minute;200 per day`; the
+    client is the request's address (ProxyFix puts the real one there behind
+    a trusted proxy).
+    """
+    client = request.remote_addr or "unknown"
+    retry_after = state().limiter.hit(scope, client, value)
+    if retry_after is not None:
+        raise TooManyRequests(retry_after=retry_after)
 
 
 def wants_json() -> bool:
@@ -55,12 +66,6 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.base_url.startswith("https://"),
         WTF_CSRF_TIME_LIMIT=None,  # a signup form may sit open in a tab for hours
-        RATELIMIT_STORAGE_URI=settings.rate_limit_storage,
-        # A rate limiter that cannot reach Redis must not stop signups.
-        RATELIMIT_SWALLOW_ERRORS=True,
-        # X-RateLimit-* on every response would cost two more Redis round trips per
-        # signup; a refused request still gets its Retry-After (see http_error).
-        RATELIMIT_HEADERS_ENABLED=False,
     )
     if settings.trusted_proxies:  # behind a reverse proxy, the client is in X-Forwarded-For
         app.wsgi_app = ProxyFix(
@@ -73,9 +78,10 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
             request.max_content_length = MAX_UPLOAD
 
     celery = celery or make_celery(settings)
-    app.extensions["nurture"] = AppState(settings, celery, Handover(settings, celery))
+    app.extensions["nurture"] = AppState(
+        settings, celery, Handover(settings, celery), RateLimiter(settings.rate_limit_storage)
+    )
     csrf.init_app(app)
-    limiter.init_app(app)
 
     from nurture import admin, health, metrics, signup, tracking
 
@@ -92,15 +98,6 @@ def _error(status: int, title: str, message: str, errors: dict | None = None):
     if wants_json():
         return jsonify({"errors": errors or {"request": message}}), status
     return render_template("error.html", title=title, message=message), status
-
-
-def _retry_after() -> int:
-    """Seconds until the rate limit that refused this request lets it through again."""
-    try:
-        refused = limiter.current_limit
-        return max(1, int(refused.reset_at - time.time())) if refused else 60
-    except Exception:  # the limiter's storage is unreachable: a minute is a fair guess
-        return 60
 
 
 def _register_error_pages(app: Flask) -> None:
@@ -136,7 +133,7 @@ def _register_error_pages(app: Flask) -> None:
         body, status = _error(error.code or 500, error.name, message)
         response = app.make_response((body, status))
         if status == 429:
-            response.headers["Retry-After"] = str(_retry_after())
+            response.headers["Retry-After"] = str(getattr(error, "retry_after", None) or 60)
         return response
 
     @app.errorhandler(Exception)

@@ -153,6 +153,18 @@ def _mailto(value: str) -> str:
     return value
 
 
+def _rate_limit(value: str, name: str) -> str:
+    from nurture.ratelimit import parse
+
+    try:
+        parse(value)
+    except ValueError:
+        raise ConfigError(
+            f"{name} must be like '10 per minute;200 per day', not {value!r}"
+        ) from None
+    return value
+
+
 def _domain_rates(value: str) -> dict:
     from nurture.throttle import parse_domain_rates
 
@@ -243,7 +255,9 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         confirm_max_age=_positive_int(get("CONFIRM_MAX_AGE_DAYS", "7"), "CONFIRM_MAX_AGE_DAYS")
         * 86400,
         unsubscribe_mailto=_mailto(get("UNSUBSCRIBE_MAILTO")),
-        signup_rate_limit=get("SIGNUP_RATE_LIMIT", "10 per minute;200 per day"),
+        signup_rate_limit=_rate_limit(
+            get("SIGNUP_RATE_LIMIT", "10 per minute;200 per day"), "SIGNUP_RATE_LIMIT"
+        ),
         trusted_proxies=_count(get("TRUSTED_PROXIES", "0"), "TRUSTED_PROXIES"),
         queue=get("NURTURE_QUEUE", "nurture"),
         track_opens=_flag(get("TRACK_OPENS", "1"), "TRACK_OPENS"),

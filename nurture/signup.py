@@ -9,9 +9,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from nurture import subscribers, tokens
-from nurture.app import csrf, limiter, state
+from nurture.app import csrf, limit, state
 from nurture.config import Settings
-from nurture.db import get_engine, session_scope
+from nurture.db import is_postgresql, run_autocommit, session_scope
 from nurture.models import utcnow
 from nurture.sequences import Sequence, first_steps
 from nurture.subscribers import DEFAULT_SEQUENCE
@@ -95,14 +95,18 @@ def _first_signup(
     rows go in as one statement (`subscribers.first_signup`), which is atomic by
     itself: run on an autocommit connection it needs no BEGIN or COMMIT round
     trip, and no ORM session. Returns the delivery id, or None when the general
-    path (`subscribers.signup`, in a transaction) must decide.
+    path (`subscribers.signup`, in a transaction) must decide. The statement is
+    safe to run twice (the second run finds the address and writes nothing), as
+    `run_autocommit` asks.
     """
-    engine = get_engine(settings.database_url)
-    if not settings.double_opt_in or engine.dialect.name != "postgresql":
+    if not settings.double_opt_in or not is_postgresql(settings.database_url):
         return None
-    with engine.connect() as connection:
-        connection.execution_options(isolation_level="AUTOCOMMIT")
-        return subscribers.first_signup(connection, settings, signup, now=now, enqueued_at=now)
+    return run_autocommit(
+        settings.database_url,
+        lambda connection: subscribers.first_signup(
+            connection, settings, signup, now=now, enqueued_at=now
+        ),
+    )
 
 
 def _validate(data, sequences: dict[str, Sequence], *, strict_timezone: bool):
@@ -139,16 +143,17 @@ def join(name: str):
     return _form_page({"sequence": name}, {})
 
 
-def _signup_limit() -> str:
-    return state().settings.signup_rate_limit
+def _signup_limit() -> None:
+    """Each client address gets `SIGNUP_RATE_LIMIT` signups, form and API together."""
+    limit("signup", state().settings.signup_rate_limit)
 
 
 HONEYPOT = "website"  # a field people never see; bots fill it in
 
 
 @bp.post("/subscribe")
-@limiter.limit(_signup_limit)
 def subscribe():
+    _signup_limit()
     if request.form.get(HONEYPOT):
         return redirect(url_for("signup.thanks"), code=303)  # say nothing to the bot
     fields = ("email", "first_name", "timezone", "sequence")
@@ -168,8 +173,8 @@ def thanks():
 
 @bp.post("/api/v1/subscribers")
 @csrf.exempt
-@limiter.limit(_signup_limit)
 def api_subscribe():
+    _signup_limit()
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
         return jsonify({"errors": {"body": 'Send a JSON object, e.g. {"email": ...}.'}}), 400

@@ -6,10 +6,11 @@ import re
 
 import pytest
 from conftest import BOTH_DATABASES, csrf_token
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.pool import NullPool
 
 from nurture.app import create_app
-from nurture.db import session_scope
+from nurture.db import normalize_url, session_scope
 from nurture.models import (
     CONFIRMATION_STEP,
     Consent,
@@ -278,7 +279,9 @@ def addresses_in_every_state(client, settings, prefix: str) -> list[str]:
 
 
 @BOTH_DATABASES
-def test_same_answer_whatever_the_address_history(client, settings):
+def test_same_answer_whatever_the_address_history(stack):
+    settings = stack.with_env(SIGNUP_RATE_LIMIT="100 per minute").settings  # 14 signups
+    client = create_app(settings).test_client()
     api_answers = {
         (response.status_code, response.get_data())
         for response in (
@@ -509,3 +512,30 @@ def test_publishing_to_redis_keeps_one_client_per_pool(stack):
         assert [m["headers"]["kwargsrepr"] for m in bodies] == ["{}"] * 4
     finally:
         client.delete(queue)
+
+
+def drop_every_connection(database_url: str) -> int:
+    """What a database restart does to our pooled connections; how many it ended."""
+    engine = create_engine(normalize_url(database_url), poolclass=NullPool)
+    with engine.connect() as connection:
+        ended = connection.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    engine.dispose()
+    return ended
+
+
+@pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+def test_a_signup_lands_on_the_first_try_after_the_database_restarted(client, settings):
+    """A first-time signup's connection is not pinged first; a dead one is replaced, once."""
+    assert api_signup(client, "before@example.com").status_code == 202
+    assert drop_every_connection(settings.database_url) >= 1
+
+    response = api_signup(client, "after@example.com")
+
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert subscriber(settings, "after@example.com").status == SubscriberStatus.PENDING
+    assert count(settings, Delivery) == 2

@@ -1,0 +1,162 @@
+"""Per-client limits on signups and logins: every window in one Redis call, or in memory."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+from conftest import REDIS_URL, csrf_token, free_port, require
+
+from nurture.app import create_app
+from nurture.config import ConfigError, load_settings
+from nurture.ratelimit import PREFIX, RateLimiter, parse
+
+API = "/api/v1/subscribers"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return require(REDIS_URL, "Redis")
+
+
+def client_address() -> str:
+    """An address of this test's own, so counters left in Redis never meet another run's."""
+    return f"test-{uuid.uuid4().hex}"
+
+
+def counter(client: redis.Redis, limit: str, scope: str, address: str) -> int:
+    (item,) = parse(limit)
+    return int(client.get(item.key_for(PREFIX, scope, address)) or 0)
+
+
+def test_refuses_past_the_limit_and_says_when_to_retry(redis_url):
+    limiter = RateLimiter(redis_url)
+    address = client_address()
+
+    allowed = [limiter.hit("signup", address, "3 per minute") for _ in range(3)]
+    refused = limiter.hit("signup", address, "3 per minute")
+
+    assert allowed == [None, None, None]
+    assert refused is not None and 1 <= refused <= 60
+    assert limiter.hit("signup", client_address(), "3 per minute") is None, "per client"
+    assert limiter.hit("login", address, "3 per minute") is None, "per scope"
+
+
+def test_a_window_expires_with_its_counter(redis_url):
+    limiter = RateLimiter(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    address = client_address()
+    limiter.hit("signup", address, "3 per minute")
+
+    (item,) = parse("3 per minute")
+    ttl = client.ttl(item.key_for(PREFIX, "signup", address))
+
+    assert 0 < ttl <= 60, "the first request opens a window of a minute"
+
+
+def test_windows_are_counted_shortest_first_in_one_call(redis_url):
+    limiter = RateLimiter(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    address = client_address()
+    limit = "5 per day;2 per minute"  # in any order
+    minute, day = parse(limit)
+
+    assert [limiter.hit("signup", address, limit) for _ in range(2)] == [None, None]
+    by_the_minute = limiter.hit("signup", address, limit)
+    assert by_the_minute is not None and by_the_minute <= 60
+    assert client.get(day.key_for(PREFIX, "signup", address)) == b"2", (
+        "a request the minute refused does not use up the day"
+    )
+
+    client.delete(minute.key_for(PREFIX, "signup", address))  # the minute is over
+    assert [limiter.hit("signup", address, limit) for _ in range(2)] == [None, None]
+    client.delete(minute.key_for(PREFIX, "signup", address))
+    assert limiter.hit("signup", address, limit) is None
+    by_the_day = limiter.hit("signup", address, limit)
+
+    assert by_the_day is not None and 3600 < by_the_day <= 86400, "the day's window refuses"
+
+
+def test_in_memory_without_redis():
+    limiter = RateLimiter("memory://")
+
+    assert [limiter.hit("signup", "a", "2 per minute;3 per day") for _ in range(2)] == [None, None]
+    refused = limiter.hit("signup", "a", "2 per minute;3 per day")
+
+    assert refused is not None and 1 <= refused <= 60
+    assert limiter.hit("signup", "b", "2 per minute;3 per day") is None
+
+
+def test_a_dead_redis_lets_requests_through_and_says_so(caplog):
+    limiter = RateLimiter(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+
+    with caplog.at_level(logging.WARNING, logger="nurture.ratelimit"):
+        allowed = limiter.hit("signup", "a", "1 per minute")
+
+    assert allowed is None
+    assert "signup rate limit not checked: Redis is unavailable" in caplog.text
+
+
+def test_a_redis_that_never_answers_holds_a_request_about_a_second():
+    """A server that accepts connections but never replies (a hung Redis)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        accepted: list[socket.socket] = []
+        threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True).start()
+        limiter = RateLimiter(f"redis://127.0.0.1:{server.getsockname()[1]}/0")
+
+        started = time.monotonic()
+        allowed = limiter.hit("signup", "a", "1 per minute")
+        waited = time.monotonic() - started
+
+        for connection in accepted:
+            connection.close()
+    assert allowed is None
+    assert accepted, "the limiter did reach the server"
+    assert waited < 3, f"held for {waited:.1f}s"
+
+
+def test_the_signup_routes_share_one_count_on_redis(stack, redis_url):
+    settings = stack.with_env(BROKER_URL=redis_url, SIGNUP_RATE_LIMIT="2 per minute").settings
+    client = create_app(settings).test_client()
+    here = {"REMOTE_ADDR": client_address()}
+
+    form = {"csrf_token": csrf_token(client), "email": "two@example.com"}
+
+    first = client.post(API, json={"email": "one@example.com"}, environ_base=here)
+    second = client.post("/subscribe", data=form, environ_base=here)
+    third = client.post(API, json={"email": "three@example.com"}, environ_base=here)
+
+    assert first.status_code == 202
+    assert second.status_code == 303
+    assert third.status_code == 429
+    assert 1 <= int(third.headers["Retry-After"]) <= 60
+    assert third.get_json()["errors"]
+
+
+def test_admin_login_allows_ten_tries_a_minute(client):
+    token = csrf_token(client, "/admin/login")
+
+    def attempt():
+        form = {"csrf_token": token, "email": "a@example.com", "password": "wrong"}
+        return client.post("/admin/login", data=form)
+
+    tries = [attempt().status_code for _ in range(10)]
+    refused = attempt()
+
+    assert tries == [401] * 10
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert client.get("/admin/login").status_code == 200, "the page itself is not limited"
+
+
+@pytest.mark.parametrize("value", ["ten per minute", "10 per fortnight", "10/minute;x"])
+def test_a_malformed_limit_stops_the_service_at_start(stack, value):
+    with pytest.raises(ConfigError, match="SIGNUP_RATE_LIMIT must be like"):
+        load_settings({**stack.environ, "SIGNUP_RATE_LIMIT": value})
