@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
+from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from nurture import tokens
@@ -333,6 +335,16 @@ _MARK_SENT = _finish_statement(_SENT)
 _RECIPIENT_AFTER_SENT = _RECIPIENT.add_cte(_MARK_SENT.cte("marked_sent"))
 
 
+@functools.cache
+def _for_psycopg(statement) -> tuple[str, dict]:
+    """`statement` compiled once for psycopg: its SQL, and its constant parameters."""
+    compiled = statement.compile(dialect=_PSYCOPG)
+    return str(compiled), dict(compiled.params)
+
+
+_PSYCOPG = postgresql.psycopg.dialect()
+
+
 class _SentMarks:
     """Commits each sent email's mark with the next statement on the batch's connection.
 
@@ -342,14 +354,24 @@ class _SentMarks:
     statement (a data-modifying WITH runs even when nothing reads it), still
     committed on its own, before the next email goes out: one round trip per
     email instead of two. Elsewhere it is a statement of its own, as before.
+
+    On PostgreSQL these statements also go straight to psycopg's cursor,
+    compiled once. SQLAlchemy's execution of a statement (its context, bind
+    and result processing) cost more CPU than the round trip itself: 0.17 ms
+    of a send's 0.85 ms in one process. Rows come back as named tuples, and
+    values must be what the driver takes as they are (aware datetimes).
     """
 
     def __init__(self, connection: Connection):
         self.connection = connection
-        self.combine = connection.dialect.name == "postgresql"
+        self.cursor = None
+        if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
+            self.cursor = connection.connection.driver_connection.cursor(row_factory=namedtuple_row)
         self.pending: dict | None = None
 
     def add(self, delivery_id: int, now: datetime) -> None:
+        if now.tzinfo is None:
+            raise ValueError("naive datetime given for sent_at")
         self.flush()
         self.pending = {
             "delivery_id": delivery_id,
@@ -361,7 +383,7 @@ class _SentMarks:
     def flush(self) -> None:
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            self.connection.execute(_MARK_SENT, pending)
+            self._execute(_MARK_SENT, pending)
 
     def recipient(self, delivery):
         """The check before sending `delivery` (see `_may_send`), with any pending mark."""
@@ -371,11 +393,23 @@ class _SentMarks:
             "for_subscriber": delivery.subscriber_id,
             "for_enrollment": delivery.enrollment_id,
         }
-        if self.pending is not None and self.combine:
+        if self.pending is not None and self.cursor is not None:
             pending, self.pending = self.pending, None
-            return self.connection.execute(_RECIPIENT_AFTER_SENT, {**values, **pending}).first()
+            return self._execute(_RECIPIENT_AFTER_SENT, {**values, **pending}, row=True)
         self.flush()
-        return self.connection.execute(_RECIPIENT, values).first()
+        return self._execute(_RECIPIENT, values, row=True)
+
+    def _execute(self, statement, values: dict, *, row: bool = False):
+        if self.cursor is None:
+            result = self.connection.execute(statement, values)
+            return result.first() if row else None
+        sql, constants = _for_psycopg(statement)
+        self.cursor.execute(sql, {**constants, **values})
+        return self.cursor.fetchone() if row else None
+
+    def close(self) -> None:
+        if self.cursor is not None:
+            self.cursor.close()
 
 
 def _may_send(marks: _SentMarks, delivery, sequences: Mapping[str, Sequence]):
@@ -444,7 +478,10 @@ def send_batch(
                 else:
                     setattr(result, outcome, getattr(result, outcome) + 1)
         finally:
-            marks.flush()
+            try:
+                marks.flush()
+            finally:
+                marks.close()
     return result
 
 
