@@ -83,9 +83,12 @@ def run_autocommit(url: str, statement: Callable[[Connection], T]) -> T:
     dead (the database restarted) is dropped with every other one of that
     age, and the statement runs once more on a new connection. So
     `statement` must be safe to run twice: a single INSERT ... ON CONFLICT
-    that writes nothing the second time is.
+    that writes nothing the second time is. (If the first run did commit and
+    only its reply was lost, the second returns what a repeat would: for a
+    signup, no new confirmation, and the one already written leaves after
+    REQUEUE_AFTER_SECONDS, as for a process killed before its hand-over.)
     """
-    engine = _autocommit_engine(url)
+    engine = autocommit_engine(url)
     try:
         with engine.connect() as connection:
             return statement(connection)
@@ -96,7 +99,8 @@ def run_autocommit(url: str, statement: Callable[[Connection], T]) -> T:
         return statement(connection)
 
 
-def _autocommit_engine(url: str) -> Engine:
+def autocommit_engine(url: str) -> Engine:
+    """The process's engine for `run_autocommit`: autocommit connections, no ping."""
     if url not in _autocommit_engines:
         with _creating:
             if url not in _autocommit_engines:

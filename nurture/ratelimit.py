@@ -42,7 +42,7 @@ _COUNT = """
 local windows = #KEYS
 for i, key in ipairs(KEYS) do
   local count = redis.call('INCR', key)
-  if count == 1 then
+  if count == 1 or redis.call('TTL', key) == -1 then  -- a counter must never outlive its window
     redis.call('EXPIRE', key, ARGV[i])
   end
   if count > tonumber(ARGV[windows + i]) then
@@ -57,11 +57,14 @@ return {0, 0}
 def parse(value: str) -> tuple[RateLimitItem, ...]:
     """`10 per minute;200 per day` as `limits` items, shortest window first.
 
-    Raises ValueError for anything `limits` cannot read, or for no limit at all.
+    Raises ValueError for anything `limits` cannot read, for no limit at all,
+    and for a window given twice (its one counter would count each request twice).
     """
     items = parse_many(value)
     if not items:
         raise ValueError(f"no rate limit in {value!r}")
+    if len({item.key_for() for item in items}) < len(items):
+        raise ValueError(f"a window is given twice in {value!r}")
     return tuple(sorted(items, key=lambda item: item.get_expiry()))
 
 

@@ -337,7 +337,7 @@ def first_signup(
     Returns the confirmation's delivery id, or None if nothing was written
     because the address is known (or kept suppressed): then `signup` decides.
     Being one statement it needs no transaction of its own, so on an
-    autocommit connection it costs one round trip (besides the pool's ping).
+    autocommit connection it costs one round trip (`db.run_autocommit`).
     """
     consent = _consent(0, request, now)
     return connection.scalar(

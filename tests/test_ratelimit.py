@@ -14,6 +14,7 @@ from conftest import REDIS_URL, csrf_token, free_port, require
 
 from nurture.app import create_app
 from nurture.config import ConfigError, load_settings
+from nurture.handover import close_all
 from nurture.ratelimit import PREFIX, RateLimiter, parse
 
 API = "/api/v1/subscribers"
@@ -57,6 +58,21 @@ def test_a_window_expires_with_its_counter(redis_url):
     ttl = client.ttl(item.key_for(PREFIX, "signup", address))
 
     assert 0 < ttl <= 60, "the first request opens a window of a minute"
+
+
+def test_a_counter_without_an_expiry_is_given_one(redis_url):
+    """A counter must never outlive its window, or its client would be refused for good."""
+    limiter = RateLimiter(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    address = client_address()
+    (item,) = parse("3 per minute")
+    key = item.key_for(PREFIX, "signup", address)
+    client.set(key, 10)  # as if its EXPIRE had been lost
+
+    refused = limiter.hit("signup", address, "3 per minute")
+
+    assert refused is not None and 1 <= refused <= 60
+    assert 0 < client.ttl(key) <= 60
 
 
 def test_windows_are_counted_shortest_first_in_one_call(redis_url):
@@ -122,9 +138,17 @@ def test_a_redis_that_never_answers_holds_a_request_about_a_second():
     assert waited < 3, f"held for {waited:.1f}s"
 
 
-def test_the_signup_routes_share_one_count_on_redis(stack, redis_url):
+@pytest.fixture
+def on_redis(stack, redis_url):
+    """The stack with Redis as its broker; its confirmations are removed afterwards."""
     settings = stack.with_env(BROKER_URL=redis_url, SIGNUP_RATE_LIMIT="2 per minute").settings
-    client = create_app(settings).test_client()
+    yield settings
+    close_all()
+    redis.Redis.from_url(redis_url).delete(settings.queue)
+
+
+def test_the_signup_routes_share_one_count_on_redis(on_redis):
+    client = create_app(on_redis).test_client()
     here = {"REMOTE_ADDR": client_address()}
 
     form = {"csrf_token": csrf_token(client), "email": "two@example.com"}
@@ -156,7 +180,9 @@ def test_admin_login_allows_ten_tries_a_minute(client):
     assert client.get("/admin/login").status_code == 200, "the page itself is not limited"
 
 
-@pytest.mark.parametrize("value", ["ten per minute", "10 per fortnight", "10/minute;x"])
+@pytest.mark.parametrize(
+    "value", ["ten per minute", "10 per fortnight", "10/minute;x", "5 per minute;5 per 1 minute"]
+)
 def test_a_malformed_limit_stops_the_service_at_start(stack, value):
     with pytest.raises(ConfigError, match="SIGNUP_RATE_LIMIT must be like"):
         load_settings({**stack.environ, "SIGNUP_RATE_LIMIT": value})
