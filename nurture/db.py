@@ -45,22 +45,32 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-_engines: dict[str, Engine] = {}
-_autocommit_engines: dict[str, Engine] = {}
+_engines: dict[tuple[str, bool], Engine] = {}  # by URL, and whether it autocommits
 _sessionmakers: dict[str, sessionmaker[Session]] = {}
 _creating = threading.Lock()  # the web's hand-over thread uses them too
 
 
 def get_engine(url: str) -> Engine:
     """The process's engine for `url`, created on first use."""
-    if url not in _engines:
+    return _engine(url, autocommit=False)
+
+
+def autocommit_engine(url: str) -> Engine:
+    """The process's engine for `run_autocommit`: autocommit connections, no ping."""
+    return _engine(url, autocommit=True)
+
+
+def _engine(url: str, *, autocommit: bool) -> Engine:
+    key = (url, autocommit)
+    if key not in _engines:
         with _creating:
-            if url not in _engines:
-                _engines[url] = _create_engine(normalize_url(url))
-    return _engines[url]
+            if key not in _engines:
+                _engines[key] = _create_engine(normalize_url(url), autocommit)
+    return _engines[key]
 
 
-def _create_engine(url: str) -> Engine:
+def _create_engine(url: str, autocommit: bool) -> Engine:
+    """A pooled engine; with `autocommit` (PostgreSQL) its connections stay so, unpinged."""
     if is_sqlite(url):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -68,7 +78,8 @@ def _create_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 15})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {"pool_pre_ping": True}
+    engine = create_engine(url, pool_size=5, max_overflow=10, **options)
     event.listen(engine, "connect", _postgresql_settings)
     return engine
 
@@ -97,19 +108,6 @@ def run_autocommit(url: str, statement: Callable[[Connection], T]) -> T:
             raise
     with engine.connect() as connection:
         return statement(connection)
-
-
-def autocommit_engine(url: str) -> Engine:
-    """The process's engine for `run_autocommit`: autocommit connections, no ping."""
-    if url not in _autocommit_engines:
-        with _creating:
-            if url not in _autocommit_engines:
-                engine = create_engine(
-                    normalize_url(url), isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=10
-                )
-                event.listen(engine, "connect", _postgresql_settings)
-                _autocommit_engines[url] = engine
-    return _autocommit_engines[url]
 
 
 def _postgresql_settings(dbapi_connection, _record) -> None:
@@ -149,9 +147,8 @@ def session_scope(url: str) -> Iterator[Session]:
 def dispose_all() -> None:
     """Close every pooled connection (after a fork, and between tests)."""
     with _creating:
-        engines = [*_engines.values(), *_autocommit_engines.values()]
+        engines = list(_engines.values())
         _engines.clear()
-        _autocommit_engines.clear()
         _sessionmakers.clear()
     for engine in engines:
         engine.dispose()

@@ -349,14 +349,14 @@ _MARK_SENT = _finish_statement(_SENT)
 _RECIPIENT_AFTER_SENT = _RECIPIENT.add_cte(_MARK_SENT.cte("marked_sent"))
 
 
+_PSYCOPG = postgresql.psycopg.dialect()
+
+
 @functools.cache
 def _for_psycopg(statement) -> tuple[str, dict]:
     """`statement` compiled once for psycopg: its SQL, and its constant parameters."""
     compiled = statement.compile(dialect=_PSYCOPG)
     return str(compiled), dict(compiled.params)
-
-
-_PSYCOPG = postgresql.psycopg.dialect()
 
 
 class _SentMarks:

@@ -72,13 +72,12 @@ class RateLimiter:
     """Counts requests per (scope, client) against limits in `limits` notation."""
 
     def __init__(self, storage_url: str):
-        self._redis: redis.Redis | None = None
         self._memory: FixedWindowRateLimiter | None = None
         if storage_url.startswith("redis"):
-            self._redis = redis.Redis.from_url(
+            client = redis.Redis.from_url(
                 storage_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
             )
-            self._count = self._redis.register_script(_COUNT)
+            self._count = client.register_script(_COUNT)
         else:
             self._memory = FixedWindowRateLimiter(MemoryStorage())
 
@@ -86,7 +85,7 @@ class RateLimiter:
         """Count one request; None if it is allowed, else the seconds to wait (at least 1)."""
         items = parse(limit)
         if self._memory is not None:
-            return self._hit_memory(self._memory, scope, client, items)
+            return self._hit_memory(scope, client, items)
         keys = [item.key_for(PREFIX, scope, client) for item in items]
         seconds = [item.get_expiry() for item in items]
         amounts = [item.amount for item in items]
@@ -97,16 +96,9 @@ class RateLimiter:
             return None
         return max(1, int(ttl)) if full else None
 
-    @staticmethod
-    def _hit_memory(
-        limiter: FixedWindowRateLimiter, scope: str, client: str, items: tuple[RateLimitItem, ...]
-    ) -> int | None:
+    def _hit_memory(self, scope: str, client: str, items: tuple[RateLimitItem, ...]) -> int | None:
         for item in items:
-            if not limiter.hit(item, PREFIX, scope, client):
-                reset = limiter.get_window_stats(item, PREFIX, scope, client).reset_time
+            if not self._memory.hit(item, PREFIX, scope, client):
+                reset = self._memory.get_window_stats(item, PREFIX, scope, client).reset_time
                 return max(1, math.ceil(reset - time.time()))
         return None
-
-    def close(self) -> None:
-        if self._redis is not None:
-            self._redis.close()

@@ -75,7 +75,7 @@ def test_a_counter_without_an_expiry_is_given_one(redis_url):
     assert 0 < client.ttl(key) <= 60
 
 
-def test_windows_are_counted_shortest_first_in_one_call(redis_url):
+def test_windows_are_counted_shortest_first(redis_url):
     limiter = RateLimiter(redis_url)
     client = redis.Redis.from_url(redis_url)
     address = client_address()
