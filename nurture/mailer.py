@@ -12,9 +12,9 @@ import binascii
 import contextlib
 import functools
 import re
+import secrets
 import smtplib
 import ssl
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from email import message_from_bytes, policy
@@ -117,7 +117,7 @@ def build_message(
         ("From", _address(from_name, from_address)),
         ("To", _address(to_name, to_email)),
         ("Subject", _encoded(email.subject)),
-        ("Date", format_datetime(date)),
+        ("Date", _date_header(date)),
         ("Message-ID", message_id),
         ("X-Nurture-Step", step_label),
     ]
@@ -131,7 +131,7 @@ def build_message(
             targets.append(f"<mailto:{unsubscribe_mailto}?subject=unsubscribe>")
         headers.append(("List-Unsubscribe", ", ".join(targets)))
         headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
-    boundary = f"=_{uuid.uuid4().hex}"
+    boundary = f"=_{secrets.token_hex(16)}"
     headers.append(("MIME-Version", "1.0"))
     headers.append(("Content-Type", f'multipart/alternative; boundary="{boundary}"'))
     head = "".join(f"{name}: {_checked(name, value)}\r\n" for name, value in headers)
@@ -150,6 +150,16 @@ def build_message(
         )
     )
     return OutgoingEmail(sender=from_address, recipients=(to_email,), data=data)
+
+
+def _date_header(date: datetime) -> str:
+    """The Date header, which counts whole seconds: one second's emails share it."""
+    return _format_date(date.replace(microsecond=0))
+
+
+@functools.lru_cache(maxsize=4)
+def _format_date(date: datetime) -> str:
+    return format_datetime(date)
 
 
 @functools.lru_cache(maxsize=8)
@@ -210,7 +220,7 @@ def _ascii_html(html: str) -> str:
 
 def _part(content_type: str, body: str) -> bytes:
     """One MIME part: 7bit when it is plain short-lined ASCII, quoted-printable otherwise."""
-    text = body.replace("\r\n", "\n").replace("\r", "\n")
+    text = body.replace("\r\n", "\n").replace("\r", "\n") if "\r" in body else body
     if not text.endswith("\n"):
         text += "\n"
     raw = text.encode("utf-8")
