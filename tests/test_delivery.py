@@ -432,6 +432,53 @@ def test_each_email_is_marked_sent_before_the_next_one_goes_out(settings, smtp):
 
 
 @BOTH_DATABASES
+def test_a_change_after_the_batch_was_composed_still_counts(settings, smtp):
+    """A batch's emails are composed before the first goes out; what changes meanwhile wins."""
+    ann, bob, cy, dee = (enroll(settings, f"{n}@example.com") for n in ("ann", "bob", "cy", "dee"))
+    by_subscriber = {delivery(settings, i).subscriber_id: i for i in hand_out(settings, T0)}
+    ids = [by_subscriber[subscriber_id] for subscriber_id in (ann, bob, cy, dee)]
+    changed = []
+
+    def meanwhile(message):
+        if changed:
+            return
+        with session_scope(settings.database_url) as session:
+            changes = {bob: {"first_name": "Robert"}, cy: {"email": "cy@new.example.com"}}
+            for subscriber_id, values in changes.items():
+                session.execute(
+                    update(Subscriber).where(Subscriber.id == subscriber_id).values(**values)
+                )
+            assert unsubscribe(session, dee, now=T0, how="one-click")
+        changed.append(message["To"])
+
+    smtp.handler.on_message = meanwhile
+    result = send(settings, ids, T0)
+
+    assert (result.sent, result.skipped) == (3, 1)
+    to = [message["To"] for message in smtp.messages]
+    assert to == ["Alex <ann@example.com>", "Robert <bob@example.com>", "Alex <cy@new.example.com>"]
+    assert smtp.messages[2].get_content_type() == "multipart/alternative"
+    assert delivery(settings, ids[3]).status == DeliveryStatus.CANCELLED
+
+
+@BOTH_DATABASES
+def test_an_email_that_waited_long_for_its_turn_is_dated_when_it_goes(settings, smtp):
+    for name in ("ann", "bob"):
+        enroll(settings, f"{name}@example.com")
+    ids = hand_out(settings, T0)
+    # The claim (and the emails composed with it), then each email's turn: on a slow
+    # server the second one's turn comes over a minute after the claim.
+    ticks = iter([T0, T0 + timedelta(seconds=5), T0 + timedelta(seconds=90)])
+
+    with session_scope(settings.database_url) as session:
+        result = send_batch(session, settings, sequences(settings), ids, clock=lambda: next(ticks))
+
+    assert result.sent == 2
+    dates = [parsedate_to_datetime(message["Date"]) for message in smtp.messages]
+    assert dates == [T0, T0 + timedelta(seconds=90)]
+
+
+@BOTH_DATABASES
 def test_the_enrollment_completes_only_when_everything_is_sent(settings, smtp):
     subscriber_id = enroll(settings, "ann@example.com")
     keys = [step.key for step in sequences(settings)[SEQUENCE].steps]
