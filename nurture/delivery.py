@@ -597,15 +597,16 @@ def _compose_ahead(
     statement = _PEOPLE[session.get_bind().dialect.name]
     people = {row.id: row for row in session.execute(statement, {"ids": list(wanted)})}
     composed = {}
-    for delivery in course:
-        person = people.get(delivery.subscriber_id)
-        if person is None:
-            continue
-        try:
-            email = composer.compose(session, delivery, person, now)
-        except (RenderError, ValueError):
-            continue
-        composed[delivery.id] = _Composed((person.email, person.first_name), now, email)
+    with composer.renderer.one_version():
+        for delivery in course:
+            person = people.get(delivery.subscriber_id)
+            if person is None:
+                continue
+            try:
+                email = composer.compose(session, delivery, person, now)
+            except (RenderError, ValueError):
+                continue
+            composed[delivery.id] = _Composed((person.email, person.first_name), now, email)
     session.commit()  # end the reads: no transaction stays open while the batch sends
     return composed
 

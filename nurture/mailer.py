@@ -24,7 +24,7 @@ from email.utils import format_datetime, formataddr, parseaddr
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from nurture.dkim import DKIMSigner
-from nurture.render import RenderedEmail
+from nurture.render import RAW_TEXT, RenderedEmail
 
 #: Headers are not folded below SMTP's own 998-character limit: a folded
 #: List-Unsubscribe URL trips up some receivers' parsers.
@@ -144,7 +144,7 @@ def build_message(
             _part("text/plain", email.text),
             delimiter,
             b"\r\n",
-            _part("text/html", _ascii_html(email.html)),
+            _part("text/html", _ascii_html(email.html, email.raw_text_free)),
             delimiter,
             b"--\r\n",
         )
@@ -195,25 +195,19 @@ def _encoded(value: str) -> str:
     return Header(value, "utf-8").encode(linesep="\r\n").replace("\r\n ", " ")
 
 
-#: Where text is not HTML, so a character reference would show as written: raw-text
-#: elements (to their end tag, or to the end if there is none) and CDATA sections.
-_RAW_TEXT = re.compile(
-    r"<(style|script|xmp|iframe|noembed|noframes|plaintext)\b.*?(?:</\1\s*>|\Z)"
-    r"|<!\[CDATA\[.*?(?:\]\]>|\Z)",
-    re.IGNORECASE | re.DOTALL,
-)
-
-
-def _ascii_html(html: str) -> str:
+def _ascii_html(html: str, raw_text_free: bool | None = None) -> str:
     """The HTML with any non-ASCII character written as a character reference.
 
     `&#8220;` shows exactly as `“` does, and an ASCII part with short lines
     goes as 7bit: smaller than quoted-printable (which also turns every `=`
     of every attribute into `=3D`) and cheaper to write. Left as it is when
     non-ASCII text sits in a style, script or other raw-text element or a
-    CDATA section, where a reference would not be read as one.
+    CDATA section, where a reference would not be read as one. That search is
+    skipped when the renderer already knows there is none (`raw_text_free`).
     """
-    if html.isascii() or any(not m.group().isascii() for m in _RAW_TEXT.finditer(html)):
+    if html.isascii():
+        return html
+    if not raw_text_free and any(not m.group().isascii() for m in RAW_TEXT.finditer(html)):
         return html
     return html.encode("ascii", "xmlcharrefreplace").decode("ascii")
 

@@ -15,8 +15,9 @@ import html
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import css_inline
@@ -51,6 +52,20 @@ class RenderedEmail:
     preheader: str
     html: str
     text: str
+    #: Whether the HTML is known to hold no raw-text element or CDATA section (see
+    #: RAW_TEXT), so that the mailer need not search it for one; None: not known.
+    #: Worked out once per shape: filling one in, tracking its links or adding the
+    #: open pixel cannot add such an element.
+    raw_text_free: bool | None = field(default=None, compare=False)
+
+
+#: Where text is not HTML, so a character reference would show as written: raw-text
+#: elements (to their end tag, or to the end if there is none) and CDATA sections.
+RAW_TEXT = re.compile(
+    r"<(style|script|xmp|iframe|noembed|noframes|plaintext)\b.*?(?:</\1\s*>|\Z)"
+    r"|<!\[CDATA\[.*?(?:\]\]>|\Z)",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 def split_front_matter(source: str, filename: str = "<email>") -> tuple[dict[str, str], str]:
@@ -322,6 +337,21 @@ class Renderer:
             name, values, links=links, unsubscribe_url=unsubscribe_url, list_title=list_title
         )
 
+    @contextmanager
+    def one_version(self) -> Iterator[None]:
+        """Render every email in the block from the files as they were at its first use.
+
+        Each email's files are looked at (a stat of each) once in the block
+        instead of once per email: a batch of emails composed in one block
+        costs that much less, and an edit made meanwhile shows by the next
+        block. Per thread, since a worker's threads share one renderer.
+        """
+        self._local.stamps = {}
+        try:
+            yield
+        finally:
+            self._local.stamps = None
+
     def _shape(
         self, name: str, values: Mapping[str, object], unsubscribing: bool, list_title: str
     ) -> _Shape | None:
@@ -332,10 +362,13 @@ class Renderer:
         other words. Before a shape is trusted it is checked against a full
         render with awkward values; one that differs is never used.
         """
+        pinned = getattr(self._local, "stamps", None)
         try:
-            stamp = self._stamp(name)
+            stamp = pinned[name] if pinned and name in pinned else self._stamp(name)
         except (OSError, TemplateError):
             return None
+        if pinned is not None:
+            pinned[name] = stamp
         # None and "" are both empty, but `{{ first_name }}` prints them differently.
         emptiness = tuple((k, bool(v), v is None) for k, v in sorted(values.items()))
         key = (name, emptiness, unsubscribing, list_title)
@@ -505,6 +538,7 @@ class _Shape:
     html: str
     text: str
     slots: tuple[tuple[str, str], ...]  # (value name, slot)
+    raw_text_free: bool = False
 
     @classmethod
     def make(cls, renderer: Renderer, name, values, unsubscribing: bool, list_title: str):
@@ -522,7 +556,8 @@ class _Shape:
         except RenderError:
             return None  # rendering in full reports the error
         used = tuple((key, slot) for key, slot in slots if values[key])
-        shape = cls(rendered.subject, rendered.preheader, rendered.html, rendered.text, used)
+        free = RAW_TEXT.search(rendered.html) is None
+        shape = cls(rendered.subject, rendered.preheader, rendered.html, rendered.text, used, free)
         probe = {key: (PROBE_VALUE if values[key] else values[key]) for key in values}
         unsubscribe = PROBE_UNSUBSCRIBE if unsubscribing else None
         full = renderer._render_fully(
@@ -549,4 +584,5 @@ class _Shape:
             preheader=_strip_controls(preheader) if self.slots else preheader,
             html=page,
             text=text,
+            raw_text_free=self.raw_text_free,
         )

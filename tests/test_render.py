@@ -10,6 +10,7 @@ import html as html_lib
 import os
 import re
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from jinja2.sandbox import SecurityError
 
 from nurture import ROOT, tokens
 from nurture.config import Settings, load_settings
+from nurture.mailer import build_message
 from nurture.preview import parts, preview_message
 from nurture.render import (
     MAX_HTML_BYTES,
@@ -474,6 +476,39 @@ def test_filling_in_gives_exactly_the_full_render(name, title):
     assert renderer._shape(name, {"first_name": ""}, True, title) is not None
 
 
+def test_a_shape_knows_whether_its_html_holds_raw_text(templates):
+    """The mailer writes non-ASCII as references only outside raw text; a shape tells it
+    whether it need look, and is right both ways."""
+    values = {"first_name": "Ann"}
+    shipped = course_renderer(templates).render(BROKEN, values, unsubscribe_url=f"{BASE_URL}/u/x")
+    assert shipped.raw_text_free is True
+    html_part = html_part_of(shipped)
+    assert html_part["Content-Transfer-Encoding"] == "7bit"
+    assert "&#8212;" in html_part.get_content() or "&#8220;" in html_part.get_content()
+
+    layout = templates / "_layout.html"
+    script = '<script>var mark = "—";</script>'
+    layout.write_text(layout.read_text().replace("</body>", f"{script}</body>"))
+    scripted = course_renderer(templates).render(BROKEN, values, unsubscribe_url=f"{BASE_URL}/u/x")
+    assert scripted.raw_text_free is False
+    html_part = html_part_of(scripted)
+    assert html_part["Content-Transfer-Encoding"] == "quoted-printable"
+    assert script in html_part.get_content()
+
+
+def html_part_of(rendered):
+    email = build_message(
+        rendered,
+        to_email="ann@example.com",
+        to_name="Ann",
+        mail_from="Course <course@example.com>",
+        message_id="<1@example.com>",
+        step_label="x",
+        date=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    return email.message().get_body(("html",))
+
+
 def test_a_value_used_through_a_filter_renders_in_full(templates):
     replace_line(templates / BROKEN, 5, "Hi {{ first_name|upper }},")
     renderer = course_renderer(templates)
@@ -492,6 +527,20 @@ def test_an_edit_shows_in_the_next_email(templates):
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
 
     assert "Hello again Ann," in renderer.render(BROKEN, {"first_name": "Ann"}).text
+
+
+def test_an_edit_made_while_a_batch_is_composed_shows_in_the_next_batch(templates):
+    renderer = course_renderer(templates)
+    path = templates / BROKEN
+    with renderer.one_version():
+        assert "Hi Ann," in renderer.render(BROKEN, {"first_name": "Ann"}).text
+        replace_line(path, 5, "Hello again {{ first_name or 'there' }},")
+        bump_mtime(path)
+        assert "Hi Bob," in renderer.render(BROKEN, {"first_name": "Bob"}).text
+
+    assert "Hello again Cy," in renderer.render(BROKEN, {"first_name": "Cy"}).text
+    with renderer.one_version():
+        assert "Hello again Di," in renderer.render(BROKEN, {"first_name": "Di"}).text
 
 
 def test_a_broken_email_is_reported_on_the_quick_path_too(templates):
