@@ -2,9 +2,9 @@
 
 The batch's deliveries are claimed with one conditional update (so a
 duplicate broker message, a second worker or a retry cannot send one twice)
-and their emails composed together; then each in turn: check the subscriber
-may still be mailed, send, and commit `sent` at once. A temporary failure
-puts the delivery back with a backoff; a permanent one fails it and
+and their course emails composed together; then each in turn: check the
+subscriber may still be mailed, send, and commit `sent` at once. A temporary
+failure puts the delivery back with a backoff; a permanent one fails it and
 suppresses the address. The only window for a duplicate is between the
 SMTP server's 250 and our commit, and the Message-ID is the same on a retry.
 """
@@ -587,8 +587,11 @@ def _compose_ahead(
     Addresses and names come from one query. The check just before each send
     still decides whether an email goes, and one whose recipient changed
     meanwhile, or that waited past COMPOSED_FRESH, is composed again then.
-    An email that cannot be composed is left to the send, which reports why.
-    A confirmation is composed at its send, as its consent may change up to then.
+    An email that cannot be composed, whatever the error, is left to its
+    send, which fails or reports it in its turn as before: the emails before
+    it in the batch still go. A template edit made after the claim reaches
+    the next batch. A confirmation is composed at its send, as its consent
+    may change up to then.
     """
     course = [delivery for delivery in claimed if delivery.step != CONFIRMATION_STEP]
     wanted = {delivery.subscriber_id for delivery in course}
@@ -596,6 +599,7 @@ def _compose_ahead(
         return {}
     statement = _PEOPLE[session.get_bind().dialect.name]
     people = {row.id: row for row in session.execute(statement, {"ids": list(wanted)})}
+    session.commit()  # end the read: no transaction stays open while the batch is composed
     composed = {}
     with composer.renderer.one_version():
         for delivery in course:
@@ -604,10 +608,10 @@ def _compose_ahead(
                 continue
             try:
                 email = composer.compose(session, delivery, person, now)
-            except (RenderError, ValueError):
+            except Exception as error:  # reported by the send, in its turn, as before
+                log.debug("delivery %s left to compose at its send: %r", delivery.id, error)
                 continue
             composed[delivery.id] = _Composed((person.email, person.first_name), now, email)
-    session.commit()  # end the reads: no transaction stays open while the batch sends
     return composed
 
 

@@ -339,18 +339,20 @@ class Renderer:
 
     @contextmanager
     def one_version(self) -> Iterator[None]:
-        """Render every email in the block from the files as they were at its first use.
+        """Look at each email's files once in the block rather than once per email.
 
-        Each email's files are looked at (a stat of each) once in the block
-        instead of once per email: a batch of emails composed in one block
-        costs that much less, and an edit made meanwhile shows by the next
-        block. Per thread, since a worker's threads share one renderer.
+        While a shape made from the files as they were when first looked at in
+        the block is cached, it serves every email in the block without a stat
+        of each file: a batch composed in one block costs that much less. An
+        edit made meanwhile shows by the next block (sooner, if a shape has to
+        be made anyway). Per thread, since a worker's threads share one renderer.
         """
-        self._local.stamps = {}
+        outer = getattr(self._local, "stamps", None)
+        self._local.stamps = {} if outer is None else outer
         try:
             yield
         finally:
-            self._local.stamps = None
+            self._local.stamps = outer
 
     def _shape(
         self, name: str, values: Mapping[str, object], unsubscribing: bool, list_title: str
@@ -362,17 +364,19 @@ class Renderer:
         other words. Before a shape is trusted it is checked against a full
         render with awkward values; one that differs is never used.
         """
-        pinned = getattr(self._local, "stamps", None)
-        try:
-            stamp = pinned[name] if pinned and name in pinned else self._stamp(name)
-        except (OSError, TemplateError):
-            return None
-        if pinned is not None:
-            pinned[name] = stamp
         # None and "" are both empty, but `{{ first_name }}` prints them differently.
         emptiness = tuple((k, bool(v), v is None) for k, v in sorted(values.items()))
         key = (name, emptiness, unsubscribing, list_title)
         cached = self._shapes.get(key)
+        pinned = getattr(self._local, "stamps", None)  # see one_version
+        if cached is not None and pinned and pinned.get(name) == cached[0]:
+            return cached[1]
+        try:
+            stamp = self._stamp(name)
+        except (OSError, TemplateError):
+            return None
+        if pinned is not None:
+            pinned[name] = stamp
         if cached is not None and cached[0] == stamp:
             return cached[1]
         shape = None

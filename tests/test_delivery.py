@@ -8,8 +8,10 @@ passed in, so retries and backoff need no sleeping.
 
 from __future__ import annotations
 
+import dataclasses
 import html as htmllib
 import re
+import shutil
 import socket
 import threading
 from datetime import UTC, datetime, timedelta
@@ -476,6 +478,46 @@ def test_an_email_that_waited_long_for_its_turn_is_dated_when_it_goes(settings, 
     assert result.sent == 2
     dates = [parsedate_to_datetime(message["Date"]) for message in smtp.messages]
     assert dates == [T0, T0 + timedelta(seconds=90)]
+
+
+@BOTH_DATABASES
+def test_an_email_that_cannot_be_composed_fails_in_its_turn(settings, smtp, tmp_path):
+    """Whatever breaks composing one email, the emails before it in the batch still go."""
+    templates = tmp_path / "emails"
+    shutil.copytree(settings.templates_path, templates)
+    welcome = templates / SEQUENCE / "01-welcome.md"
+    broken_for_bob = "{{ 100 // (first_name|length - 3) }}"  # Bob: divided by zero
+    welcome.write_text(welcome.read_text(encoding="utf-8") + broken_for_bob, encoding="utf-8")
+    settings = dataclasses.replace(settings, templates_path=templates)
+    people = [enroll(settings, f"{name}@example.com") for name in ("ann", "cy", "bob")]
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Subscriber).where(Subscriber.id == people[2]).values(first_name="Bob")
+        )
+    by_subscriber = {delivery(settings, i).subscriber_id: i for i in hand_out(settings, T0)}
+    ids = [by_subscriber[subscriber_id] for subscriber_id in people]
+
+    with pytest.raises(ZeroDivisionError):
+        send(settings, ids, T0)
+
+    assert [message["To"].addresses[0].username for message in smtp.messages] == ["ann", "cy"]
+    statuses = [delivery(settings, i).status for i in ids]
+    assert statuses == [DeliveryStatus.SENT, DeliveryStatus.SENT, DeliveryStatus.SENDING]
+
+
+@BOTH_DATABASES
+def test_a_non_ascii_name_goes_in_a_7bit_html_part_as_a_reference(settings, smtp):
+    zoe = enroll(settings, "zoe@example.com")
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Subscriber).where(Subscriber.id == zoe).values(first_name="Zoë"))
+
+    assert send(settings, hand_out(settings, T0), T0).sent == 1
+    [message] = smtp.messages
+    part = message.get_body(("html",))
+    assert part["Content-Transfer-Encoding"] == "7bit"
+    content = part.get_content()
+    assert "Hi Zo&#235;," in content and "/o/" in content  # filled in, open pixel added
+    assert "Hi Zoë," in message.get_body(("plain",)).get_content()
 
 
 @BOTH_DATABASES

@@ -1,5 +1,6 @@
-"""The tokens in every email are made without itsdangerous' per-token set-up; they
-must still be exactly what itsdangerous writes, or links already sent would break."""
+"""The tokens in every email are made without itsdangerous' per-token set-up; they must
+still be exactly what our itsdangerous serializer writes (and plain itsdangerous reads), or
+links already sent would break."""
 
 import pytest
 from itsdangerous import URLSafeSerializer
