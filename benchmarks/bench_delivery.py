@@ -6,13 +6,14 @@ wire bytes of `preview_email(settings, "product-vs-project", "overlap")`) to
 Postfix's smtp-sink. PRODUCT: M due enrollments (welcome step) in a fresh
 PostgreSQL database, Redis as the broker, W Celery worker processes (one per
 core), each with T threads (`--pool threads --concurrency 4` by default, as
-docker-compose runs them; sending waits on the network and on each commit) and one dispatch (`run_dispatch`, called here);
-timed from the dispatch until every delivery is `sent` in the database. The
-figure is product/floor (goal >= 0.5): floor and product runs are taken in
-turns, and the figure is the median of each product run over the floor run
-just before it, so that both sides of a ratio see the machine at the same
-speed. The same is measured with one prefork process per core sending one
-email at a time, for comparison (against the floor's median).
+docker-compose runs them; sending waits on the network and on each commit) and
+one dispatch (`run_dispatch`, called here); timed from the dispatch until every
+delivery is `sent` in the database. The figure is product/floor (goal >= 0.5):
+floor and product runs are taken in turns, and the figure is the median of
+each product run over the floor run just before it, so that both sides of a
+ratio see the machine at the same speed. The same is measured with one
+prefork process per core sending one email at a time, for comparison (against
+the floor's median).
 
 CLAIMS: after each product run, one due-scan tick (bench_dispatch.py's, with
 the beat's publisher onto Redis) claims and queues 10,000 due steps among
