@@ -146,11 +146,13 @@ class Delivery(Base):
     Unique per enrollment and step, so no step can be sent twice. The
     Message-ID is fixed here, so a retried send carries the same one.
 
-    `subscriber_id` has no foreign key of its own: checking one locks the
-    subscriber's row, a write to a page the due-scan otherwise only reads (a
-    full page in the WAL after each checkpoint), for every email. Nothing
-    deletes a subscriber (erasure blanks the row in place), and a course
-    email's subscriber is held all the same by its enrollment's key.
+    `subscriber_id` and `enrollment_id` have no foreign keys: PostgreSQL
+    checks one with a query of its own for every row written, and the
+    due-scan writes one for every email. Checking the subscriber's also locked
+    its row, a write to a page the due-scan otherwise only reads. Nothing
+    deletes a subscriber (erasure blanks the row in place) or an enrollment,
+    and the due-scan writes a delivery only for an enrollment it holds locked
+    (docs/decisions.md, "Deliveries carry no foreign keys").
     """
 
     __tablename__ = "deliveries"
@@ -161,7 +163,7 @@ class Delivery(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     subscriber_id: Mapped[int] = mapped_column(index=True)
-    enrollment_id: Mapped[int | None] = mapped_column(ForeignKey("enrollments.id"))
+    enrollment_id: Mapped[int | None]
     sequence: Mapped[str | None] = mapped_column(String(100))
     step: Mapped[str] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(20), default=DeliveryStatus.QUEUED)
