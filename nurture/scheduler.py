@@ -9,6 +9,7 @@ carries delivery ids, and anything it loses is found again here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -76,8 +77,13 @@ def scheduled_at(
     return datetime.combine(local_day, step.send_at, tzinfo=tz).astimezone(UTC)
 
 
+@functools.lru_cache(maxsize=1024)
 def _next_slot(earliest: datetime, send_at: time, tz: ZoneInfo, skip_weekends: bool):
-    """The first local `send_at` at or after `earliest` (on a weekday, if asked)."""
+    """The first local `send_at` at or after `earliest` (on a weekday, if asked).
+
+    Kept: a due-scan asks it with one `earliest` (its `now` plus the minimum
+    gap) for every subscriber in a zone who is ahead of the schedule.
+    """
     day = earliest.astimezone(tz).date()
     while True:
         day = _weekday(day, skip_weekends)
@@ -299,16 +305,23 @@ def _due_batch(
 class History:
     """What an enrollment already had: steps (oldest first) and its last email's send time."""
 
-    steps: list[str]
+    steps: list[str] | tuple[str, ...]
     last_sent: datetime | None = None
 
 
+#: The history of an enrollment that has had nothing yet. Shared, so never changed.
+NO_HISTORY = History(())
+
+
 def _history(session: Session, enrollment_ids: list[int]) -> dict[int, History]:
-    """For each enrollment, the steps it has had or has on the way, and the last send.
+    """For each enrollment that has had any, the steps it has had or has on the way,
+    and the last send; the others are left out (their history is NO_HISTORY).
 
     A cancelled delivery does not count: a returning subscriber gets it after all.
+    Most of a tick's enrollments start a course, so only the few with a past
+    cost anything here.
     """
-    had = {i: History([]) for i in enrollment_ids}
+    had: dict[int, History] = {}
     if not enrollment_ids:
         return had
     if session.get_bind().dialect.name == "postgresql":
@@ -324,7 +337,9 @@ def _history(session: Session, enrollment_ids: list[int]) -> dict[int, History]:
             .order_by(Delivery.id)
         )
     for enrollment_id, step, sent_at in rows:
-        history = had[enrollment_id]
+        history = had.get(enrollment_id)
+        if history is None:
+            history = had[enrollment_id] = History([])
         history.steps.append(step)
         if sent_at is None:
             continue
@@ -405,20 +420,23 @@ def create_due_deliveries(
         histories = _history(session, [enrollment.id for enrollment in rows])
         due, settled, careful = [], [], []
         for enrollment in rows:
-            had = histories[enrollment.id]
-            step = _step_due_now(settings, sequences, enrollment, had, now)
-            (settled if step is WAIT else due).append((enrollment, had.steps, step))
-        wanted = [(e, step) for e, _, step in due if step is not None]
+            had = histories.get(enrollment.id, NO_HISTORY)
+            steps = _steps_due_now(settings, sequences, enrollment, had, now)
+            if steps is WAIT:
+                settled.append(enrollment)
+            else:
+                due.append((enrollment, had.steps, *steps))
+        wanted = [(e, step) for e, _, step, _ in due if step is not None]
         written = _insert_deliveries(session, settings, wanted, now, marked=hand_out is not None)
-        for enrollment, had, step in due:
+        for enrollment, had, step, following in due:
             sequence = sequences[enrollment.sequence]
             if step is not None and enrollment.id in written:
-                _move_on(settings, sequence, enrollment, had, now)
-                settled.append((enrollment, had, step))
+                _move_on(settings, sequence, enrollment, following, now)
+                settled.append(enrollment)
                 created += 1
             else:  # nothing left, written meanwhile, or cancelled earlier: one row at a time
                 careful.append((enrollment, sequence, had))
-        _save(session, [enrollment for enrollment, _, _ in settled])
+        _save(session, settled)
         for enrollment, sequence, had in careful:
             created += _advance(session, settings, sequence, enrollment, had, now)
         session.commit()
@@ -428,8 +446,9 @@ def create_due_deliveries(
             return created
 
 
-def _step_due_now(settings, sequences, enrollment: _Due, history, now):
-    """The step to write now for a due enrollment (None: it has none left), or WAIT.
+def _steps_due_now(settings, sequences, enrollment: _Due, history, now):
+    """For a due enrollment, the step to write now (None: it has none left) and the one
+    after it, or WAIT.
 
     The minimum gap counts from when the last email was really sent: one that
     went out late, after retries, pushes the next one back too. An enrollment
@@ -446,7 +465,7 @@ def _step_due_now(settings, sequences, enrollment: _Due, history, now):
         enrollment.next_due_at = None
         return WAIT
     converted = enrollment.converted_at is not None
-    step, _ = next_to_send(sequence, enrollment.next_step, history.steps, converted)
+    step, following = next_to_send(sequence, enrollment.next_step, history.steps, converted)
     gap = timedelta(seconds=settings.min_gap_seconds)
     if step is not None and history.last_sent is not None and history.last_sent + gap > now:
         enrollment.next_due_at = next_due(
@@ -458,7 +477,7 @@ def _step_due_now(settings, sequences, enrollment: _Due, history, now):
             skip_weekends=sequence.skip_weekends,
         )
         return WAIT
-    return step
+    return step, following
 
 
 def _insert_deliveries(
@@ -502,27 +521,24 @@ def _advance(session, settings, sequence: Sequence, enrollment: _Due, had, now) 
     cancelled one is revived, and an enrollment with nothing left completes.
     """
     converted = enrollment.converted_at is not None
-    step, _ = next_to_send(sequence, enrollment.next_step, had, converted)
+    step, following = next_to_send(sequence, enrollment.next_step, had, converted)
     while step is not None and not _write_delivery(session, settings, enrollment, step, now):
         had = [*had, step.key]
-        step, _ = next_to_send(sequence, enrollment.next_step, had, converted)
+        step, following = next_to_send(sequence, enrollment.next_step, had, converted)
     if step is None:
         enrollment.next_step = enrollment.next_due_at = None
         _save(session, [enrollment])
         complete_if_done(session, enrollment.id, now)
         return 0
-    _move_on(settings, sequence, enrollment, had, now)
+    _move_on(settings, sequence, enrollment, following, now)
     _save(session, [enrollment])
     return 1
 
 
-def _move_on(settings, sequence: Sequence, enrollment: _Due, had, now) -> None:
-    """Point an enrollment whose due step was just written at the step after it.
-
-    `had` is what the enrollment had before that step, as the step was chosen.
+def _move_on(settings, sequence: Sequence, enrollment: _Due, following: Step | None, now):
+    """Point an enrollment whose due step was just written at `following`, the step
+    that `next_to_send` gave after it.
     """
-    converted = enrollment.converted_at is not None
-    _, following = next_to_send(sequence, enrollment.next_step, had, converted)
     enrollment.next_step = following.key if following else None
     enrollment.next_due_at = (
         next_due(
