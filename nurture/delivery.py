@@ -23,12 +23,12 @@ from typing import NamedTuple
 
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Connection, Integer, any_, bindparam, select, update
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from nurture import tokens
 from nurture.config import Settings
+from nurture.db import for_psycopg
 from nurture.dkim import dkim_signer
 from nurture.mailer import (
     OutgoingEmail,
@@ -357,16 +357,6 @@ _MARK_SENT = _finish_statement(_SENT)
 _RECIPIENT_AFTER_SENT = _RECIPIENT.add_cte(_MARK_SENT.cte("marked_sent"))
 
 
-_PSYCOPG = postgresql.psycopg.dialect()
-
-
-@functools.cache
-def _for_psycopg(statement) -> tuple[str, dict]:
-    """`statement` compiled once for psycopg: its SQL, and its constant parameters."""
-    compiled = statement.compile(dialect=_PSYCOPG)
-    return str(compiled), dict(compiled.params)
-
-
 class _SentMarks:
     """Commits each sent email's mark with the next statement on the batch's connection.
 
@@ -425,7 +415,7 @@ class _SentMarks:
         if self.cursor is None:
             result = self.connection.execute(statement, values)
             return result.first() if row else None
-        sql, constants = _for_psycopg(statement)
+        sql, constants = for_psycopg(statement)
         self.cursor.execute(sql, {**constants, **values})
         return self.cursor.fetchone() if row else None
 

@@ -883,3 +883,15 @@ def test_the_history_gives_send_times_in_utc_whatever_the_servers_time_zone(sett
     assert history.last_sent == sent_at
     # In UTC, so that adding the minimum gap across the change adds real hours.
     assert history.last_sent.utcoffset() == timedelta(0)
+
+
+@BOTH_DATABASES
+def test_a_naive_now_is_refused_before_anything_is_claimed(settings):
+    subscriber_id = enroll(settings, "ann@example.com", now=T0)
+    with session_scope(settings.database_url) as session, pytest.raises(ValueError, match="naive"):
+        _due_batch(session, T0.replace(tzinfo=None) + timedelta(days=1), 10)
+    assert course_deliveries(settings, subscriber_id) == []
+    with session_scope(settings.database_url) as session:  # the same moment, in UTC
+        assert [due.subscriber_id for due in _due_batch(session, T0 + timedelta(days=1), 10)] == [
+            subscriber_id
+        ]
