@@ -19,12 +19,12 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 from conftest import BOTH_DATABASES, free_port
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from nurture import tokens
 from nurture.config import Settings
 from nurture.db import session_scope
-from nurture.delivery import send_batch
+from nurture.delivery import claim_many, send_batch
 from nurture.mailer import (
     OutgoingEmail,
     PermanentFailure,
@@ -134,6 +134,30 @@ def course_deliveries(settings: Settings) -> list[Delivery]:
 def subscriber(settings: Settings, subscriber_id: int) -> Subscriber:
     with session_scope(settings.database_url) as session:
         return session.get(Subscriber, subscriber_id)
+
+
+@BOTH_DATABASES
+def test_the_claim_reads_each_recipient_and_gives_times_in_utc(settings):
+    """What the batch is composed from comes with its claim, whatever the server's zone."""
+    ann, bea = enroll(settings, "ann@example.com"), enroll(settings, "bea@example.com")
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Subscriber).where(Subscriber.id == bea).values(first_name="Béa"))
+    ids = hand_out(settings, T0)
+    now = T0 + timedelta(minutes=1)
+    with session_scope(settings.database_url) as session:
+        postgresql = session.get_bind().dialect.name == "postgresql"
+        if postgresql:
+            session.execute(text("SET TIME ZONE 'America/New_York'"))
+        claimed = claim_many(session, ids, now, timedelta(minutes=10))
+        if postgresql:
+            session.execute(text("RESET TIME ZONE"))
+    assert sorted((c.subscriber_id, c.email, c.first_name) for c in claimed) == [
+        (ann, "ann@example.com", "Alex"),
+        (bea, "bea@example.com", "Béa"),
+    ]
+    for c in claimed:
+        assert c.lease_until == now + timedelta(minutes=10)
+        assert c.lease_until.utcoffset() == c.created_at.utcoffset() == timedelta(0)
 
 
 # --- What a sent email looks like --------------------------------------------------
