@@ -26,7 +26,7 @@ the prefork child's VmRSS is sampled after each chunk; RSS(50k) - RSS(5k) is
 the figure (goal < 30 MB).
 
 PROFILE: `nurture.delivery.send_batch` in this process against the same sink,
-batches of 50 each in its own session like the Celery task, first timed plain
+batches of BATCH_SIZE each in its own session like the Celery task, first timed plain
 and then under cProfile; the top costs go in the JSON.
 
     .venv/bin/python benchmarks/bench_delivery.py                      # M = 5,000
@@ -78,7 +78,7 @@ from harness import (  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from nurture import migrate, scheduler  # noqa: E402
-from nurture.config import load_settings  # noqa: E402
+from nurture.config import Settings, load_settings  # noqa: E402
 from nurture.db import normalize_url, session_scope  # noqa: E402
 from nurture.delivery import Composer, send_batch  # noqa: E402
 from nurture.models import Subscriber, utcnow  # noqa: E402
@@ -718,7 +718,7 @@ def main() -> None:
         if not args.skip_profile:
             print(f"PROFILE: send_batch in-process, {args.profile_sends:,} sends", flush=True)
             wait_for_quiet(args.max_load)
-            result["profile"] = profile(sink, args.profile_sends, 50)
+            result["profile"] = profile(sink, args.profile_sends, Settings.batch_size)
     finally:
         try:
             sink.stop()

@@ -8,7 +8,7 @@ due in the next week. The timed part is one dispatch tick, `scheduler.dispatch`,
 to Redis with the beat's own publisher (a queue of its own, emptied after each
 tick, no workers): release lapsed claims, claim the due steps in batches of
 SCAN_BATCH (write their deliveries already marked as handed over, move each
-enrollment on, commit, queue the batch as tasks of 50), then hand out anything
+enrollment on, commit, queue the batch as tasks of BATCH_SIZE), then hand out anything
 else that is ready. Between repetitions the same DUE enrollments are made due
 again and the table is vacuumed. All sizes are seeded first and their ticks
 are taken in turns (REPEAT each, default 5), so a drift in the machine's speed
@@ -64,7 +64,7 @@ from harness import (  # noqa: E402
 from sqlalchemy import create_engine, event, text  # noqa: E402
 
 from nurture import migrate, scheduler  # noqa: E402
-from nurture.config import load_settings  # noqa: E402
+from nurture.config import Settings, load_settings  # noqa: E402
 from nurture.db import dispose_all, get_engine, normalize_url, session_scope  # noqa: E402
 from nurture.models import utcnow  # noqa: E402
 from nurture.sequences import current_sequences  # noqa: E402
@@ -482,7 +482,7 @@ def main() -> None:
             "repeat": args.repeat,
             "history": args.history,
             "scan_batch": scheduler.SCAN_BATCH,
-            "batch_size": 50,
+            "batch_size": Settings.batch_size,
         },
         "sizes": sizes,
         "ratio_largest_vs_smallest": largest["ratio_vs_smallest"],

@@ -48,7 +48,8 @@ class Settings:
     default_timezone: str = "UTC"
     min_gap_hours: float = 20.0
     confirm_max_age: int = 7 * 86400
-    batch_size: int = 50
+    #: Deliveries per task: one claim, one SMTP connection (docs/decisions.md).
+    batch_size: int = 100
     outbox_path: Path = field(default=Path("instance/outbox"))
     lease_seconds: int = 600
     requeue_seconds: int | None = None
