@@ -112,9 +112,9 @@ def build_message(
     (`ValueError`), so nothing a subscriber typed can add a header; non-ASCII
     names and subjects are RFC 2047 encoded.
     """
-    from_name, from_address = _parse_sender(mail_from)
+    from_address, from_header = _sender(mail_from)
     headers = [
-        ("From", _address(from_name, from_address)),
+        ("From", from_header),
         ("To", _address(to_name, to_email)),
         ("Subject", _encoded(email.subject)),
         ("Date", _date_header(date)),
@@ -163,9 +163,10 @@ def _format_date(date: datetime) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_sender(mail_from: str) -> tuple[str, str]:
-    """MAIL_FROM as (name, address); it is the same for every email."""
-    return parseaddr(mail_from)
+def _sender(mail_from: str) -> tuple[str, str]:
+    """MAIL_FROM's address, and the From header for it; the same for every email."""
+    name, address = parseaddr(mail_from)
+    return address, _address(name, address)
 
 
 def _checked(name: str, value: str) -> str:

@@ -29,7 +29,6 @@ from sqlalchemy import (
     literal,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -328,7 +327,7 @@ def _due_batch(
     # plan: psycopg prepares a statement it has run five times, and a
     # generic plan made while the deliveries table looked empty (a first
     # big tick after an import) reads every delivery for each due row.
-    session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+    _pg(session, "SET LOCAL plan_cache_mode = force_custom_plan", {})
     # As driver SQL, compiled once: SQLAlchemy's statement execution and row
     # processing were a fifth of the claim's Python.
     statement, constants = for_psycopg(_DUE[shared])
