@@ -26,7 +26,7 @@ the prefork child's VmRSS is sampled after each chunk; RSS(50k) - RSS(5k) is
 the figure (goal < 30 MB).
 
 PROFILE: `nurture.delivery.send_batch` in this process against the same sink,
-batches of BATCH_SIZE each in its own session like the Celery task, first timed plain
+batches of Settings.batch_size each in its own session like the Celery task, first timed plain
 and then under cProfile; the top costs go in the JSON.
 
     .venv/bin/python benchmarks/bench_delivery.py                      # M = 5,000

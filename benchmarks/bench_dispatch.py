@@ -8,7 +8,7 @@ due in the next week. The timed part is one dispatch tick, `scheduler.dispatch`,
 to Redis with the beat's own publisher (a queue of its own, emptied after each
 tick, no workers): release lapsed claims, claim the due steps in batches of
 SCAN_BATCH (write their deliveries already marked as handed over, move each
-enrollment on, commit, queue the batch as tasks of BATCH_SIZE), then hand out anything
+enrollment on, commit, queue the batch as tasks of Settings.batch_size), then hand out anything
 else that is ready. Between repetitions the same DUE enrollments are made due
 again and the table is vacuumed. All sizes are seeded first and their ticks
 are taken in turns (REPEAT each, default 5), so a drift in the machine's speed

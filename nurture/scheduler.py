@@ -92,8 +92,9 @@ def scheduled_at(
 def _next_slot(earliest: datetime, send_at: time, tz: ZoneInfo, skip_weekends: bool):
     """The first local `send_at` at or after `earliest` (on a weekday, if asked).
 
-    Kept: a due-scan asks it with one `earliest` (its `now` plus the minimum
-    gap) for every subscriber in a zone who is ahead of the schedule.
+    Kept (at most 1024 answers per process): a due-scan moving enrollments on
+    asks it with one `earliest`, its `now` plus the minimum gap, for every
+    subscriber in a zone whose next step's planned time comes sooner than that.
     """
     day = earliest.astimezone(tz).date()
     while True:
@@ -137,7 +138,8 @@ def next_due(
         local = earliest.astimezone(tz)
         day = _weekday(local.date(), skip_weekends)
         return datetime.combine(day, local.time(), tzinfo=tz).astimezone(UTC)
-    return _next_slot(earliest, step.send_at, tz, skip_weekends)
+    # In UTC: two local times an hour apart in a repeated hour compare equal.
+    return _next_slot(earliest.astimezone(UTC), step.send_at, tz, skip_weekends)
 
 
 def plan(
@@ -432,7 +434,7 @@ def next_to_send(
 #: serves hundreds of rows, small enough to keep locks and parameter lists short.
 SCAN_BATCH = 500
 
-#: `_step_due_now`'s answer for an enrollment that has to wait.
+#: `_steps_due_now`'s answer for an enrollment that has to wait.
 WAIT = object()
 
 

@@ -24,7 +24,7 @@ from sqlalchemy import select, text, update
 from nurture import tokens
 from nurture.config import Settings
 from nurture.db import session_scope
-from nurture.delivery import claim_many, send_batch
+from nurture.delivery import _CLAIM, _RECIPIENT, Claimed, _Recipient, claim_many, send_batch
 from nurture.mailer import (
     OutgoingEmail,
     PermanentFailure,
@@ -158,6 +158,13 @@ def test_the_claim_reads_each_recipient_and_gives_times_in_utc(settings):
     for c in claimed:
         assert c.lease_until == now + timedelta(minutes=10)
         assert c.lease_until.utcoffset() == c.created_at.utcoffset() == timedelta(0)
+
+
+def test_the_rows_read_as_driver_sql_have_the_fields_their_tuples_name():
+    """Rows made by position (`Claimed`, `_Recipient`) name what their statements read."""
+    for statement in _CLAIM.values():
+        assert tuple(c.name for c in statement._returning) == Claimed._fields
+    assert tuple(c.name for c in _RECIPIENT.selected_columns) == _Recipient._fields
 
 
 # --- What a sent email looks like --------------------------------------------------

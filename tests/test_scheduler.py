@@ -890,8 +890,20 @@ def test_a_naive_now_is_refused_before_anything_is_claimed(settings):
     subscriber_id = enroll(settings, "ann@example.com", now=T0)
     with session_scope(settings.database_url) as session, pytest.raises(ValueError, match="naive"):
         _due_batch(session, T0.replace(tzinfo=None) + timedelta(days=1), 10)
-    assert course_deliveries(settings, subscriber_id) == []
     with session_scope(settings.database_url) as session:  # the same moment, in UTC
         assert [due.subscriber_id for due in _due_batch(session, T0 + timedelta(days=1), 10)] == [
             subscriber_id
         ]
+
+
+@ON_POSTGRES
+def test_the_due_batch_gives_times_in_utc_whatever_the_servers_time_zone(settings):
+    """A step's day is added to the start: in UTC that is whole days, across a clock change."""
+    subscriber_id = enroll(settings, "ann@example.com", now=T0)
+    with session_scope(settings.database_url) as session:
+        session.execute(text("SET TIME ZONE 'America/New_York'"))
+        (due,) = _due_batch(session, T0 + timedelta(days=1), 10)
+        session.execute(text("RESET TIME ZONE"))
+    assert due.subscriber_id == subscriber_id
+    assert due.started_at == T0 and due.started_at.utcoffset() == timedelta(0)
+    assert due.next_due_at.utcoffset() == timedelta(0)
