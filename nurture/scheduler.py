@@ -9,7 +9,6 @@ carries delivery ids, and anything it loses is found again here.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -17,20 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from functools import partial
+from functools import lru_cache, partial
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import (
-    BigInteger,
-    and_,
-    bindparam,
-    cast,
-    func,
-    literal,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import BigInteger, and_, bindparam, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -88,7 +77,7 @@ def scheduled_at(
     return datetime.combine(local_day, step.send_at, tzinfo=tz).astimezone(UTC)
 
 
-@functools.lru_cache(maxsize=1024)
+@lru_cache(maxsize=1024)
 def _next_slot(earliest: datetime, send_at: time, tz: ZoneInfo, skip_weekends: bool):
     """The first local `send_at` at or after `earliest` (on a weekday, if asked).
 
