@@ -200,23 +200,47 @@ class Recorder:
             self.due_batch = (statement, dict(parameters))
 
 
-def wal_lsn() -> str:
-    """The server's WAL position (cluster-wide: other databases' writes count too)."""
-    engine = create_engine(normalize_url(POSTGRES_URL))
-    with engine.connect() as connection:
-        lsn = connection.exec_driver_sql("SELECT pg_current_wal_lsn()::text").scalar()
-    engine.dispose()
-    return lsn
+#: Cluster-wide: other databases' writes count too, so ticks run with the machine quiet.
+SERVER_MARKS = """
+    SELECT pg_current_wal_lsn()::text, buffers_backend FROM pg_stat_bgwriter
+"""
 
 
-def wal_mb_since(lsn: str) -> float:
+def server_marks() -> tuple[str, int]:
+    """The server's WAL position and how many buffers its backends have written out."""
     engine = create_engine(normalize_url(POSTGRES_URL))
     with engine.connect() as connection:
-        written = connection.exec_driver_sql(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %(lsn)s::pg_lsn)", {"lsn": lsn}
-        ).scalar()
+        lsn, written = connection.exec_driver_sql(SERVER_MARKS).one()
     engine.dispose()
-    return round(float(written) / 2**20, 1)
+    return lsn, written
+
+
+def server_work_since(marks: tuple[str, int]) -> dict:
+    """WAL written since `marks`, and buffers the backends themselves had to write out.
+
+    A backend writes a buffer when it needs one and every clean one is taken:
+    when shared_buffers is smaller than the pages a tick touches, the tick pays
+    for those writes itself.
+    """
+    lsn, written = marks
+    engine = create_engine(normalize_url(POSTGRES_URL))
+    with engine.connect() as connection:
+        wal, now_written = connection.exec_driver_sql(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %(lsn)s::pg_lsn), buffers_backend "
+            "FROM pg_stat_bgwriter",
+            {"lsn": lsn},
+        ).one()
+    engine.dispose()
+    return {"wal_mb": round(float(wal) / 2**20, 1), "backend_writes": now_written - written}
+
+
+def shared_buffers() -> str:
+    """The server's shared_buffers, as SHOW gives it (the figures depend on it)."""
+    engine = create_engine(normalize_url(POSTGRES_URL))
+    with engine.connect() as connection:
+        value = connection.exec_driver_sql("SHOW shared_buffers").scalar()
+    engine.dispose()
+    return value
 
 
 def tick(size: Size) -> dict:
@@ -234,7 +258,7 @@ def tick(size: Size) -> dict:
 
     size.recorder.watch()
     size.recorder.count = 0
-    lsn = wal_lsn()
+    marks = server_marks()
     with session_scope(size.url) as session:
         started = time.perf_counter()
         result = scheduler.dispatch(
@@ -253,7 +277,7 @@ def tick(size: Size) -> dict:
         "publish_failed": result.publish_failed,
         "total_s": done - started,
         "statements": size.recorder.count,
-        "wal_mb": wal_mb_since(lsn),
+        **server_work_since(marks),
     }
 
 
@@ -376,6 +400,7 @@ def time_tick(size: Size, attempt: int, max_load: float, last: bool) -> dict:
         f"  N={size.n:,} run {attempt + 1}: {result['total_s']:.2f}s "
         f"({result['created']:,} created, {result['messages']} messages queued, "
         f"{result['statements']:,} statements, {result['wal_mb']} MB WAL, "
+        f"{result['backend_writes']:,} buffers written by backends, "
         f"load {load['load_1min']})",
         flush=True,
     )
@@ -397,6 +422,7 @@ def summarize_size(size: Size) -> dict:
     return {
         "n": size.n,
         "due": size.due,
+        "shared_buffers": shared_buffers(),
         "seed": size.seeded,
         "runs": size.runs,
         "median_s": median,

@@ -6,6 +6,7 @@ Time is always passed in: the pure schedule takes `started_at`, the due-scan a
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
@@ -823,6 +824,10 @@ def test_a_big_tick_claims_each_step_once_with_loops_side_by_side(settings):
     deliveries = course_deliveries(settings)
     assert (result.created, result.enqueued, result.publish_failed) == (due, due, 0)
     assert len({d.enrollment_id for d in deliveries}) == len(deliveries) == due
+    # Drawn for a whole batch at once, each Message-ID is still its own.
+    assert len({d.message_id for d in deliveries}) == due
+    domain = re.escape(settings.mail_domain)
+    assert all(re.fullmatch(rf"<[0-9a-f]{{32}}@{domain}>", d.message_id) for d in deliveries)
     assert sorted(broker.ids) == sorted(d.id for d in deliveries)  # each handed out once
     assert most_open[0] >= CLAIM_LOOPS  # the loops really ran at the same time
     assert run(settings, T0, Broker()).created == 0
