@@ -15,6 +15,9 @@ storage: right for the one process of a development setup.
 A limiter that cannot reach Redis lets the request through and logs why: a
 broken Redis must not stop signups. Its client gives up after `TIMEOUT`, so a
 Redis that accepts connections but never answers delays a request by at most that.
+After a failure it lets requests through unchecked for `PAUSE` seconds before it
+asks Redis again, so an outage costs one wait per pause rather than one per
+request, and the log says so once when it starts and once when it ends.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import redis
 from limits import RateLimitItem, parse_many
@@ -32,6 +36,7 @@ from limits.strategies import FixedWindowRateLimiter
 log = logging.getLogger(__name__)
 
 TIMEOUT = 1.0  # seconds; for connecting to Redis and for each reply
+PAUSE = 5.0  # seconds without asking Redis after it failed
 PREFIX = "nurture"  # the first part of every counter's key
 
 # KEYS: one counter per window, shortest window first.
@@ -71,8 +76,12 @@ def parse(value: str) -> tuple[RateLimitItem, ...]:
 class RateLimiter:
     """Counts requests per (scope, client) against limits in `limits` notation."""
 
-    def __init__(self, storage_url: str):
+    def __init__(self, storage_url: str, clock: Callable[[], float] = time.monotonic):
         self._memory: FixedWindowRateLimiter | None = None
+        self._clock = clock
+        #: While Redis is out: when to ask it again, and the requests let through since.
+        self._retry_at: float | None = None
+        self._unchecked = 0
         if storage_url.startswith("redis"):
             client = redis.Redis.from_url(
                 storage_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
@@ -86,15 +95,37 @@ class RateLimiter:
         items = parse(limit)
         if self._memory is not None:
             return self._hit_memory(scope, client, items)
+        if self._retry_at is not None and self._clock() < self._retry_at:
+            self._unchecked += 1
+            return None
         keys = [item.key_for(PREFIX, scope, client) for item in items]
         seconds = [item.get_expiry() for item in items]
         amounts = [item.amount for item in items]
         try:
             full, ttl = self._count(keys=keys, args=[*seconds, *amounts])
         except redis.RedisError as error:
-            log.warning("%s rate limit not checked: Redis is unavailable (%s)", scope, error)
+            self._out(scope, error)
             return None
+        if self._retry_at is not None:
+            log.warning(
+                "rate limits counted again: Redis answers; %d requests went unchecked",
+                self._unchecked,
+            )
+            self._retry_at, self._unchecked = None, 0
         return max(1, int(ttl)) if full else None
+
+    def _out(self, scope: str, error: redis.RedisError) -> None:
+        """Let requests through for PAUSE seconds; log only the outage's first failure."""
+        if self._retry_at is None:
+            log.warning(
+                "%s rate limit not checked: Redis is unavailable (%s); requests go "
+                "unchecked until it answers, asked again every %g s",
+                scope,
+                error,
+                PAUSE,
+            )
+        self._retry_at = self._clock() + PAUSE
+        self._unchecked += 1
 
     def _hit_memory(self, scope: str, client: str, items: tuple[RateLimitItem, ...]) -> int | None:
         for item in items:

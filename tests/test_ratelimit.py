@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -15,7 +17,7 @@ from conftest import REDIS_URL, csrf_token, free_port, require
 from nurture.app import create_app
 from nurture.config import ConfigError, load_settings
 from nurture.handover import close_all
-from nurture.ratelimit import PREFIX, RateLimiter, parse
+from nurture.ratelimit import PAUSE, PREFIX, RateLimiter, parse
 
 API = "/api/v1/subscribers"
 
@@ -108,6 +110,40 @@ def test_in_memory_without_redis():
     assert limiter.hit("signup", "b", "2 per minute;3 per day") is None
 
 
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Refusing:
+    """A port that accepts connections and closes them at once, counting them (a Redis gone bad)."""
+
+    def __init__(self):
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.server.getsockname()[1]}/0"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            connection.close()
+
+
 def test_a_dead_redis_lets_requests_through_and_says_so(caplog):
     limiter = RateLimiter(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
 
@@ -116,6 +152,63 @@ def test_a_dead_redis_lets_requests_through_and_says_so(caplog):
 
     assert allowed is None
     assert "signup rate limit not checked: Redis is unavailable" in caplog.text
+
+
+def test_an_outage_is_logged_once_and_redis_is_asked_once_per_pause(caplog):
+    refusing = Refusing()
+    clock = Clock()
+    limiter = RateLimiter(refusing.url, clock=clock)
+    try:
+        with caplog.at_level(logging.WARNING, logger="nurture.ratelimit"):
+            assert limiter.hit("signup", "a", "1 per minute") is None
+            tried = refusing.accepted
+            assert tried >= 1
+            assert [limiter.hit("signup", "a", "1 per minute") for _ in range(20)] == [None] * 20
+            assert refusing.accepted == tried  # not asked again within the pause
+
+            clock.now += PAUSE
+            assert limiter.hit("login", "a", "1 per minute") is None
+            assert refusing.accepted > tried  # asked again once the pause was over
+    finally:
+        refusing.server.close()
+    assert len(caplog.records) == 1
+    assert "requests go unchecked until it answers" in caplog.records[0].getMessage()
+
+
+def test_counting_resumes_when_redis_answers_again(caplog):
+    if shutil.which("redis-server") is None:
+        require(None, "redis-server")
+    port = free_port()
+    clock = Clock()
+    limiter = RateLimiter(f"redis://127.0.0.1:{port}/0", clock=clock)
+    address = client_address()
+    with caplog.at_level(logging.WARNING, logger="nurture.ratelimit"):
+        assert limiter.hit("signup", address, "1 per minute") is None  # down: let through
+        assert limiter.hit("signup", address, "1 per minute") is None  # unchecked
+        server = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            client = redis.Redis(port=port)
+            for _ in range(100):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            clock.now += PAUSE
+            first = limiter.hit("signup", address, "1 per minute")
+            second = limiter.hit("signup", address, "1 per minute")
+            counted = counter(client, "1 per minute", "signup", address)
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    assert (first, counted) == (None, 2)
+    assert second is not None  # the limit holds again
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert "Redis answers; 2 requests went unchecked" in messages[1]
 
 
 def test_a_redis_that_never_answers_holds_a_request_about_a_second():
