@@ -4,21 +4,23 @@
 For each list size N (default 100,000 and 1,000,000) a fresh PostgreSQL
 database is made and seeded server-side with N active enrollments, of which
 DUE (default 10,000) are due now, spread evenly over the table, and the rest
-due in the next week. The timed part is one dispatch tick, `scheduler.dispatch`, publishing
-to Redis with the beat's own publisher (a queue of its own, emptied after each
-tick, no workers): release lapsed claims, claim the due steps in batches of
-SCAN_BATCH (write their deliveries already marked as handed over, move each
-enrollment on, commit, queue the batch as tasks of Settings.batch_size), then hand out anything
-else that is ready. Between repetitions the same DUE enrollments are made due
-again and the table is vacuumed. All sizes are seeded first and their ticks
-are taken in turns (REPEAT each, default 5), so a drift in the machine's speed
-falls on every size alike.
+due in the next week. The timed part is one dispatch tick,
+`scheduler.dispatch`, publishing to Redis with the beat's own publisher (a
+queue of its own, emptied after each tick, no workers): release lapsed claims,
+claim the due steps in batches of SCAN_BATCH (write their deliveries already
+marked as handed over, move each enrollment on, commit, queue the batch as
+tasks of Settings.batch_size), then hand out anything else that is ready.
+Each tick also records the WAL it wrote and the buffers PostgreSQL's backends
+had to write out themselves (cluster-wide). Between repetitions the same DUE
+enrollments are made due again and the table is vacuumed. All sizes are seeded
+first and their ticks are taken in turns (REPEAT each, default 5), so a drift
+in the machine's speed falls on every size alike.
 
 Figures are ratios against the smallest N, measured in the same run:
 t(N)/t(N0), goal <= 1.5. Claiming against delivering (goal >= 10x) is measured
 by bench_delivery.py, which takes this tick in turns with its delivery runs,
-so that the two rates come from the same script. An idle tick (nothing due) is timed
-too, and EXPLAIN (ANALYZE, BUFFERS) of the due-batch query, captured from the
+so that the two rates come from the same script. An idle tick (nothing due) is
+timed too, and EXPLAIN (ANALYZE, BUFFERS) of the due-batch query, captured from the
 real `_due_batch` call, goes into the JSON.
 
     .venv/bin/python benchmarks/bench_dispatch.py                 # 100k and 1M
@@ -325,7 +327,8 @@ class Size:
     runs: list[dict] = field(default_factory=list)
 
     def close(self) -> None:
-        """Drop the database, the queue and the instance folder, each whatever befalls the others."""
+        """Drop the database, the queue and the instance folder, each whatever befalls
+        the others."""
         try:
             delete_queue(self.settings.queue)
             self.app.close()
