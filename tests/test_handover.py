@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -183,3 +183,45 @@ def test_a_refused_batch_takes_back_every_mark_in_it(stack):
     app.extensions["nurture"].handover.close()
 
     assert list(confirmations(down.settings).values()) == [None, None]
+
+
+def test_a_forked_child_starts_a_thread_of_its_own(on_redis):
+    """Threads do not fork: a child must not leave its notes to its parent's thread.
+
+    gunicorn's --preload forks workers from a process that may already hold a
+    hand-over; the child's notes need a thread in the child, and its parent's
+    notes stay with the parent.
+    """
+    settings, _client = on_redis
+    handover = create_app(settings).extensions["nurture"].handover
+    handover.linger = 60  # each thread holds its first note until close()
+    handover.add(1, datetime.now(UTC))
+    assert handover._thread is not None and handover._thread.is_alive()
+    parents_thread = handover._thread
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it sees, then leave without pytest's teardown
+        try:
+            seen = {
+                "thread_after_fork": handover._thread is not None,
+                "notes_after_fork": handover._notes.qsize(),
+            }
+            handover.add(2, datetime.now(UTC))
+            seen["own_thread"] = (
+                handover._thread is not parents_thread and handover._thread.is_alive()
+            )
+            os.write(write, json.dumps(seen).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        seen = json.loads(pipe.read() or "{}")
+    os.waitpid(pid, 0)
+
+    assert seen == {
+        "thread_after_fork": False,
+        "notes_after_fork": 0,
+        "own_thread": True,
+    }
+    assert handover._thread is parents_thread and parents_thread.is_alive()  # untouched
