@@ -424,6 +424,10 @@ def test_the_one_statement_signup_writes_what_the_general_path_writes(settings):
             connection, settings, request("one@example.com"), now=now, enqueued_at=now
         )
         assert first_signup(connection, settings, request("one@example.com"), now=now) is None
+        with pytest.raises(ValueError, match="naive datetime"):  # refused before it is sent
+            first_signup(
+                connection, settings, request("naive@example.com"), now=now.replace(tzinfo=None)
+            )
 
     def rows(email: str) -> dict[str, list[tuple]]:
         """Every row of the address, without its ids, address and message id."""
