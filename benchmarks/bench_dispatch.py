@@ -36,6 +36,7 @@ BENCH_REDIS_URL); each database and queue it creates is dropped at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import signal
@@ -202,18 +203,33 @@ class Recorder:
             self.due_batch = (statement, dict(parameters))
 
 
-#: Cluster-wide: other databases' writes count too, so ticks run with the machine quiet.
-SERVER_MARKS = """
-    SELECT pg_current_wal_lsn()::text, buffers_backend FROM pg_stat_bgwriter
-"""
+def on_server(statement: str, parameters: dict | None = None) -> tuple:
+    """One row of `statement`, run on the server's own database (not a size's)."""
+    engine = create_engine(normalize_url(POSTGRES_URL))
+    with engine.connect() as connection:
+        row = connection.exec_driver_sql(statement, parameters or {}).one()
+    engine.dispose()
+    return tuple(row)
+
+
+@functools.cache
+def backend_writes() -> str:
+    """SQL for the buffers the server's backends wrote out themselves, cluster-wide.
+
+    Other databases' writes count too, so ticks run with the machine quiet.
+    PostgreSQL 17 moved the count from pg_stat_bgwriter to pg_stat_io.
+    """
+    if int(on_server("SHOW server_version_num")[0]) >= 170000:
+        return (
+            "SELECT coalesce(sum(writes), 0)::bigint FROM pg_stat_io "
+            "WHERE backend_type = 'client backend'"
+        )
+    return "SELECT buffers_backend FROM pg_stat_bgwriter"
 
 
 def server_marks() -> tuple[str, int]:
     """The server's WAL position and how many buffers its backends have written out."""
-    engine = create_engine(normalize_url(POSTGRES_URL))
-    with engine.connect() as connection:
-        lsn, written = connection.exec_driver_sql(SERVER_MARKS).one()
-    engine.dispose()
+    lsn, written = on_server(f"SELECT pg_current_wal_lsn()::text, ({backend_writes()})")
     return lsn, written
 
 
@@ -225,24 +241,14 @@ def server_work_since(marks: tuple[str, int]) -> dict:
     for those writes itself.
     """
     lsn, written = marks
-    engine = create_engine(normalize_url(POSTGRES_URL))
-    with engine.connect() as connection:
-        wal, now_written = connection.exec_driver_sql(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %(lsn)s::pg_lsn), buffers_backend "
-            "FROM pg_stat_bgwriter",
-            {"lsn": lsn},
-        ).one()
-    engine.dispose()
+    since = "pg_wal_lsn_diff(pg_current_wal_lsn(), %(lsn)s::pg_lsn)"
+    wal, now_written = on_server(f"SELECT {since}, ({backend_writes()})", {"lsn": lsn})
     return {"wal_mb": round(float(wal) / 2**20, 1), "backend_writes": now_written - written}
 
 
 def shared_buffers() -> str:
     """The server's shared_buffers, as SHOW gives it (the figures depend on it)."""
-    engine = create_engine(normalize_url(POSTGRES_URL))
-    with engine.connect() as connection:
-        value = connection.exec_driver_sql("SHOW shared_buffers").scalar()
-    engine.dispose()
-    return value
+    return on_server("SHOW shared_buffers")[0]
 
 
 def tick(size: Size) -> dict:
@@ -327,8 +333,7 @@ class Size:
     runs: list[dict] = field(default_factory=list)
 
     def close(self) -> None:
-        """Drop the database, the queue and the instance folder, each whatever befalls
-        the others."""
+        """Drop the database, the queue and the instance folder, whatever befalls the others."""
         try:
             delete_queue(self.settings.queue)
             self.app.close()

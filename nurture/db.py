@@ -124,7 +124,12 @@ def for_psycopg(statement) -> tuple[str, dict]:
     more CPU than a short statement's round trip.
     """
     compiled = statement.compile(dialect=_PSYCOPG)
-    return str(compiled), dict(compiled.params)
+    # Only the values the statement itself fixes: a parameter the caller must give
+    # stays out, so that leaving it out is the driver's error rather than a NULL.
+    constants = {
+        name: value for name, value in compiled.params.items() if not compiled.binds[name].required
+    }
+    return str(compiled), constants
 
 
 def _postgresql_settings(dbapi_connection, _record) -> None:

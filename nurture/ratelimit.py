@@ -16,8 +16,9 @@ A limiter that cannot reach Redis lets the request through and logs why: a
 broken Redis must not stop signups. Its client gives up after `TIMEOUT`, so a
 Redis that accepts connections but never answers delays a request by at most that.
 After a failure it lets requests through unchecked for `PAUSE` seconds before it
-asks Redis again, so an outage costs one wait per pause rather than one per
-request, and the log says so once when it starts and once when it ends.
+asks Redis again, so an outage costs a process about one wait per pause rather
+than one per request (requests already waiting on Redis each finish their wait),
+and each process logs it once when it starts and once when it ends.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -80,6 +82,8 @@ class RateLimiter:
         self._memory: FixedWindowRateLimiter | None = None
         self._clock = clock
         #: While Redis is out: when to ask it again, and the requests let through since.
+        #: A threaded web process shares them, so they change under `_state` only.
+        self._state = threading.Lock()
         self._retry_at: float | None = None
         self._unchecked = 0
         if storage_url.startswith("redis"):
@@ -95,8 +99,7 @@ class RateLimiter:
         items = parse(limit)
         if self._memory is not None:
             return self._hit_memory(scope, client, items)
-        if self._retry_at is not None and self._clock() < self._retry_at:
-            self._unchecked += 1
+        if self._paused():
             return None
         keys = [item.key_for(PREFIX, scope, client) for item in items]
         seconds = [item.get_expiry() for item in items]
@@ -107,16 +110,24 @@ class RateLimiter:
             self._out(scope, error)
             return None
         if self._retry_at is not None:
-            log.warning(
-                "rate limits counted again: Redis answers; %d requests went unchecked",
-                self._unchecked,
-            )
-            self._retry_at, self._unchecked = None, 0
+            self._back()
         return max(1, int(ttl)) if full else None
 
+    def _paused(self) -> bool:
+        """True while an outage's pause lasts: the request goes through, counted as unchecked."""
+        with self._state:
+            if self._retry_at is None or self._clock() >= self._retry_at:
+                return False
+            self._unchecked += 1
+            return True
+
     def _out(self, scope: str, error: redis.RedisError) -> None:
-        """Let requests through for PAUSE seconds; log only the outage's first failure."""
-        if self._retry_at is None:
+        """Start (or extend) a pause; log only an outage's first failure."""
+        with self._state:
+            starts = self._retry_at is None
+            self._retry_at = self._clock() + PAUSE
+            self._unchecked += 1
+        if starts:
             log.warning(
                 "%s rate limit not checked: Redis is unavailable (%s); requests go "
                 "unchecked until it answers, asked again every %g s",
@@ -124,8 +135,16 @@ class RateLimiter:
                 error,
                 PAUSE,
             )
-        self._retry_at = self._clock() + PAUSE
-        self._unchecked += 1
+
+    def _back(self) -> None:
+        """End an outage once Redis answered; a warning, so that it sits beside the start."""
+        with self._state:
+            if self._retry_at is None:  # another thread saw it first
+                return
+            unchecked, self._retry_at, self._unchecked = self._unchecked, None, 0
+        log.warning(
+            "rate limits counted again: Redis answers; %d requests went unchecked", unchecked
+        )
 
     def _hit_memory(self, scope: str, client: str, items: tuple[RateLimitItem, ...]) -> int | None:
         for item in items:

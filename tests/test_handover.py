@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select as io_select
 import signal
 import subprocess
 import sys
@@ -215,9 +216,15 @@ def test_a_forked_child_starts_a_thread_of_its_own(on_redis):
         finally:
             os._exit(0)
     os.close(write)
-    with os.fdopen(read) as pipe:
-        seen = json.loads(pipe.read() or "{}")
-    os.waitpid(pid, 0)
+    ready: list[int] = []
+    try:
+        ready, _, _ = io_select.select([read], [], [], 30)  # a child that hangs fails the test
+        seen = json.loads(os.read(read, 4096) or b"{}") if ready else {"child": "no answer"}
+    finally:
+        os.close(read)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
     assert seen == {
         "thread_after_fork": False,

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 import redis
-from conftest import REDIS_URL, csrf_token, free_port, require
+from conftest import REDIS_URL, REQUIRE_SERVICES, csrf_token, free_port, require
 
 from nurture.app import create_app
 from nurture.config import ConfigError, load_settings
@@ -128,7 +128,13 @@ class Refusing:
         self.server.bind(("127.0.0.1", 0))
         self.server.listen()
         self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept; close alone would not
+        self.server.close()
+        self.thread.join(timeout=5)
 
     @property
     def url(self) -> str:
@@ -170,14 +176,44 @@ def test_an_outage_is_logged_once_and_redis_is_asked_once_per_pause(caplog):
             assert limiter.hit("login", "a", "1 per minute") is None
             assert refusing.accepted > tried  # asked again once the pause was over
     finally:
-        refusing.server.close()
+        refusing.close()
     assert len(caplog.records) == 1
     assert "requests go unchecked until it answers" in caplog.records[0].getMessage()
 
 
-def test_counting_resumes_when_redis_answers_again(caplog):
+def start_redis(port: int) -> subprocess.Popen:
+    """A redis-server of this test's own on `port`, answering PING (or the test fails)."""
     if shutil.which("redis-server") is None:
-        require(None, "redis-server")
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=1)
+    deadline = time.monotonic() + 30  # a server starting, not a schedule
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            client.ping()
+            return server
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    stop(server)
+    pytest.fail(f"redis-server on port {port} did not answer (exit code {server.returncode})")
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def test_counting_resumes_when_redis_answers_again(caplog):
     port = free_port()
     clock = Clock()
     limiter = RateLimiter(f"redis://127.0.0.1:{port}/0", clock=clock)
@@ -185,25 +221,14 @@ def test_counting_resumes_when_redis_answers_again(caplog):
     with caplog.at_level(logging.WARNING, logger="nurture.ratelimit"):
         assert limiter.hit("signup", address, "1 per minute") is None  # down: let through
         assert limiter.hit("signup", address, "1 per minute") is None  # unchecked
-        server = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
-            stdout=subprocess.DEVNULL,
-        )
+        server = start_redis(port)
         try:
-            client = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
             clock.now += PAUSE
             first = limiter.hit("signup", address, "1 per minute")
             second = limiter.hit("signup", address, "1 per minute")
-            counted = counter(client, "1 per minute", "signup", address)
+            counted = counter(redis.Redis(port=port), "1 per minute", "signup", address)
         finally:
-            server.terminate()
-            server.wait(timeout=10)
+            stop(server)
     assert (first, counted) == (None, 2)
     assert second is not None  # the limit holds again
     messages = [record.getMessage() for record in caplog.records]

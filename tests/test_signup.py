@@ -424,9 +424,12 @@ def test_the_one_statement_signup_writes_what_the_general_path_writes(settings):
             connection, settings, request("one@example.com"), now=now, enqueued_at=now
         )
         assert first_signup(connection, settings, request("one@example.com"), now=now) is None
+        naive = now.replace(tzinfo=None)
         with pytest.raises(ValueError, match="naive datetime"):  # refused before it is sent
+            first_signup(connection, settings, request("naive@example.com"), now=naive)
+        with pytest.raises(ValueError, match="naive datetime"):
             first_signup(
-                connection, settings, request("naive@example.com"), now=now.replace(tzinfo=None)
+                connection, settings, request("naive@example.com"), now=now, enqueued_at=naive
             )
 
     def rows(email: str) -> dict[str, list[tuple]]:
@@ -543,3 +546,14 @@ def test_a_signup_lands_on_the_first_try_after_the_database_restarted(client, se
     assert response.status_code == 202, response.get_data(as_text=True)
     assert subscriber(settings, "after@example.com").status == SubscriberStatus.PENDING
     assert count(settings, Delivery) == 2
+
+
+def test_a_driver_statement_keeps_only_its_constants():
+    """A value the caller must give is never filled in for it: left out, the driver
+    refuses the statement instead of writing NULL."""
+    from nurture.subscribers import _FIRST_SIGNUP
+
+    _sql, constants = _FIRST_SIGNUP
+    for given in ("now", "signup_email", "new_message_id", "enqueued", "email_hash"):
+        assert given not in constants
+    assert {"pending", "confirmation", "queued", "signup"} <= set(constants.values())
