@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
-from conftest import REDIS_URL, REQUIRE_SERVICES, csrf_token, free_port, require
+from conftest import REDIS_URL, REQUIRE_SERVICES, Process, csrf_token, free_port, require
 
 from nurture.app import create_app
 from nurture.config import ConfigError, load_settings
@@ -181,39 +182,27 @@ def test_an_outage_is_logged_once_and_redis_is_asked_once_per_pause(caplog):
     assert "requests go unchecked until it answers" in caplog.records[0].getMessage()
 
 
-def start_redis(port: int) -> subprocess.Popen:
+def start_redis(port: int, tmp_path: Path) -> Process:
     """A redis-server of this test's own on `port`, answering PING (or the test fails)."""
     if shutil.which("redis-server") is None:
         if REQUIRE_SERVICES:
             pytest.fail("redis-server is not installed")
         pytest.skip("redis-server is not installed")
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    server = Process(command, dict(os.environ), tmp_path / "redis.log")
     client = redis.Redis(port=port, socket_timeout=1)
     deadline = time.monotonic() + 30  # a server starting, not a schedule
-    while server.poll() is None and time.monotonic() < deadline:
+    while server.popen.poll() is None and time.monotonic() < deadline:
         try:
             client.ping()
             return server
         except redis.ConnectionError:
             time.sleep(0.05)
-    stop(server)
-    pytest.fail(f"redis-server on port {port} did not answer (exit code {server.returncode})")
+    server.stop()
+    pytest.fail(f"redis-server on port {port} did not answer:\n{server.output()[-2000:]}")
 
 
-def stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
-def test_counting_resumes_when_redis_answers_again(caplog):
+def test_counting_resumes_when_redis_answers_again(caplog, tmp_path):
     port = free_port()
     clock = Clock()
     limiter = RateLimiter(f"redis://127.0.0.1:{port}/0", clock=clock)
@@ -221,14 +210,14 @@ def test_counting_resumes_when_redis_answers_again(caplog):
     with caplog.at_level(logging.WARNING, logger="nurture.ratelimit"):
         assert limiter.hit("signup", address, "1 per minute") is None  # down: let through
         assert limiter.hit("signup", address, "1 per minute") is None  # unchecked
-        server = start_redis(port)
+        server = start_redis(port, tmp_path)
         try:
             clock.now += PAUSE
             first = limiter.hit("signup", address, "1 per minute")
             second = limiter.hit("signup", address, "1 per minute")
             counted = counter(redis.Redis(port=port), "1 per minute", "signup", address)
         finally:
-            stop(server)
+            server.stop()
     assert (first, counted) == (None, 2)
     assert second is not None  # the limit holds again
     messages = [record.getMessage() for record in caplog.records]
