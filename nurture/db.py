@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -130,6 +131,13 @@ def for_psycopg(statement) -> tuple[str, dict]:
         name: value for name, value in compiled.params.items() if not compiled.binds[name].required
     }
     return str(compiled), constants
+
+
+def require_aware(what: str, *times: datetime | None) -> None:
+    """Refuse a naive time bound to driver SQL (`for_psycopg`), which skips the check
+    the UTC column type makes; None passes."""
+    if any(value is not None and value.tzinfo is None for value in times):
+        raise ValueError(f"naive datetime given {what}")
 
 
 def _postgresql_settings(dbapi_connection, _record) -> None:

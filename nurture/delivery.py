@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from nurture import tokens
 from nurture.config import Settings
-from nurture.db import for_psycopg
+from nurture.db import for_psycopg, require_aware
 from nurture.dkim import dkim_signer
 from nurture.mailer import (
     OutgoingEmail,
@@ -159,8 +159,7 @@ def claim_many(
     """
     if not delivery_ids:
         return []
-    if now.tzinfo is None:  # what the UTC column type would say; driver SQL skips it
-        raise ValueError("naive datetime given as now")
+    require_aware("as now", now)
     dialect = session.get_bind().dialect.name
     values = {"ids": delivery_ids, "now": now, "until": now + lease}
     if dialect == "postgresql":
@@ -431,8 +430,7 @@ class _SentMarks:
         self.pending: dict | None = None
 
     def add(self, delivery_id: int, now: datetime) -> None:
-        if now.tzinfo is None:
-            raise ValueError("naive datetime given for sent_at")
+        require_aware("for sent_at", now)
         self.flush()
         self.pending = {
             "delivery_id": delivery_id,

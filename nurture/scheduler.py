@@ -25,7 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from nurture.config import Settings
-from nurture.db import for_psycopg
+from nurture.db import for_psycopg, require_aware
 from nurture.models import Delivery, DeliveryStatus, Enrollment, EnrollmentStatus, Subscriber
 from nurture.sequences import Sequence, Step
 from nurture.subscribers import complete_if_done, new_message_id, new_message_ids
@@ -308,8 +308,7 @@ def _due_batch(
     takes only the enrollments whose id hashes to k modulo n (PostgreSQL only),
     so that n claim loops never contend for a row.
     """
-    if now.tzinfo is None:  # what the UTC column type would say; driver SQL skips it
-        raise ValueError("naive datetime given as now")
+    require_aware("as now", now)
     shared = share[1] > 1
     values = {"now": now, "limit": limit, "share": share[0], "shares": share[1]}
     if session.get_bind().dialect.name != "postgresql":

@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from nurture.config import Settings
-from nurture.db import for_psycopg
+from nurture.db import for_psycopg, require_aware
 from nurture.models import (
     CONFIRMATION_STEP,
     Base,
@@ -354,9 +354,7 @@ def first_signup(
     Being one statement it needs no transaction of its own, so on an
     autocommit connection it costs one round trip (`db.run_autocommit`).
     """
-    # The UTC column type's check, which driver SQL skips.
-    if now.tzinfo is None or (enqueued_at is not None and enqueued_at.tzinfo is None):
-        raise ValueError("naive datetime given to first_signup")
+    require_aware("to first_signup", now, enqueued_at)
     consent = _consent(0, request, now)
     statement, constants = _FIRST_SIGNUP
     return connection.exec_driver_sql(
