@@ -157,10 +157,10 @@ SEED = [
     """INSERT INTO subscribers (id, email, first_name, timezone, status, created_at, confirmed_at)
        SELECT i, 'reader' || i || '@example.com', 'Reader' || i, 'UTC', 'active', :now, :now
        FROM generate_series(CAST(:first AS integer), CAST(:last AS integer)) AS i""",
-    """INSERT INTO enrollments (id, subscriber_id, sequence, status, next_step, next_due_at,
-                                started_at, created_at)
-       SELECT i, i, :sequence, 'active', 'welcome', CAST(:now AS timestamptz) - interval '1 minute',
-              :now, :now
+    """INSERT INTO enrollments (id, subscriber_id, sequence, timezone, status, next_step,
+                                next_due_at, started_at, created_at)
+       SELECT i, i, :sequence, 'UTC', 'active', 'welcome',
+              CAST(:now AS timestamptz) - interval '1 minute', :now, :now
        FROM generate_series(CAST(:first AS integer), CAST(:last AS integer)) AS i""",
     "SELECT setval(pg_get_serial_sequence('subscribers', 'id'), :last)",
     "SELECT setval(pg_get_serial_sequence('enrollments', 'id'), :last)",

@@ -244,11 +244,15 @@ def calendar(name: str):
     tz = zone(timezone)
     start = datetime.combine(utcnow().astimezone(tz).date(), time(8, 0), tzinfo=tz)
     sample = Enrollment(
-        status="active", next_step=seq.first.key, next_due_at=start, started_at=start
+        status="active",
+        next_step=seq.first.key,
+        next_due_at=start,
+        started_at=start,
+        timezone=timezone,
     )
     rows = [
         (step, due.astimezone(tz), _subject(settings, name, step.key))
-        for step, due in plan(sample, seq, timezone, settings, start)
+        for step, due in plan(sample, seq, settings, start)
     ]
     return render_template("admin/calendar.html", sequence=seq, rows=rows, timezone=timezone)
 

@@ -116,6 +116,11 @@ class Enrollment(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id"))
     sequence: Mapped[str] = mapped_column(String(100))
+    #: The subscriber's time zone, which the schedule's local send times are in.
+    #: A copy, changed together with the subscriber's (`subscribers.set_timezone`),
+    #: so that the due-scan reads one table: joining the subscriber for it cost
+    #: a tenth of a due-scan's time.
+    timezone: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(20), default=EnrollmentStatus.PENDING)
     next_step: Mapped[str | None] = mapped_column(String(100))
     next_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

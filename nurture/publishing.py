@@ -127,7 +127,7 @@ def compare(
     """Who gets what in the next `days` days under the published and the proposed sequences."""
     until = now + timedelta(days=days)
     rows = session.execute(
-        select(Enrollment, Subscriber.email, Subscriber.timezone)
+        select(Enrollment, Subscriber.email)
         .join(Subscriber, Subscriber.id == Enrollment.subscriber_id)
         .where(Enrollment.status == "active")
         .order_by(Enrollment.id)
@@ -142,14 +142,12 @@ def compare(
     before: Counter = Counter()
     after: Counter = Counter()
     changes = []
-    for enrollment, email, timezone in rows:
+    for enrollment, email in rows:
         plans = []
         for sequences, counter in ((published, before), (proposed, after)):
             sequence = sequences.get(enrollment.sequence)
             planned = (
-                plan(
-                    enrollment, sequence, timezone, settings, now, had.get(enrollment.id, []), until
-                )
+                plan(enrollment, sequence, settings, now, had.get(enrollment.id, []), until)
                 if sequence
                 else []
             )
@@ -157,7 +155,9 @@ def compare(
             counter.update(f"{enrollment.sequence}/{key}" for key, _ in planned)
             plans.append(planned)
         if plans[0] != plans[1]:
-            changes.append(Change(email, enrollment.sequence, timezone, plans[0], plans[1]))
+            changes.append(
+                Change(email, enrollment.sequence, enrollment.timezone, plans[0], plans[1])
+            )
     return PlanDiff(days, before, after, changes)
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from nurture.config import Settings
 from nurture.db import for_psycopg, require_aware
-from nurture.models import Delivery, DeliveryStatus, Enrollment, EnrollmentStatus, Subscriber
+from nurture.models import Delivery, DeliveryStatus, Enrollment, EnrollmentStatus
 from nurture.sequences import Sequence, Step
 from nurture.subscribers import complete_if_done, new_message_id, new_message_ids
 
@@ -134,7 +134,6 @@ def next_due(
 def plan(
     enrollment: Enrollment,
     sequence: Sequence,
-    timezone: str,
     settings: Settings,
     now: datetime,
     had: list[str] | tuple[str, ...] = (),
@@ -143,8 +142,9 @@ def plan(
     """The emails still to come for an enrollment, each with when it will go out.
 
     Follows the due-scan's own rules (`next_to_send`, `next_due`), assuming each
-    email goes out when due; an overdue one goes out at `now`. `had` lists the
-    steps the enrollment already had; `until` stops the plan there.
+    email goes out when due; an overdue one goes out at `now`, and local send
+    times are in the enrollment's zone. `had` lists the steps the enrollment
+    already had; `until` stops the plan there.
     """
     if enrollment.status != "active" or enrollment.next_due_at is None:
         return []
@@ -164,7 +164,7 @@ def plan(
         due = next_due(
             following,
             started_at=enrollment.started_at or now,
-            timezone=timezone,
+            timezone=enrollment.timezone,
             previous_send=due,
             settings=settings,
             skip_weekends=sequence.skip_weekends,
@@ -285,13 +285,12 @@ def _due_statement(shared: bool):
             Enrollment.next_due_at,
             Enrollment.started_at,
             Enrollment.converted_at,
-            Subscriber.timezone,
+            Enrollment.timezone,
         )
-        .join(Subscriber, Subscriber.id == Enrollment.subscriber_id)
         .where(*wanted)
         .order_by(Enrollment.next_due_at)
         .limit(bindparam("limit"))
-        .with_for_update(of=Enrollment, skip_locked=True)
+        .with_for_update(skip_locked=True)
     )
 
 

@@ -306,6 +306,7 @@ def _first_signup_statement() -> Insert:
     enrollment = for_new(
         Enrollment,
         sequence=value("sequence_name", enrollments.c.sequence),
+        timezone=value("timezone", enrollments.c.timezone),
         status=literal(EnrollmentStatus.PENDING, enrollments.c.status.type),
         created_at=now,
     )
@@ -416,10 +417,30 @@ def _ensure_enrollment(
         )
     )
     if enrollment is None:
-        enrollment = Enrollment(subscriber_id=subscriber.id, sequence=sequence, created_at=now)
+        enrollment = Enrollment(
+            subscriber_id=subscriber.id,
+            sequence=sequence,
+            timezone=subscriber.timezone,
+            created_at=now,
+        )
         session.add(enrollment)
         session.flush()
     return enrollment
+
+
+def set_timezone(session: Session, subscriber: Subscriber, timezone: str) -> None:
+    """Move a subscriber, and each of their enrollments, to another time zone.
+
+    The due-scan reads an enrollment's zone from the enrollment itself, so the
+    two change together. A next email already planned keeps its time; the ones
+    after it are placed in the new zone.
+    """
+    subscriber.timezone = timezone
+    session.execute(
+        update(Enrollment)
+        .where(Enrollment.subscriber_id == subscriber.id)
+        .values(timezone=timezone)
+    )
 
 
 def _start(
@@ -509,6 +530,7 @@ def _new_subscriber(session: Session, request: SignupRequest, now: datetime) -> 
         Enrollment,
         subscriber_id=subscriber_id,
         sequence=request.sequence,
+        timezone=request.timezone,
         status=EnrollmentStatus.PENDING,
         created_at=now,
     )
@@ -546,7 +568,7 @@ def _signs_up_again(
         return False
     subscriber.status = SubscriberStatus.PENDING
     subscriber.first_name = request.first_name or subscriber.first_name
-    subscriber.timezone = request.timezone
+    set_timezone(session, subscriber, request.timezone)
     if enrollment.status == EnrollmentStatus.STOPPED:
         enrollment.status = EnrollmentStatus.PENDING
     return True

@@ -68,7 +68,7 @@ def timeline(
             for d in deliveries
             if d.enrollment_id == enrollment.id and d.status != "cancelled"
         ]
-        for step, due in plan(enrollment, sequence, subscriber.timezone, settings, now, had):
+        for step, due in plan(enrollment, sequence, settings, now, had):
             entries.append(Entry(sequence.name, step.key, "planned", due))
     return Timeline(subscriber=subscriber, enrollments=list(enrollments), entries=entries)
 

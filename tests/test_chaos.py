@@ -68,6 +68,7 @@ class Chaos:
                     {
                         "subscriber_id": i,
                         "sequence": "product-vs-project",
+                        "timezone": "UTC",
                         "status": "active",
                         "next_step": "welcome",
                         "next_due_at": now - timedelta(minutes=1),

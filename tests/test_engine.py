@@ -67,6 +67,7 @@ BERLIN = ZoneInfo("Europe/Berlin")
 LOS_ANGELES = ZoneInfo("America/Los_Angeles")
 TOKYO = ZoneInfo("Asia/Tokyo")
 PARIS = ZoneInfo("Europe/Paris")
+NEW_YORK = ZoneInfo("America/New_York")
 T0 = datetime(2026, 6, 1, 10, 0, tzinfo=UTC)  # a Monday
 WEEK_OF_TICKS = 8 * 4 + 1  # every 6 hours for eight days
 NURTURE_PACKAGE = Path(nurture.__file__).resolve().parent
@@ -357,8 +358,9 @@ def test_plan_of_a_skip_weekends_sequence_has_no_weekend_sends(tmp_path):
             next_step=steps[0].key,
             next_due_at=first,
             started_at=started_at,
+            timezone="Europe/Berlin",
         )
-        result = plan(enrollment, sequence, "Europe/Berlin", settings, now=started_at)
+        result = plan(enrollment, sequence, settings, now=started_at)
         assert [step.key for step, _ in result] == [step.key for step in steps]
         return [due for _, due in result]
 
@@ -472,7 +474,8 @@ def test_plan_and_timeline_for_a_subscriber_in_paris(stack, settings, smtp):
 
     enrollment = enrollment_of(settings, subscriber_id)
     sequence = sequences(settings)[SEQUENCE]
-    planned = plan(enrollment, sequence, "Europe/Paris", settings, now=start + timedelta(minutes=1))
+    assert enrollment.timezone == "Europe/Paris"  # the subscriber's, copied at signup
+    planned = plan(enrollment, sequence, settings, now=start + timedelta(minutes=1))
     assert [step.key for step, _ in planned] == COURSE_KEYS[1:]
     times = [due for _, due in planned]
     assert all(later > earlier for earlier, later in zip(times, times[1:], strict=False))
@@ -506,6 +509,42 @@ def test_plan_and_timeline_for_a_subscriber_in_paris(stack, settings, smtp):
         assert key == step.key
         assert local_day == f"{due.astimezone(PARIS):%Y-%m-%d}"
         assert utc == f"{due:%Y-%m-%d %H:%M}"
+
+
+@BOTH_DATABASES
+def test_an_enrollment_runs_on_its_subscribers_clock(settings, app):
+    """The due-scan reads an enrollment's zone from the enrollment: it is the subscriber's,
+    from the signup (on PostgreSQL the web's one-statement path) and after a returning
+    signup from another zone."""
+    email = "ann@example.com"
+    answer = app.test_client().post(
+        "/api/v1/subscribers", json={"email": email, "timezone": "Europe/Paris"}
+    )
+    assert answer.status_code == 202
+    with session_scope(settings.database_url) as session:
+        ann = session.scalar(select(Subscriber).where(Subscriber.email == email))
+        assert [e.timezone for e in ann.enrollments] == ["Europe/Paris"]
+        ann_id = ann.id
+
+    # Still unconfirmed a month later, she signs up again from New York (10:00 or 11:00 there).
+    later = (datetime.now(UTC) + timedelta(days=30)).replace(
+        hour=15, minute=0, second=0, microsecond=0
+    )
+    sign_up(settings, email, now=later, timezone="America/New_York")
+    with session_scope(settings.database_url) as session:
+        ann = session.get(Subscriber, ann_id)
+        assert ann.timezone == "America/New_York"
+        assert [e.timezone for e in ann.enrollments] == ["America/New_York"]
+        assert confirm(session, ann_id, now=later, first_steps=first_steps(sequences(settings)))
+
+    hand_out(settings, later)  # the welcome, and the confirmations still waiting
+    following = enrollment_of(settings, ann_id)
+    assert following.next_step == "product-manager"
+    local = following.next_due_at.astimezone(NEW_YORK)
+    assert (local.date(), local.time()) == (
+        later.astimezone(NEW_YORK).date() + timedelta(days=1),
+        time(9, 0),
+    )
 
 
 def test_timeline_of_an_unknown_address_fails_clearly(stack):

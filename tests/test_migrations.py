@@ -9,7 +9,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conftest import BOTH_DATABASES, Stack
-from sqlalchemy import inspect, text
+from sqlalchemy import insert, inspect, text
 
 from nurture import ROOT, migrate
 from nurture.db import get_engine, session_scope
@@ -67,13 +67,14 @@ def test_a_key_goes_and_comes_back_with_sent_mail_in_place(
         ann = Subscriber(email="ann@example.com", status="active")
         session.add(ann)
         session.flush()
-        course = Enrollment(subscriber_id=ann.id, sequence="product-vs-project")
-        session.add(course)
-        session.flush()
+        # Only the columns this older schema has (later ones, like the time zone, wait).
+        course_id = session.execute(
+            insert(Enrollment.__table__).values(subscriber_id=ann.id, sequence="product-vs-project")
+        ).inserted_primary_key[0]
         mail = [
             Delivery(subscriber_id=ann.id, step="confirmation", message_id="<1@x>"),
             Delivery(
-                subscriber_id=ann.id, enrollment_id=course.id, step="welcome", message_id="<2@x>"
+                subscriber_id=ann.id, enrollment_id=course_id, step="welcome", message_id="<2@x>"
             ),
         ]
         session.add_all(mail)
@@ -97,6 +98,43 @@ def test_a_key_goes_and_comes_back_with_sent_mail_in_place(
     if empty_database.startswith("sqlite"):  # the migration turned them off for itself only
         with get_engine(empty_database).connect() as connection:
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+@BOTH_DATABASES
+def test_enrollments_take_their_subscribers_time_zones(empty_database):
+    """0008 copies each subscriber's zone onto their enrollments, which the due-scan reads."""
+    migrate.upgrade(empty_database, "0007")
+    with session_scope(empty_database) as session:
+        for email, zone in [("ann@example.com", "Asia/Tokyo"), ("bo@example.com", "UTC")]:
+            person = Subscriber(email=email, status="active", timezone=zone)
+            session.add(person)
+            session.flush()
+            for sequence in ("product-vs-project", "career-switch-checklist"):
+                session.execute(
+                    insert(Enrollment.__table__).values(subscriber_id=person.id, sequence=sequence)
+                )
+
+    def zones() -> list[tuple]:
+        with get_engine(empty_database).connect() as connection:
+            return connection.execute(
+                text(
+                    "SELECT s.email, e.sequence, e.timezone FROM enrollments e "
+                    "JOIN subscribers s ON s.id = e.subscriber_id ORDER BY e.id"
+                )
+            ).all()
+
+    migrate.upgrade(empty_database, "0008")
+    assert zones() == [
+        ("ann@example.com", "product-vs-project", "Asia/Tokyo"),
+        ("ann@example.com", "career-switch-checklist", "Asia/Tokyo"),
+        ("bo@example.com", "product-vs-project", "UTC"),
+        ("bo@example.com", "career-switch-checklist", "UTC"),
+    ]
+    column = {c["name"]: c for c in inspect(get_engine(empty_database)).get_columns("enrollments")}
+    assert column["timezone"]["nullable"] is False
+    migrate.downgrade(empty_database, "0007")
+    columns = inspect(get_engine(empty_database)).get_columns("enrollments")
+    assert "timezone" not in {c["name"] for c in columns}
 
 
 @BOTH_DATABASES

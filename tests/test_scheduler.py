@@ -773,9 +773,10 @@ def many_due(settings: Settings, count: int, now: datetime) -> None:
         )
         session.execute(
             text(
-                "INSERT INTO enrollments (subscriber_id, sequence, status, next_step, "
+                "INSERT INTO enrollments (subscriber_id, sequence, timezone, status, next_step, "
                 "next_due_at, started_at, created_at) "
-                "SELECT id, :sequence, 'active', 'welcome', :now, :now, :now FROM subscribers"
+                "SELECT id, :sequence, timezone, 'active', 'welcome', :now, :now, :now "
+                "FROM subscribers"
             ),
             {"sequence": SEQUENCE, "now": now},
         )
@@ -863,7 +864,7 @@ def test_the_due_batch_is_planned_for_its_values_however_often_it_runs(settings)
         plans = connection.execute(
             text(
                 "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
-                "WHERE statement LIKE '%FOR UPDATE OF enrollments SKIP LOCKED%'"
+                "WHERE statement LIKE '%FROM enrollments%FOR UPDATE SKIP LOCKED%'"
             )
         ).one()
         assert plans == (0, 5)  # prepared, yet never run from a generic plan
