@@ -17,7 +17,8 @@ the floor's median).
 
 CLAIMS: after each product run, one due-scan tick (bench_dispatch.py's, with
 the beat's publisher onto Redis) claims and queues 10,000 due steps among
-1,000,000 enrollments, seeded before the first round. Each tick's claims per
+1,000,000 enrollments, seeded before the first round and settled (a
+checkpoint and one untimed tick: bench_dispatch.settle). Each tick's claims per
 second over the product run just before it; the figure is their median (goal:
 claiming >= 10x faster than delivering).
 
@@ -65,7 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 import harness  # noqa: E402
 import redis  # noqa: E402
-from bench_dispatch import Size, prepare_size, summarize_size, time_tick  # noqa: E402
+from bench_dispatch import Size, prepare_size, settle, summarize_size, time_tick  # noqa: E402
 from harness import (  # noqa: E402
     POSTGRES_URL,
     REDIS_URL,
@@ -687,6 +688,7 @@ def main() -> None:
                 flush=True,
             )
             claims = prepare_size(args.claims_list, args.claims_due)
+            settle([claims])
         try:
             result["floor"], result["product"] = in_turns(sink, data, args, claims)
         finally:

@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
@@ -80,10 +81,13 @@ class Settings:
         """How much one sequence day is shrunk (1.0 in real time)."""
         return self.day_seconds / 86400
 
-    @property
-    def min_gap_seconds(self) -> float:
-        """Smallest allowed time between two course emails to one subscriber."""
-        return self.min_gap_hours * 3600 * self.day_scale
+    @functools.cached_property
+    def min_gap(self) -> timedelta:
+        """Smallest allowed time between two course emails to one subscriber.
+
+        Kept once worked out: the due-scan asks for it twice per due enrollment.
+        """
+        return timedelta(seconds=self.min_gap_hours * 3600 * self.day_scale)
 
     @property
     def requeue_after(self) -> int:

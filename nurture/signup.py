@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
 from sqlalchemy.exc import IntegrityError
@@ -208,7 +208,7 @@ def confirm(token: str):
             now=utcnow(),
             first_steps=first_steps(app_state.sequences()),
             consent_id=consent_id,
-            min_gap=timedelta(seconds=settings.min_gap_seconds),
+            min_gap=settings.min_gap,
         )
         confirmed = subscriber is not None
     if not confirmed:

@@ -159,10 +159,6 @@ def validate_signup(
     return clean, errors
 
 
-def _gap(settings: Settings) -> timedelta:
-    return timedelta(seconds=settings.min_gap_seconds)
-
-
 def email_hash(email: str) -> str:
     return hashlib.sha256(email.strip().lower().encode()).hexdigest()
 
@@ -507,7 +503,7 @@ def signup(
     _insert(session, Event, subscriber_id=subscriber_id, kind="signup", created_at=now)
 
     if not settings.double_opt_in:
-        confirm(session, subscriber_id, now=now, first_steps=first_steps, min_gap=_gap(settings))
+        confirm(session, subscriber_id, now=now, first_steps=first_steps, min_gap=settings.min_gap)
         return None
     return _queue_confirmation(
         session, settings, subscriber_id, now, enqueued_at=now if publishing else None
@@ -564,7 +560,7 @@ def _signs_up_again(
     if subscriber.status == SubscriberStatus.ACTIVE:
         if enrollment.status == EnrollmentStatus.PENDING:
             _insert(session, Consent, **_consent(subscriber.id, request, now, confirmed_at=now))
-            _start(session, enrollment, first_steps[request.sequence], now, _gap(settings))
+            _start(session, enrollment, first_steps[request.sequence], now, settings.min_gap)
         return False
     subscriber.status = SubscriberStatus.PENDING
     subscriber.first_name = request.first_name or subscriber.first_name

@@ -196,7 +196,7 @@ def test_minimum_gap_keeps_the_plan_when_it_is_far_enough(tmp_path):
 def test_minimum_gap_shrinks_with_the_day(tmp_path):
     settings = pure_settings(tmp_path, NURTURE_DAY_SECONDS="2")
     gap = timedelta(seconds=20 * 3600 * 2 / 86400)
-    assert timedelta(seconds=settings.min_gap_seconds) == gap
+    assert settings.min_gap == gap
     started_at = at(2026, 6, 10, 15, 0)
     planned = started_at + timedelta(seconds=2)  # day 1, send time ignored
     previous = started_at + timedelta(seconds=1.5)
