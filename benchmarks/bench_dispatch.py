@@ -207,9 +207,10 @@ class Recorder:
 
 
 def due_batch_query(now) -> tuple[str, dict]:
-    """The due batch as the due-scan sends it (one loop's, without a share), with its values."""
-    statement, constants = for_psycopg(scheduler._DUE[False])
-    values = {"now": now, "limit": scheduler.SCAN_BATCH, "share": 0, "shares": 1}
+    """The due batch as a tick's first claim loop sends it, with its values."""
+    statement, constants = for_psycopg(scheduler._DUE[True])
+    shares = scheduler.CLAIM_LOOPS
+    values = {"now": now, "limit": scheduler.SCAN_BATCH, "share": 0, "shares": shares}
     return statement, {**constants, **values}
 
 
@@ -265,7 +266,7 @@ def tick(size: Size) -> dict:
     """One dispatch tick over `size`, handing its batches to the broker like the beat does."""
     published: list[int] = []
     messages = 0
-    counting = threading.Lock()  # the tick's two claim loops publish from two threads
+    counting = threading.Lock()  # the tick's claim loops publish from threads of their own
 
     def publish(ids: list[int]) -> None:
         nonlocal messages
@@ -304,6 +305,7 @@ def explain(url: str, now) -> list[str]:
     statement, parameters = due_batch_query(now)
     engine = create_engine(normalize_url(url))
     with engine.connect() as connection:
+        connection.exec_driver_sql(scheduler._CLAIM_PLANNING)  # as the claim's transaction is
         rows = connection.exec_driver_sql(
             "EXPLAIN (ANALYZE, BUFFERS, VERBOSE OFF) " + statement, parameters
         ).all()

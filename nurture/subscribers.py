@@ -434,7 +434,7 @@ def set_timezone(session: Session, subscriber: Subscriber, timezone: str) -> Non
     subscriber.timezone = timezone
     session.execute(
         update(Enrollment)
-        .where(Enrollment.subscriber_id == subscriber.id)
+        .where(Enrollment.subscriber_id == subscriber.id, Enrollment.timezone != timezone)
         .values(timezone=timezone)
     )
 

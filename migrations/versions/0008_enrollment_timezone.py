@@ -7,6 +7,10 @@ due-scan's time; kept on the enrollment, the scan reads one table
 (docs/decisions.md). The copy is filled from the subscribers here, and changes
 with the subscriber's own from then on.
 
+It rewrites every enrollment while holding the table: stop web, worker and beat
+for it (they cannot write an enrollment meanwhile, and code from before it
+writes none without a zone), and `VACUUM ANALYZE enrollments` afterwards.
+
 Revision ID: 0008
 Revises: 0007
 Create Date: 2026-11-26
@@ -26,11 +30,17 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("enrollments") as batch_op:
         batch_op.add_column(sa.Column("timezone", sa.String(64), nullable=True))
-    op.execute(
-        "UPDATE enrollments SET timezone = "
-        "(SELECT subscribers.timezone FROM subscribers "
-        "WHERE subscribers.id = enrollments.subscriber_id)"
-    )
+    if op.get_bind().dialect.name == "postgresql":  # one join rather than a lookup per row
+        op.execute(
+            "UPDATE enrollments SET timezone = subscribers.timezone FROM subscribers "
+            "WHERE subscribers.id = enrollments.subscriber_id"
+        )
+    else:
+        op.execute(
+            "UPDATE enrollments SET timezone = "
+            "(SELECT subscribers.timezone FROM subscribers "
+            "WHERE subscribers.id = enrollments.subscriber_id)"
+        )
     with op.batch_alter_table("enrollments") as batch_op:
         batch_op.alter_column("timezone", existing_type=sa.String(64), nullable=False)
 
