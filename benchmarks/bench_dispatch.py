@@ -88,11 +88,16 @@ SEQUENCE = "product-vs-project"
 # --- databases ---------------------------------------------------------------------
 
 
-def vacuum_analyze(url: str) -> None:
+def outside_transaction(url: str, statement: str) -> None:
+    """Run a statement that cannot run in a transaction (VACUUM, CHECKPOINT)."""
     engine = create_engine(normalize_url(url), isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
-        connection.execute(text("VACUUM ANALYZE"))
+        connection.exec_driver_sql(statement)
     engine.dispose()
+
+
+def vacuum_analyze(url: str) -> None:
+    outside_transaction(url, "VACUUM ANALYZE")
 
 
 SEED_SUBSCRIBERS = """
@@ -463,10 +468,7 @@ def settle(sizes: list[Size]) -> None:
     from the rounds' own WAL and the server's timer, as they do in service
     (each tick's WAL shows which ones followed one).
     """
-    engine = create_engine(normalize_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.exec_driver_sql("CHECKPOINT")
-    engine.dispose()
+    outside_transaction(POSTGRES_URL, "CHECKPOINT")
     for size in sizes:
         tick(size)
         reset(size.url, size.n, size.due, size.now - timedelta(seconds=1))
