@@ -31,6 +31,16 @@ from nurture.sequences import current_sequences
 log = logging.getLogger(__name__)
 
 
+#: Seconds a command to a Redis broker may wait for its reply. Without it, a
+#: Redis that stops answering without closing the connection (a failover behind
+#: a virtual address, a NAT or firewall that forgets it) holds a publish
+#: forever: a due-scan, the web's hand-over thread or an admin's resend would
+#: never return. With it the publish fails, its deliveries' marks are taken
+#: back and the next due-scan hands them out. Well above a reply's normal
+#: milliseconds, and above the 1 s a worker's BRPOP waits on an empty queue.
+BROKER_REPLY_TIMEOUT = 5.0
+
+
 def _queue(name: str) -> Queue:
     return Queue(name, Exchange(name), routing_key=name)
 
@@ -72,9 +82,13 @@ def make_celery(settings: Settings) -> Celery:
     if settings.broker_url.startswith("redis://"):
         transport = f"{__name__}:KeptClientTransport"  # a cheaper publish, see there
     if settings.broker_url.startswith("redis"):
-        # Unacknowledged messages come back after this long; the due-scan's own
-        # requeue and the delivery lease recover far sooner.
-        transport_options = {"visibility_timeout": 3600, "socket_connect_timeout": 3}
+        transport_options = {
+            # Unacknowledged messages come back after this long; the due-scan's
+            # own requeue and the delivery lease recover far sooner.
+            "visibility_timeout": 3600,
+            "socket_connect_timeout": 3,
+            "socket_timeout": BROKER_REPLY_TIMEOUT,
+        }
     app.conf.update(
         broker_url=settings.broker_url,
         broker_transport=transport,

@@ -75,6 +75,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def silent_server() -> Iterator[tuple[int, list[socket.socket]]]:
+    """A port that accepts connections and never answers (a hung Redis); its port, and
+    the connections it accepted so far."""
+    accepted: list[socket.socket] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):  # the listening socket was closed
+                while True:
+                    accepted.append(server.accept()[0])
+
+        threading.Thread(target=serve, daemon=True).start()
+        try:
+            yield server.getsockname()[1], accepted
+        finally:
+            for connection in accepted:
+                connection.close()
+
+
 # --- SMTP --------------------------------------------------------------------------
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import BOTH_DATABASES, REDIS_URL, free_port, require
+from conftest import BOTH_DATABASES, REDIS_URL, free_port, require, silent_server
 from sqlalchemy import select
 
-from nurture import ROOT, scheduler
+from nurture import ROOT, scheduler, tasks
 from nurture.app import create_app
 from nurture.db import session_scope
 from nurture.handover import close_all
@@ -184,6 +184,25 @@ def test_a_refused_batch_takes_back_every_mark_in_it(stack):
     app.extensions["nurture"].handover.close()
 
     assert list(confirmations(down.settings).values()) == [None, None]
+
+
+@BOTH_DATABASES
+def test_a_broker_that_never_answers_fails_each_batch_and_the_thread_goes_on(stack, monkeypatch):
+    """A Redis that accepts connections and never replies (a failover that left the
+    connection open): each batch gives up after the reply timeout and its marks are
+    taken back for the due-scan, rather than the thread waiting on it forever."""
+    monkeypatch.setattr(tasks, "BROKER_REPLY_TIMEOUT", 0.5)
+    with silent_server() as (port, accepted):
+        hung = stack.with_env(BROKER_URL=f"redis://127.0.0.1:{port}/0")
+        web = create_app(hung.settings).test_client()
+        for n in range(2):  # the second is published by the same thread, after the first failed
+            assert web.post(API, json={"email": f"hung{n}@example.com"}).status_code == 202
+            deadline = time.monotonic() + 10
+            while any(mark is not None for mark in confirmations(hung.settings).values()):
+                assert time.monotonic() < deadline, f"signup {n} is still marked as handed over"
+                time.sleep(0.05)
+        assert accepted, "the publish did reach the server"
+    assert len(confirmations(hung.settings)) == 2
 
 
 def test_a_forked_child_starts_a_thread_of_its_own(on_redis):

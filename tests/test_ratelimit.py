@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import REDIS_URL, REQUIRE_SERVICES, Process, csrf_token, free_port, require
+from conftest import (
+    REDIS_URL,
+    REQUIRE_SERVICES,
+    Process,
+    csrf_token,
+    free_port,
+    require,
+    silent_server,
+)
 
 from nurture.app import create_app
 from nurture.config import ConfigError, load_settings
@@ -226,20 +234,13 @@ def test_counting_resumes_when_redis_answers_again(caplog, tmp_path):
 
 
 def test_a_redis_that_never_answers_holds_a_request_about_a_second():
-    """A server that accepts connections but never replies (a hung Redis)."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        accepted: list[socket.socket] = []
-        threading.Thread(target=lambda: accepted.append(server.accept()[0]), daemon=True).start()
-        limiter = RateLimiter(f"redis://127.0.0.1:{server.getsockname()[1]}/0")
+    with silent_server() as (port, accepted):
+        limiter = RateLimiter(f"redis://127.0.0.1:{port}/0")
 
         started = time.monotonic()
         allowed = limiter.hit("signup", "a", "1 per minute")
         waited = time.monotonic() - started
 
-        for connection in accepted:
-            connection.close()
     assert allowed is None
     assert accepted, "the limiter did reach the server"
     assert waited < 3, f"held for {waited:.1f}s"
