@@ -72,6 +72,26 @@ def _engine(url: str, *, autocommit: bool) -> Engine:
     return _engines[key]
 
 
+#: libpq's connection settings, where the URL does not give its own (e.g.
+#: `?connect_timeout=20`). Without them a PostgreSQL that cannot be reached holds
+#: a connection attempt for the system's two minutes, and one that accepts and
+#: never answers holds it, and the request, health check or due-scan waiting on
+#: it, forever; an established connection whose server vanished (a failover to
+#: another host) is noticed only after two hours. With them a connection attempt
+#: fails after 5 s, and a dead server's connections after about a minute: one
+#: that is idle or awaits a reply when 3 keepalive probes, 10 s apart after 30 s
+#: of silence, go unanswered; one whose sent data stays unacknowledged for 60 s.
+#: A live server, however slow a statement, answers both at once.
+POSTGRESQL_CONNECT = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # milliseconds
+}
+
+
 def _create_engine(url: str, autocommit: bool) -> Engine:
     """A pooled engine; with `autocommit` (PostgreSQL) its connections stay so, unpinged."""
     if is_sqlite(url):
@@ -82,7 +102,9 @@ def _create_engine(url: str, autocommit: bool) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {"pool_pre_ping": True}
-    engine = create_engine(url, pool_size=5, max_overflow=10, **options)
+    given = make_url(url).query
+    connect = {key: value for key, value in POSTGRESQL_CONNECT.items() if key not in given}
+    engine = create_engine(url, pool_size=5, max_overflow=10, connect_args=connect, **options)
     event.listen(engine, "connect", _postgresql_settings)
     return engine
 

@@ -5,18 +5,19 @@ from __future__ import annotations
 import re
 import smtplib
 import subprocess
+import time
 from email.message import EmailMessage
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
-from conftest import csrf_token, free_port
+from conftest import POSTGRES_URL, csrf_token, free_port, require, silent_server
 from sqlalchemy import select
 
 from nurture import ROOT
 from nurture.app import create_app
 from nurture.catcher import start_catcher
-from nurture.db import session_scope
+from nurture.db import get_engine, session_scope
 from nurture.models import CONFIRMATION_STEP, Delivery, DeliveryStatus, Subscriber, User
 from nurture.users import add_user
 
@@ -146,6 +147,47 @@ def test_database_down_form_signup_gets_503_page(db_down_client):
     assert "try again" in page
     for leak in ("Traceback", "OperationalError", "psycopg", "127.0.0.1:1", "nope"):
         assert leak not in page
+
+
+@pytest.mark.parametrize(("query", "seconds"), [("", 5), ("?connect_timeout=2", 2)])
+def test_a_database_that_never_answers_is_given_up_on_in_seconds(stack, query, seconds):
+    """A PostgreSQL that accepts connections and never answers (a hung server, a
+    failover half done) is reported down after `connect_timeout`, the URL's own if it
+    gives one, rather than holding the health check and the signup for good."""
+    with silent_server() as (port, accepted):
+        url = f"postgresql://postgres@127.0.0.1:{port}/nope{query}"
+        client = create_app(stack.with_env(DATABASE_URL=url).settings).test_client()
+        started = time.monotonic()
+        health = client.get("/healthz")
+        waited = time.monotonic() - started
+        signup = client.post("/api/v1/subscribers", json={"email": "ann@example.com"})
+    assert accepted, "the check did reach the server"
+    assert health.status_code == 503
+    assert health.get_json()["database"].startswith("error")
+    assert seconds - 0.5 < waited < seconds + 3
+    assert signup.status_code == 503
+    assert "database is unavailable" in signup.get_json()["errors"]["service"]
+
+
+def test_postgresql_connections_probe_a_server_that_vanished():
+    """Keepalives and a limit on unacknowledged data end a connection whose server
+    went away without a word, which no statement timeout can; the URL may set its own."""
+    base = require(POSTGRES_URL, "PostgreSQL")
+
+    def parameters(url: str) -> dict[str, str]:
+        with get_engine(url).connect() as connection:
+            return connection.connection.driver_connection.info.get_parameters()
+
+    ours = parameters(base)
+    own = parameters(f"{base}?keepalives_idle=45")
+    assert {
+        key: ours.get(key) for key in ("keepalives", "keepalives_idle", "tcp_user_timeout")
+    } == {
+        "keepalives": "1",
+        "keepalives_idle": "30",
+        "tcp_user_timeout": "60000",
+    }
+    assert (own["keepalives_idle"], own["keepalives_count"]) == ("45", "3")
 
 
 # --- admin sign-in -----------------------------------------------------------------
