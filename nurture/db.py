@@ -78,10 +78,12 @@ def _engine(url: str, *, autocommit: bool) -> Engine:
 #: never answers holds it, and the request, health check or due-scan waiting on
 #: it, forever; an established connection whose server vanished (a failover to
 #: another host) is noticed only after two hours. With them a connection attempt
-#: fails after 5 s, and a dead server's connections after about a minute: one
-#: that is idle or awaits a reply when 3 keepalive probes, 10 s apart after 30 s
-#: of silence, go unanswered; one whose sent data stays unacknowledged for 60 s.
-#: A live server, however slow a statement, answers both at once.
+#: fails after 5 s (per address tried), and a dead server's connection after
+#: about a minute: on Linux `tcp_user_timeout` ends it once sent data has gone
+#: unacknowledged for 60 s, or once it has been silent that long and a keepalive
+#: probe (after 30 s, then every 10 s) went unanswered. A live server, however
+#: slow a statement, acknowledges and answers probes at once. Needs libpq 12 or
+#: newer, which psycopg's binary package brings. docs/decisions.md has more.
 POSTGRESQL_CONNECT = {
     "connect_timeout": 5,
     "keepalives": 1,
