@@ -34,6 +34,7 @@ from nurture.mailer import (
     OutgoingEmail,
     PermanentFailure,
     ServerUnreachable,
+    SessionRefused,
     SMTPConnection,
     TemporaryFailure,
     build_message,
@@ -537,7 +538,8 @@ def send_batch(
                 )
                 if outcome == "unreachable":
                     # No point trying the rest now: they wait for a later tick.
-                    _defer(session, settings, claimed, now, "SMTP server unreachable")
+                    reason = "SMTP server unreachable or refusing our session (see the log)"
+                    _defer(session, settings, claimed, now, reason)
                     result.retry += 1 + len(claimed)
                     claimed = []
                 else:
@@ -706,6 +708,14 @@ def _send_one(
         )
         _suppress_bounced(session, subscriber.id, now, str(error), delivery.id)
         return "failed"
+    except SessionRefused as error:
+        log.error(
+            "the SMTP server refuses our session, not the recipients: %s; no email goes out "
+            "until SMTP_URL (user, password, tls) or MAIL_FROM fits the server",
+            error,
+        )
+        _retry_or_fail(session, settings, delivery, now, f"session refused: {error}")
+        return "unreachable"
     except TemporaryFailure as error:
         log.warning("delivery %s deferred: %s", delivery.id, error)
         outcome = _retry_or_fail(session, settings, delivery, now, str(error))

@@ -238,30 +238,85 @@ def wire_bytes(message: EmailMessage) -> bytes:
 
 
 class TemporaryFailure(Exception):
-    """Try again later: 4xx, a timeout, a refused or dropped connection."""
+    """Try again later: 4xx, a timeout, a refused or dropped connection, or a 5xx
+    that does not say the address is bad (see `_classify`)."""
 
 
 class ServerUnreachable(TemporaryFailure):
     """No SMTP conversation at all: refused, timed out, or dropped."""
 
 
+class SessionRefused(ServerUnreachable):
+    """The server answers but refuses us, not a recipient: the same for every email.
+
+    Its greeting, EHLO, STARTTLS, login or our sender address was refused (a
+    blocklisted IP, a rotated password, a missing `?tls=starttls`, a sender the
+    relay does not allow). Like an unreachable server it defers the batch.
+    """
+
+
 class PermanentFailure(Exception):
-    """Never try again: the server answered 5xx for this recipient."""
+    """Never try again: the server refused this recipient's address (a bounce)."""
 
 
-def _classify(error: Exception) -> Exception:
+#: An enhanced status code (RFC 3463) at the start of a reply's text: 5.1.1 and so on.
+ENHANCED_STATUS = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+#: Refusals of the session rather than of a recipient or a message.
+_SESSION_ERRORS = (
+    smtplib.SMTPConnectError,
+    smtplib.SMTPHeloError,
+    smtplib.SMTPAuthenticationError,
+    smtplib.SMTPSenderRefused,
+)
+
+
+def _classify(error: Exception, *, connecting: bool = False) -> Exception:
+    """Sort an SMTP error into what happens next to the email and its recipient.
+
+    Only a refusal of the address itself bounces (suppresses) the recipient:
+    a 5xx to RCPT, unless its enhanced status names a cause other than the
+    address or mailbox, or a 5xx to the message whose enhanced status does
+    (5.1.x, 5.2.1). A 5xx for anything else (a policy, the content, our
+    account) is the sender's to fix, so the email is tried again, with
+    backoff, until the retry horizon. A 5xx while `connecting` (greeting,
+    EHLO, STARTTLS, login) or to our sender is a `SessionRefused`; a 4xx
+    while connecting, like no answer at all, a `ServerUnreachable`.
+    """
     if isinstance(error, smtplib.SMTPRecipientsRefused):
         code, reply = next(iter(error.recipients.values()))
-        return _by_code(code, reply)
+        return _by_code(code, reply, recipient=True)
     if isinstance(error, smtplib.SMTPResponseException):
-        return _by_code(error.smtp_code, error.smtp_error)
+        code, reply = error.smtp_code, error.smtp_error
+        if (connecting or isinstance(error, _SESSION_ERRORS)) and 500 <= code < 600:
+            return SessionRefused(_text(code, reply))
+        if connecting:  # 421 and the like: no conversation now, for any email
+            return ServerUnreachable(_text(code, reply))
+        return _by_code(code, reply, recipient=False)
+    if connecting and not isinstance(error, (smtplib.SMTPServerDisconnected, OSError)):
+        # No STARTTLS or no login method on offer: the settings do not fit the server.
+        return SessionRefused(f"{type(error).__name__}: {error}")
     return ServerUnreachable(f"{type(error).__name__}: {error}")
 
 
-def _by_code(code: int, reply: bytes | str) -> Exception:
+def _text(code: int, reply: bytes | str) -> str:
     text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
-    message = f"{code} {text}".strip()
-    return PermanentFailure(message) if 500 <= code < 600 else TemporaryFailure(message)
+    return f"{code} {text}".strip()
+
+
+def _by_code(code: int, reply: bytes | str, *, recipient: bool) -> Exception:
+    message = _text(code, reply)
+    if not 500 <= code < 600:
+        return TemporaryFailure(message)
+    enhanced = ENHANCED_STATUS.match(message[len(str(code)) :])
+    if enhanced is None:
+        bounce = recipient  # a bare 5xx to RCPT refuses the address
+    else:
+        subject, detail = enhanced.group(2), enhanced.group(3)
+        bounce = subject == "1" or (subject, detail) == ("2", "1")
+    if bounce:
+        return PermanentFailure(message)
+    return TemporaryFailure(f"refused, not for the address: {message}")
 
 
 class SMTPConnection:
@@ -285,16 +340,21 @@ class SMTPConnection:
             )
         else:
             smtp = smtplib.SMTP(s.host, s.port, timeout=s.timeout)
+        try:
             if s.tls == "starttls":
                 smtp.starttls(context=ssl.create_default_context())
-        if s.username:
-            smtp.login(s.username, s.password or "")
+            if s.username:
+                smtp.login(s.username, s.password or "")
+        except BaseException:
+            smtp.close()
+            raise
         return smtp
 
     def send(self, email: OutgoingEmail | EmailMessage, signer: DKIMSigner | None = None) -> None:
         """Send one email, DKIM-signed if a signer is given.
 
-        Raises TemporaryFailure or PermanentFailure. A connection that the
+        Raises PermanentFailure (a bounce) or TemporaryFailure; of those,
+        ServerUnreachable and SessionRefused hold for every email. A connection that the
         server dropped between two messages is reopened once: servers close
         idle or long-lived sessions, and that is no reason to give up.
         """
@@ -304,9 +364,12 @@ class SMTPConnection:
         if signer is not None:
             data = signer.sign(data) + data
         for attempt in (1, 2):
-            try:
-                if self._smtp is None:
+            if self._smtp is None:
+                try:
                     self._smtp = self._connect()
+                except (smtplib.SMTPException, OSError) as error:
+                    raise _classify(error, connecting=True) from error
+            try:
                 _transfer(self._smtp, email.sender, email.recipients, data)
                 return
             except smtplib.SMTPServerDisconnected as error:

@@ -29,6 +29,7 @@ from nurture.mailer import (
     OutgoingEmail,
     PermanentFailure,
     ServerUnreachable,
+    SessionRefused,
     SMTPConnection,
     SMTPSettings,
     SMTPURLError,
@@ -734,9 +735,17 @@ def test_emails_cross_one_connection_intact_with_or_without_pipelining(smtp, pip
 @pytest.mark.parametrize(
     ("at", "reply", "failure"),
     [
+        # Only a refusal of the address is a bounce.
         ("recipient", "550 5.1.1 No such user", PermanentFailure),
+        ("recipient", "550 No such user here", PermanentFailure),
+        ("recipient", "550 5.2.1 Mailbox disabled", PermanentFailure),
+        ("data", "550 5.1.1 No such user", PermanentFailure),
+        # A policy, the content or our account: tried again, the address kept.
+        ("recipient", "550 5.7.1 Relaying denied", TemporaryFailure),
         ("recipient", "450 4.2.0 Mailbox busy", TemporaryFailure),
-        ("data", "554 5.7.1 Message refused", PermanentFailure),
+        ("data", "554 5.7.1 Message refused", TemporaryFailure),
+        ("data", "554 Transaction failed", TemporaryFailure),
+        ("data", "552 5.2.3 Message too big", TemporaryFailure),
         ("data", "451 4.3.0 Try again later", TemporaryFailure),
     ],
 )
@@ -748,8 +757,9 @@ def test_a_refusal_is_sorted_and_the_connection_goes_on(smtp, pipelining, at, re
             smtp.handler.refuse_recipients_with = reply
         else:
             smtp.handler.refuse_with = reply
-        with pytest.raises(failure, match=reply.split()[0]):
+        with pytest.raises(failure, match=reply.split()[0]) as raised:
             connection.send(outgoing("bob@example.com"))
+        assert type(raised.value) is failure
         smtp.handler.refuse_recipients_with = smtp.handler.refuse_with = None
         connection.send(outgoing("cy@example.com"))
 
@@ -822,7 +832,7 @@ class HangingUpServer:
 @pytest.mark.parametrize(
     ("refuse_at", "reply", "failure"),
     [
-        ("MAIL", "550 5.7.1 Sender blocked", PermanentFailure),
+        ("MAIL", "550 5.7.1 Sender blocked", SessionRefused),
         ("MAIL", "421 4.7.0 Too many connections", TemporaryFailure),
         ("RCPT", "550 5.1.1 No such user", PermanentFailure),
         ("RCPT", "421 4.7.0 Try again later", TemporaryFailure),
@@ -833,8 +843,122 @@ def test_a_refusal_followed_by_a_hang_up_is_reported_as_the_refusal(refuse_at, r
     with SMTPConnection(SMTPSettings("127.0.0.1", server.port, timeout=5)) as connection:
         with pytest.raises(failure) as raised:
             connection.send(outgoing("bob@example.com"))
-        assert not isinstance(raised.value, ServerUnreachable)
+        assert type(raised.value) is failure
         assert reply.split()[0] in str(raised.value)
         assert server.accepted == 1, "not sent again on a new connection at once"
         connection.send(outgoing("cy@example.com"))  # the next one opens a new connection
     assert server.delivered == ["2"]
+
+
+class RefusingServer:
+    """An SMTP server that refuses the session, never a recipient.
+
+    "greeting" answers the connection with 554 (a blocklisted sending IP), "auth"
+    refuses the login with 535 (a rotated password), "mail" refuses our sender
+    with 550 5.7.1, "busy" greets with 421. Once `fixed`, it takes every message.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.fixed = False
+        self.delivered = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with self.listener:
+            while True:
+                try:
+                    client, _ = self.listener.accept()
+                except OSError:
+                    return
+                threading.Thread(target=self._talk, args=(client,), daemon=True).start()
+
+    def _refuses(self, mode: str) -> bool:
+        return self.mode == mode and not self.fixed
+
+    def _talk(self, client: socket.socket) -> None:
+        with client, client.makefile("rb") as lines:
+            for mode, reply in (("greeting", b"554 5.7.1 Client host blocked"), ("busy", b"421")):
+                if self._refuses(mode):
+                    client.sendall(reply + b" go away\r\n")
+                    return
+            client.sendall(b"220 ready\r\n")
+            sender_refused = False
+            for raw in lines:
+                command = raw.decode().strip().upper()
+                if command.startswith(("MAIL", "RSET")):
+                    sender_refused = False
+                if command.startswith("EHLO"):
+                    client.sendall(b"250-hello\r\n250-AUTH PLAIN LOGIN\r\n250 PIPELINING\r\n")
+                elif command.startswith("AUTH"):
+                    auth = b"535 5.7.8 Authentication credentials invalid"
+                    client.sendall((auth if self._refuses("auth") else b"235 ok") + b"\r\n")
+                elif command.startswith("MAIL") and self._refuses("mail"):
+                    client.sendall(b"550 5.7.1 Sender address rejected: not owned by user\r\n")
+                    sender_refused = True
+                elif command.startswith(("RCPT", "DATA")) and sender_refused:
+                    client.sendall(b"503 5.5.1 Need MAIL first\r\n")
+                elif command == "DATA":
+                    client.sendall(b"354 go on\r\n")
+                    for line in lines:
+                        if line == b".\r\n":
+                            break
+                    self.delivered += 1
+                    client.sendall(b"250 queued\r\n")
+                elif command == "QUIT":
+                    client.sendall(b"221 bye\r\n")
+                    return
+                else:
+                    client.sendall(b"250 ok\r\n")
+
+
+@pytest.mark.parametrize(
+    ("mode", "failure"),
+    [
+        ("greeting", SessionRefused),
+        ("auth", SessionRefused),
+        ("mail", SessionRefused),
+        ("busy", ServerUnreachable),
+    ],
+)
+def test_a_refused_session_is_not_a_refused_recipient(mode, failure):
+    server = RefusingServer(mode)
+    settings = SMTPSettings("127.0.0.1", server.port, username="course", password="x", timeout=5)
+    with SMTPConnection(settings) as connection:
+        with pytest.raises(failure) as raised:
+            connection.send(outgoing("bob@example.com"))
+        assert type(raised.value) is failure
+        server.fixed = True
+        connection.send(outgoing("cy@example.com"))
+    assert server.delivered == 1
+
+
+@pytest.mark.parametrize("mode", ["greeting", "auth", "mail"])
+@BOTH_DATABASES
+def test_a_refused_session_bounces_nobody_and_loses_nothing(stack, mode):
+    """A blocklisted IP, a rotated password or a refused sender is ours to fix: every
+    email of the batch waits for a later tick, and every address stays as it was."""
+    server = RefusingServer(mode)
+    settings = stack.with_env(
+        SMTP_URL=f"smtp://course:rotated@127.0.0.1:{server.port}?timeout=5"
+    ).settings
+    people = [enroll(settings, f"reader{n}@example.com") for n in range(3)]
+    ids = hand_out(settings, T0)
+
+    result = send(settings, ids, T0)
+
+    assert (result.sent, result.failed, result.retry) == (0, 0, 3)
+    assert [subscriber(settings, p).status for p in people] == [SubscriberStatus.ACTIVE] * 3
+    rows = [delivery(settings, i) for i in ids]
+    assert {row.status for row in rows} == {DeliveryStatus.QUEUED}
+    assert "session refused" in rows[0].last_error
+    with session_scope(settings.database_url) as session:
+        assert session.scalars(select(Event).where(Event.kind == "bounce")).all() == []
+
+    # Fixed: the next tick after the backoff sends all three, once each.
+    server.fixed = True
+    later = T0 + timedelta(hours=2)
+    assert send(settings, hand_out(settings, later), later).sent == 3
+    assert server.delivered == 3
