@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from nurture.config import Settings
+from nurture.db import insert_for
 from nurture.models import Delivery, DeliveryStatus, Enrollment, SequenceVersion, Subscriber
 from nurture.scheduler import plan, zone
 from nurture.sequences import Sequence, Step
@@ -60,38 +61,52 @@ def sequence_from(name: str, manifest: dict) -> Sequence:
     )
 
 
-_recorded: set[tuple[str, str, str]] = set()  # (database, sequence, digest) seen
+_recorded: dict[tuple[str, str], str] = {}  # (database, sequence): the digest recorded last
 
 
 def record_published(session: Session, sequences: dict[str, Sequence], now: datetime) -> None:
-    """Remember each sequence's version the first time the due-scan runs with it."""
+    """Remember each sequence's version the first time the due-scan runs with it.
+
+    A version seen before (an edit undone, a branch switched back) is live
+    again from `now`: its row moves to the front rather than a second one
+    being written. One upsert, so two beats recording it at once both succeed.
+    """
     database = str(session.get_bind().url)
     for name, sequence in sequences.items():
         digest = digest_of(sequence)
-        if (database, name, digest) in _recorded:
+        if _recorded.get((database, name)) == digest:
             continue
         latest = session.scalar(
             select(SequenceVersion.digest)
             .where(SequenceVersion.sequence == name)
-            .order_by(SequenceVersion.id.desc())
+            .order_by(*_NEWEST_FIRST)
             .limit(1)
         )
         if latest != digest:
-            session.add(
-                SequenceVersion(
-                    sequence=name,
-                    digest=digest,
-                    manifest=json.dumps(manifest_of(sequence)),
-                    published_at=now,
+            statement = insert_for(session)(SequenceVersion).values(
+                sequence=name,
+                digest=digest,
+                manifest=json.dumps(manifest_of(sequence)),
+                published_at=now,
+            )
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["sequence", "digest"],
+                    set_={"published_at": statement.excluded.published_at},
                 )
             )
             session.commit()
-        _recorded.add((database, name, digest))
+        _recorded[database, name] = digest
+
+
+#: The live version of a sequence is the one published last.
+_NEWEST_FIRST = (SequenceVersion.published_at.desc(), SequenceVersion.id.desc())
 
 
 def published_sequences(session: Session) -> dict[str, tuple[Sequence, datetime]]:
     """The last recorded version of each sequence, and when it went live."""
-    rows = session.scalars(select(SequenceVersion).order_by(SequenceVersion.id)).all()
+    oldest_first = (SequenceVersion.published_at, SequenceVersion.id)
+    rows = session.scalars(select(SequenceVersion).order_by(*oldest_first)).all()
     latest = {row.sequence: row for row in rows}
     return {
         name: (sequence_from(name, json.loads(row.manifest)), row.published_at)

@@ -21,12 +21,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from psycopg.rows import args_row
 from sqlalchemy import BigInteger, and_, bindparam, cast, func, literal, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from nurture.config import Settings
-from nurture.db import for_psycopg, require_aware
+from nurture.db import for_psycopg, insert_for, require_aware
 from nurture.models import Delivery, DeliveryStatus, Enrollment, EnrollmentStatus
 from nurture.sequences import Sequence, Step
 from nurture.subscribers import complete_if_done, new_message_id, new_message_ids
@@ -207,10 +206,8 @@ def _write_delivery(session: Session, settings: Settings, enrollment: _Due, step
     one that was sent, failed or is on its way is left alone, so nobody gets a
     step twice.
     """
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
     values = _new_delivery(settings, enrollment, step, now)
-    statement = insert(Delivery).values(**values)
+    statement = insert_for(session)(Delivery).values(**values)
     inserted = session.scalar(
         statement.on_conflict_do_nothing(index_elements=["enrollment_id", "step"]).returning(
             Delivery.id

@@ -18,12 +18,10 @@ from celery import Celery, shared_task
 from celery.signals import worker_process_init
 from kombu import Exchange, Queue
 from kombu.transport import redis as kombu_redis
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from nurture import delivery, scheduler
 from nurture.config import Settings
-from nurture.db import dispose_all, session_scope
+from nurture.db import dispose_all, insert_for, session_scope
 from nurture.models import Heartbeat, utcnow
 from nurture.publishing import record_published
 from nurture.sequences import current_sequences
@@ -166,16 +164,24 @@ def run_dispatch(app: Celery, now: datetime | None = None) -> scheduler.Dispatch
     started = time.perf_counter()
     sequences = current_sequences(settings.templates_path)
     with session_scope(settings.database_url) as session:
-        record_published(session, sequences, now)
+        _record_published(session, sequences, now)
         result = scheduler.dispatch(session, settings, sequences, now=now, publish=publisher(app))
         beat(session, "dispatch", now, time.perf_counter() - started)
     return result
 
 
+def _record_published(session, sequences, now: datetime) -> None:
+    """Note the live versions for `nurture plan`; a failure there must not stop the sending."""
+    try:
+        record_published(session, sequences, now)
+    except Exception:
+        session.rollback()
+        log.exception("recording the sequences' versions failed; the due-scan goes on")
+
+
 def beat(session, name: str, now: datetime, seconds: float) -> None:
     """Record that a periodic job ran, and how long it took (read by /metrics)."""
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    statement = insert(Heartbeat).values(name=name, at=now, seconds=seconds)
+    statement = insert_for(session)(Heartbeat).values(name=name, at=now, seconds=seconds)
     session.execute(
         statement.on_conflict_do_update(
             index_elements=["name"],

@@ -26,6 +26,7 @@ from conftest import BOTH_DATABASES, csrf_token
 from sqlalchemy import create_engine, select
 
 import nurture
+from nurture import publishing
 from nurture.app import create_app
 from nurture.db import session_scope
 from nurture.delivery import send_batch
@@ -38,6 +39,7 @@ from nurture.models import (
     DeliveryStatus,
     Enrollment,
     EnrollmentStatus,
+    SequenceVersion,
     Subscriber,
     utcnow,
 )
@@ -932,6 +934,60 @@ def test_each_database_records_the_version_it_runs(stack, tmp_path):
     for url in (stack.settings.database_url, other_url):
         with session_scope(url) as session:
             assert sorted(published_sequences(session)) == [CSC, PVP], url
+
+
+@BOTH_DATABASES
+def test_undoing_an_edit_makes_the_earlier_version_live_again(stack, tmp_path):
+    """A, B, then A again (an undo, a branch switched back), in one process and in new
+    ones: each due-scan records the version it runs, and none fails for it."""
+    copy = copy_templates(tmp_path)
+    settings = stack.with_env(NURTURE_TEMPLATES=str(copy)).settings
+    welcome = copy / PVP / "01-welcome.md"
+    original = welcome.read_text(encoding="utf-8")
+    edited = original.replace("\n\n", "\n\nA new paragraph.\n\n", 1)
+
+    def publish(text: str, at: datetime, *, new_process: bool) -> tuple[str, str, datetime]:
+        """Record the files as a due-scan would; (their digest, the live one, since when)."""
+        welcome.write_text(text, encoding="utf-8")
+        if new_process:
+            publishing._recorded.clear()
+        sequences = load_sequences(copy)
+        with session_scope(settings.database_url) as session:
+            record_published(session, sequences, at)
+            live = session.execute(
+                select(SequenceVersion.digest, SequenceVersion.published_at)
+                .where(SequenceVersion.sequence == PVP)
+                .order_by(SequenceVersion.published_at.desc(), SequenceVersion.id.desc())
+                .limit(1)
+            ).one()
+            assert published_sequences(session)[PVP][1] == live.published_at
+        return publishing.digest_of(sequences[PVP]), live.digest, live.published_at
+
+    for new_process, start in ((False, T0), (True, T0 + timedelta(hours=1))):
+        for n, text in enumerate((original, edited, original, edited)):
+            at = start + timedelta(minutes=n)
+            files, live, since = publish(text, at, new_process=new_process)
+            assert (live, since) == (files, at)
+
+    # A due-scan in a new process, after another undo.
+    welcome.write_text(original, encoding="utf-8")
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nurture",
+            "dispatch",
+            "--now",
+            (T0 + timedelta(hours=2)).isoformat(),
+        ],
+        cwd=ROOT,
+        env=stack.with_env(NURTURE_TEMPLATES=str(copy)).process_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert "failed" not in ran.stderr
 
 
 # === 6. Admin ===========================================================================
