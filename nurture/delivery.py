@@ -491,6 +491,10 @@ def _may_send(marks: _SentMarks, delivery, sequences: Mapping[str, Sequence]):
         return None, "enrollment stopped"
     sequence = sequences.get(delivery.sequence or "")
     step = sequence.step(delivery.step) if sequence else None
+    if sequence is not None and step is None:
+        # Removed from a sequence that is there: the due-scan moves them on to the
+        # next step. (A sequence missing as a whole may be mid-deploy: its emails wait.)
+        return None, "step removed from the sequence"
     if step is not None and step.sales and recipient.converted_at is not None:
         return None, "converted: sales steps stop"
     return recipient, None

@@ -962,3 +962,36 @@ def test_a_refused_session_bounces_nobody_and_loses_nothing(stack, mode):
     later = T0 + timedelta(hours=2)
     assert send(settings, hand_out(settings, later), later).sent == 3
     assert server.delivered == 3
+
+
+@BOTH_DATABASES
+def test_a_step_removed_while_its_email_is_queued_moves_the_reader_on(stack, smtp, tmp_path):
+    from test_engine import copy_templates
+
+    templates = copy_templates(tmp_path)
+    settings = stack.with_env(NURTURE_TEMPLATES=str(templates)).settings
+    ann = enroll(settings, "ann@example.com")
+    [welcome] = hand_out(settings, T0)
+    assert send(settings, [welcome], T0).sent == 1
+    due = enrollment_of(settings, ann).next_due_at
+    [queued] = hand_out(settings, due)
+    assert delivery(settings, queued).step == "product-manager"
+
+    # The marketer removes that step while its email waits in the queue.
+    manifest = templates / SEQUENCE / "sequence.toml"
+    blocks = manifest.read_text(encoding="utf-8").split("[[steps]]")
+    kept = [block for block in blocks if 'key = "product-manager"' not in block]
+    manifest.write_text("[[steps]]".join(kept), encoding="utf-8")
+
+    assert send(settings, [queued], due).skipped == 1
+    row = delivery(settings, queued)
+    assert (row.status, row.last_error) == (
+        DeliveryStatus.CANCELLED,
+        "step removed from the sequence",
+    )
+    # The step after it goes out on its own day, as planned.
+    next_due = enrollment_of(settings, ann).next_due_at
+    assert next_due - due < timedelta(days=2)
+    [following] = hand_out(settings, next_due)
+    assert delivery(settings, following).step == "project-manager"
+    assert send(settings, [following], next_due).sent == 1
