@@ -503,6 +503,26 @@ def create_due_deliveries(
             return created
 
 
+#: How long an enrollment whose sequence cannot be found waits before it is looked
+#: at again: its folder may be away for a deploy, or renamed by mistake and put back.
+MISSING_SEQUENCE_RETRY = timedelta(hours=1)
+_missing_reported: dict[str, datetime] = {}  # sequence: when this process last said so
+
+
+def _report_missing(name: str, now: datetime) -> None:
+    """Log a missing sequence once per wait, not once per enrollment."""
+    last = _missing_reported.get(name)
+    if last is not None and last <= now < last + MISSING_SEQUENCE_RETRY:
+        return
+    _missing_reported[name] = now
+    log.error(
+        "sequence %s no longer exists (no folder with a valid sequence.toml); its "
+        "enrollments wait, and are looked at again every %s",
+        name,
+        MISSING_SEQUENCE_RETRY,
+    )
+
+
 def _steps_due_now(settings, sequences, enrollment: _Due, history, now):
     """For a due enrollment, the step to write now (None: it has none left) and the one
     after it, or WAIT.
@@ -514,12 +534,8 @@ def _steps_due_now(settings, sequences, enrollment: _Due, history, now):
     """
     sequence = sequences.get(enrollment.sequence)
     if sequence is None:
-        log.error(
-            "enrollment %s is in sequence %s, which no longer exists; holding it",
-            enrollment.id,
-            enrollment.sequence,
-        )
-        enrollment.next_due_at = None
+        _report_missing(enrollment.sequence, now)
+        enrollment.next_due_at = now + MISSING_SEQUENCE_RETRY
         return WAIT
     converted = enrollment.converted_at is not None
     step, following = next_to_send(sequence, enrollment.next_step, history.steps, converted)

@@ -995,3 +995,31 @@ def test_a_step_removed_while_its_email_is_queued_moves_the_reader_on(stack, smt
     [following] = hand_out(settings, next_due)
     assert delivery(settings, following).step == "project-manager"
     assert send(settings, [following], next_due).sent == 1
+
+
+@BOTH_DATABASES
+def test_a_sequence_missing_for_a_while_resumes_when_it_is_back(stack, smtp, tmp_path, caplog):
+    """A deploy that swaps the templates folder, or a folder renamed and put back."""
+    from test_engine import copy_templates
+
+    from nurture import scheduler
+
+    templates = copy_templates(tmp_path)
+    settings = stack.with_env(NURTURE_TEMPLATES=str(templates)).settings
+    ann = enroll(settings, "ann@example.com")
+    [welcome] = hand_out(settings, T0)
+    assert send(settings, [welcome], T0).sent == 1
+    due = enrollment_of(settings, ann).next_due_at
+
+    folder = templates / SEQUENCE
+    folder.rename(tmp_path / "away")
+    scheduler._missing_reported.clear()  # said once an hour per process
+    assert hand_out(settings, due) == []
+    assert enrollment_of(settings, ann).next_due_at == due + timedelta(hours=1)
+    assert hand_out(settings, due + timedelta(minutes=30)) == []  # not due yet
+    assert f"sequence {SEQUENCE} no longer exists" in caplog.text
+    (tmp_path / "away").rename(folder)
+
+    [lesson] = hand_out(settings, due + timedelta(hours=1))
+    assert delivery(settings, lesson).step == "product-manager"
+    assert send(settings, [lesson], due + timedelta(hours=1)).sent == 1

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from conftest import BOTH_DATABASES, Stack
-from sqlalchemy import insert, inspect, text
+from sqlalchemy import insert, inspect, select, text
 
 from nurture import ROOT, migrate
 from nurture.db import get_engine, session_scope
@@ -98,6 +99,41 @@ def test_a_key_goes_and_comes_back_with_sent_mail_in_place(
     if empty_database.startswith("sqlite"):  # the migration turned them off for itself only
         with get_engine(empty_database).connect() as connection:
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+@BOTH_DATABASES
+def test_enrollments_held_by_a_missing_sequence_are_due_again(empty_database):
+    """0009 gives back the due time a missing sequence used to clear, and nothing else."""
+    migrate.upgrade(empty_database, "0008")
+    rows = [  # status, next step, due
+        ("active", "product-manager", None),  # held: wakes
+        ("active", "overlap", datetime(2030, 1, 1, tzinfo=UTC)),  # due later: kept
+        ("completed", None, None),
+        ("stopped", "overlap", None),
+        ("pending", "welcome", None),
+    ]
+    with session_scope(empty_database) as session:
+        person = Subscriber(email="ann@example.com", status="active", timezone="UTC")
+        session.add(person)
+        session.flush()
+        for n, (status, step, due) in enumerate(rows):
+            session.add(
+                Enrollment(
+                    subscriber_id=person.id,
+                    sequence=f"s{n}",
+                    timezone="UTC",
+                    status=status,
+                    next_step=step,
+                    next_due_at=due,
+                )
+            )
+    before = datetime.now(UTC)
+    migrate.upgrade(empty_database, "0009")
+    with session_scope(empty_database) as session:
+        due = session.scalars(select(Enrollment.next_due_at).order_by(Enrollment.id)).all()
+    assert before - timedelta(seconds=1) <= due[0] <= datetime.now(UTC)
+    assert due[1:] == [datetime(2030, 1, 1, tzinfo=UTC), None, None, None]
+    migrate.downgrade(empty_database, "0008")
 
 
 @BOTH_DATABASES
