@@ -20,7 +20,18 @@ from functools import lru_cache, partial
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from psycopg.rows import args_row
-from sqlalchemy import BigInteger, and_, bindparam, cast, func, literal, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    and_,
+    bindparam,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
@@ -303,6 +314,9 @@ def _due_statement(shared: bool):
 _DUE = {shared: _due_statement(shared) for shared in (False, True)}
 
 
+_TAKE_WRITE_LOCK = text("UPDATE enrollments SET id = id WHERE 0")
+
+
 def _due_batch(
     session: Session, now: datetime, limit: int, share: tuple[int, int] = (0, 1)
 ) -> list[_Due]:
@@ -317,6 +331,10 @@ def _due_batch(
     shared = share[1] > 1
     values = {"now": now, "limit": limit, "share": share[0], "shares": share[1]}
     if session.get_bind().dialect.name != "postgresql":
+        # SQLite has no row locks: a write that changes nothing takes the database's
+        # write lock first, so that another due-scan waits until this batch is
+        # committed rather than writing steps for the same enrollments from a stale read.
+        session.execute(_TAKE_WRITE_LOCK)
         return [_Due(*row) for row in session.connection().execute(_DUE[shared], values)]
     _pg(session, _CLAIM_PLANNING, {})
     # On psycopg's own cursor, compiled once, each row made straight into a
@@ -594,15 +612,17 @@ def _insert_deliveries(
 def _advance(session, settings, sequence: Sequence, enrollment: _Due, had, now) -> int:
     """Write the step due now one row at a time, and move the enrollment on.
 
-    For the few enrollments the batch insert did not settle: a step someone
-    else wrote meanwhile is never written twice (the next one is tried), a
-    cancelled one is revived, and an enrollment with nothing left completes.
+    For the few enrollments the batch insert did not settle: a cancelled step
+    is revived, and an enrollment with nothing left completes. A step that is
+    there already was written since this batch's history was read, by another
+    due-scan (on SQLite, which reads the batch without a row lock), which
+    moved the enrollment on too: it is left to that one, rather than the step
+    after it being written at once.
     """
     converted = enrollment.converted_at is not None
     step, following = next_to_send(sequence, enrollment.next_step, had, converted)
-    while step is not None and not _write_delivery(session, settings, enrollment, step, now):
-        had = [*had, step.key]
-        step, following = next_to_send(sequence, enrollment.next_step, had, converted)
+    if step is not None and not _write_delivery(session, settings, enrollment, step, now):
+        return 0
     if step is None:
         enrollment.next_step = enrollment.next_due_at = None
         _save(session, [enrollment])

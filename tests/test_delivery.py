@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -1023,3 +1024,56 @@ def test_a_sequence_missing_for_a_while_resumes_when_it_is_back(stack, smtp, tmp
     [lesson] = hand_out(settings, due + timedelta(hours=1))
     assert delivery(settings, lesson).step == "product-manager"
     assert send(settings, [lesson], due + timedelta(hours=1)).sent == 1
+
+
+def test_two_due_scans_at_once_on_sqlite_write_the_due_step_once(settings, smtp, monkeypatch):
+    """A tick that outlasts DISPATCH_INTERVAL_SECONDS on `nurture dev`'s worker, or
+    `nurture dispatch` beside beat: on SQLite the second due-scan waits for the first
+    one's batch, rather than reading the same due enrollment and writing its next step
+    at once."""
+    from nurture import scheduler
+
+    assert settings.database_url.startswith("sqlite")
+    ann = enroll(settings, "ann@example.com")
+    [welcome] = hand_out(settings, T0)
+    assert send(settings, [welcome], T0).sent == 1
+    due = enrollment_of(settings, ann).next_due_at
+
+    b_has_read, a_runs = threading.Event(), threading.Event()
+    real_history = scheduler._history
+
+    def history(session, ids):  # B, right after its due batch was read
+        if threading.current_thread().name == "dispatch-b" and ids:
+            b_has_read.set()
+            assert a_runs.wait(10)
+            time.sleep(0.3)  # A's due-scan is under way: it must wait for this batch
+        return real_history(session, ids)
+
+    monkeypatch.setattr(scheduler, "_history", history)
+    brokers = {"dispatch-a": Broker(), "dispatch-b": Broker()}
+    errors = []
+
+    def run():
+        name = threading.current_thread().name
+        if name == "dispatch-a":
+            a_runs.set()
+        try:
+            with session_scope(settings.database_url) as session:
+                dispatch(session, settings, sequences(settings), now=due, publish=brokers[name])
+        except Exception as error:
+            errors.append(error)
+
+    b = threading.Thread(target=run, name="dispatch-b")
+    b.start()
+    assert b_has_read.wait(10)
+    a = threading.Thread(target=run, name="dispatch-a")
+    a.start()
+    for thread in (a, b):
+        thread.join(30)
+    assert not errors
+
+    handed = brokers["dispatch-a"].ids + brokers["dispatch-b"].ids
+    assert len(handed) == 1
+    unsent = [(d.step, d.status) for d in course_deliveries(settings) if d.sent_at is None]
+    assert unsent == [("product-manager", DeliveryStatus.QUEUED)]
+    assert enrollment_of(settings, ann).next_step == "project-manager"
