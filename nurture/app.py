@@ -57,6 +57,25 @@ def wants_json() -> bool:
     return request.path.startswith("/api/") or request.path == "/healthz"
 
 
+def json_object() -> dict | None:
+    """The request body as a JSON object, or None when it is anything else.
+
+    `get_json(silent=True)` turns malformed JSON into None, but JSON nested
+    deeper than the parser can recurse raises RecursionError instead. That is
+    a body we cannot use, like any other, not a fault of ours.
+    """
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def not_a_json_object():
+    """The API's answer to a body that is not a JSON object (see docs/decisions.md)."""
+    return jsonify({"errors": {"body": 'Send a JSON object, e.g. {"email": ...}.'}}), 400
+
+
 def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
     app = Flask(__name__, instance_path=str(settings.instance_path))
     app.config.update(

@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from nurture import subscribers, tokens
-from nurture.app import csrf, limit, state
+from nurture.app import csrf, json_object, limit, not_a_json_object, state
 from nurture.config import Settings
 from nurture.db import is_postgresql, run_autocommit, session_scope
 from nurture.models import utcnow
@@ -175,9 +175,9 @@ def thanks():
 @csrf.exempt
 def api_subscribe():
     _signup_limit()
-    data = request.get_json(silent=True)
-    if not isinstance(data, dict):
-        return jsonify({"errors": {"body": 'Send a JSON object, e.g. {"email": ...}.'}}), 400
+    data = json_object()
+    if data is None:
+        return not_a_json_object()
     unknown = set(data) - {"email", "first_name", "timezone", "sequence"}
     sequences = state().sequences()  # read once per request
     clean, errors = _validate(data, sequences, strict_timezone=True)

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from nurture import subscribers, tokens
-from nurture.app import csrf, state
+from nurture.app import csrf, json_object, not_a_json_object, state
 from nurture.db import session_scope
 from nurture.models import Delivery, Event, Subscriber, utcnow
 from nurture.sequences import sales_steps
@@ -124,8 +124,10 @@ def conversion_webhook():
     body = request.get_data(cache=True)
     if not _signature_ok(settings.webhook_secret, body, request.headers.get(SIGNATURE_HEADER, "")):
         return jsonify({"errors": {"signature": f"Missing or wrong {SIGNATURE_HEADER}."}}), 401
-    data = request.get_json(silent=True)
-    email = data.get("email") if isinstance(data, dict) else None
+    data = json_object()
+    if data is None:
+        return not_a_json_object()
+    email = data.get("email")
     if not isinstance(email, str) or not email.strip():
         return jsonify({"errors": {"email": 'Send {"email": ...}.'}}), 422
     with session_scope(settings.database_url) as session:

@@ -819,6 +819,26 @@ def test_the_conversion_webhook(stack, settings, client):
     assert len(events(settings, "conversion", subscriber_id)) == 1
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"email": "ann@example.com"',
+        '["ann@example.com"]',
+        '{"email": ' + "[" * 1000 + "]" * 1000 + "}",  # deeper than the parser recurses
+    ],
+    ids=["malformed", "array", "nested-too-deep"],
+)
+def test_the_conversion_webhook_refuses_a_body_that_is_not_a_json_object(stack, raw, caplog):
+    hooked = create_app(stack.with_env(WEBHOOK_SECRET="s3cret").settings).test_client()
+    body = raw.encode()
+
+    response = hooked.post("/api/v1/conversions", data=body, headers=signed(body))
+
+    assert response.status_code == 400
+    assert response.get_json() == {"errors": {"body": 'Send a JSON object, e.g. {"email": ...}.'}}
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 # --- 7. No countdown or ETA ----------------------------------------------------------
 
 

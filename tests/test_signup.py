@@ -234,18 +234,23 @@ def test_api_invalid_fields_get_422_naming_the_field(client, settings, body, fie
     assert count(settings, Subscriber) == 0
 
 
+#: Nested deeper than Python's JSON parser can recurse.
+TOO_DEEP = '{"email": "ann@example.com", "first_name": ' + "[" * 1000 + "]" * 1000 + "}"
+
+
 @pytest.mark.parametrize(
     "raw",
-    ['{"email": "ann@example.com"', '["ann@example.com"]', '"ann@example.com"', ""],
-    ids=["malformed", "array", "string", "empty"],
+    ['{"email": "ann@example.com"', '["ann@example.com"]', '"ann@example.com"', "", TOO_DEEP],
+    ids=["malformed", "array", "string", "empty", "nested-too-deep"],
 )
-def test_api_body_that_is_not_a_json_object_gets_400_json(client, settings, raw):
+def test_api_body_that_is_not_a_json_object_gets_400_json(client, settings, raw, caplog):
     response = client.post(API, data=raw, content_type="application/json")
 
     assert response.status_code == 400
     assert response.mimetype == "application/json"
-    assert response.get_json()["errors"]
+    assert response.get_json() == {"errors": {"body": 'Send a JSON object, e.g. {"email": ...}.'}}
     assert count(settings, Subscriber) == 0
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 def test_api_huge_body_gets_413_json(client, settings):
