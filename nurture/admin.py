@@ -278,11 +278,23 @@ def outbox_message(name: str):
 PAGE_SIZE = 50
 
 
+def _search_term(name: str) -> str:
+    """A search parameter, or a 400 if it holds control characters.
+
+    No stored name, address, status or sequence has any, and PostgreSQL
+    refuses text with a NUL byte in it outright.
+    """
+    value = request.args.get(name, "")
+    if not value.isprintable():
+        abort(400, "Search terms cannot contain control characters.")
+    return value
+
+
 @bp.get("/subscribers")
 @login_required
 def subscribers():
-    query = request.args.get("q", "").strip()[:200]
-    status = request.args.get("status", "")
+    query = _search_term("q").strip()[:200]
+    status = _search_term("status")
     statement = select(Subscriber).order_by(Subscriber.id.desc()).limit(PAGE_SIZE)
     if query:
         pattern = f"%{query.lower()}%"
@@ -291,7 +303,7 @@ def subscribers():
         )
     if status:
         statement = statement.where(Subscriber.status == status)
-    sequence = request.args.get("sequence", "")
+    sequence = _search_term("sequence")
     if sequence:
         statement = statement.where(
             Subscriber.id.in_(
@@ -348,7 +360,7 @@ def subscribers_import():
     return render_template("admin/import.html", report=report, error=None)
 
 
-@bp.get("/subscribers/<int:subscriber_id>")
+@bp.get("/subscribers/<id:subscriber_id>")
 @login_required
 def subscriber(subscriber_id: int):
     settings = state().settings
@@ -365,7 +377,7 @@ def subscriber(subscriber_id: int):
     return render_template("admin/subscriber.html", s=found, consents=consents, line=line)
 
 
-@bp.get("/subscribers/<int:subscriber_id>/export.json")
+@bp.get("/subscribers/<id:subscriber_id>/export.json")
 @requires("admin")
 def subscriber_export(subscriber_id: int):
     with session_scope(state().settings.database_url) as db:
@@ -379,7 +391,7 @@ def subscriber_export(subscriber_id: int):
     )
 
 
-@bp.post("/subscribers/<int:subscriber_id>/erase")
+@bp.post("/subscribers/<id:subscriber_id>/erase")
 @requires("admin")
 def subscriber_erase(subscriber_id: int):
     if request.form.get("confirm") != "erase":
@@ -390,7 +402,7 @@ def subscriber_erase(subscriber_id: int):
     return redirect(url_for("admin.subscriber", subscriber_id=subscriber_id), code=303)
 
 
-@bp.post("/subscribers/<int:subscriber_id>/<action>")
+@bp.post("/subscribers/<id:subscriber_id>/<action>")
 @requires("editor")
 def subscriber_action(subscriber_id: int, action: str):
     """Pause, resume, unsubscribe, or resend the confirmation, on a subscriber's behalf."""

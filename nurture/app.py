@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from celery import Celery
 from flask import Flask, current_app, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from werkzeug.exceptions import HTTPException, TooManyRequests
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.routing import IntegerConverter
 
 from nurture.config import Settings
 from nurture.handover import Handover
+from nurture.models import MAX_ROW_ID
 from nurture.ratelimit import RateLimiter
 from nurture.sequences import Sequence, current_sequences
 from nurture.tasks import make_celery
@@ -23,6 +25,18 @@ csrf = CSRFProtect()
 
 MAX_BODY = 64 * 1024  # no form or JSON body of ours comes near this
 MAX_UPLOAD = 50 * 1024 * 1024  # a subscriber CSV in the admin
+
+
+class RowIdConverter(IntegerConverter):
+    """`<id:...>` in a route: a row id, at most MAX_ROW_ID.
+
+    A larger number names no row, so the route is a 404 for it; asked for,
+    PostgreSQL would refuse it as out of range and SQLite's driver could not
+    even pass it on.
+    """
+
+    def __init__(self, url_map):
+        super().__init__(url_map, max=MAX_ROW_ID)
 
 
 @dataclass
@@ -101,6 +115,7 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
         settings, celery, Handover(settings, celery), RateLimiter(settings.rate_limit_storage)
     )
     csrf.init_app(app)
+    app.url_map.converters["id"] = RowIdConverter
 
     from nurture import admin, health, metrics, signup, tracking
 
@@ -138,6 +153,27 @@ def _register_error_pages(app: Flask) -> None:
             "We cannot reach our database at the moment. Nothing you sent was lost; "
             "please try again in a minute.",
             {"service": "The database is unavailable; try again shortly."},
+        )
+
+    @app.errorhandler(DataError)
+    def value_refused(error):
+        """A value the database refused: a NUL byte in text, a number out of range.
+
+        The routes check what they take in, so this is only the net below
+        them. The database answered, so this is no outage (the handler above):
+        the request is at fault, and gets a 400.
+        """
+        log.warning(
+            "the database refused a value in %s %s: %s",
+            request.method,
+            request.path,
+            error.orig or error,
+        )
+        return _error(
+            400,
+            "This request cannot be used",
+            "Something in it cannot be stored or searched for, such as a control character "
+            "in a text or a number out of range.",
         )
 
     @app.errorhandler(HTTPException)

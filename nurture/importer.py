@@ -104,6 +104,8 @@ def import_subscribers(
     """Import a CSV; returns the report. Raises CSVError before writing anything."""
     if confirmed and not consent_note.strip():
         raise CSVError("--confirmed needs a consent note saying how these people agreed")
+    if not consent_note.strip().isprintable():
+        raise CSVError("the consent note must be one line of text, without control characters")
     if sequence not in sequences:
         raise CSVError(f"unknown sequence {sequence!r}")
     _, rows = read_rows(data)
@@ -119,6 +121,7 @@ def import_subscribers(
             default_timezone=settings.default_timezone,
             strict_timezone=True,
         )
+        errors.update(_consent_source_errors(row))
         if errors:
             field_, message = next(iter(errors.items()))
             report.skipped.append((line, raw_email, f"{field_}: {message}"))
@@ -144,6 +147,18 @@ def import_subscribers(
     session.commit()
     progress(len(rows) % BATCH)
     return report
+
+
+def _consent_source_errors(row: dict[str, str]) -> dict[str, str]:
+    """The row's consent source goes into the consent text: one line, no control characters.
+
+    Checked with the other fields, so such a row is skipped and reported
+    rather than refused by the database (PostgreSQL takes no NUL byte in
+    text) after the rows before it were committed.
+    """
+    if row.get("consent_source", "").strip().isprintable():
+        return {}
+    return {"consent_source": "Please use one line of text, without control characters."}
 
 
 def _why_not(session: Session, email: str) -> str | None:

@@ -26,6 +26,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+#: The largest id a row can have: the ids are INTEGER columns, 32 bits on PostgreSQL.
+MAX_ROW_ID = 2**31 - 1
+
+
 class UTCDateTime(TypeDecorator):
     """Aware UTC datetimes in, aware UTC datetimes out (SQLite keeps no zone)."""
 

@@ -130,6 +130,8 @@ def conversion_webhook():
     email = data.get("email")
     if not isinstance(email, str) or not email.strip():
         return jsonify({"errors": {"email": 'Send {"email": ...}.'}}), 422
+    if not email.isprintable():  # no stored address has control characters
+        return jsonify({"errors": {"email": "That does not look like an email address."}}), 422
     with session_scope(settings.database_url) as session:
         subscriber_id = session.scalar(
             select(Subscriber.id).where(Subscriber.email == email.strip().lower())

@@ -39,7 +39,9 @@ def add_user(session: Session, email: str, password: str, role: str = "admin") -
 
 
 def authenticate(session: Session, email: str, password: str) -> User | None:
-    user = session.scalar(select(User).where(User.email == email.strip().lower()))
+    email = email.strip().lower()
+    # No account's address has control characters (PostgreSQL cannot even compare a NUL).
+    user = session.scalar(select(User).where(User.email == email)) if email.isprintable() else None
     if user is None:
         # Spend the same time as a real check, so timing does not reveal accounts.
         check_password_hash(generate_password_hash("x"), password)

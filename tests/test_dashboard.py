@@ -19,7 +19,7 @@ import time as clock
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
-from conftest import csrf_token
+from conftest import BOTH_DATABASES, csrf_token
 from itsdangerous import URLSafeSerializer
 from sqlalchemy import func, select, text
 
@@ -506,6 +506,33 @@ def test_editor_pauses_and_resumes(stack, app):
     assert editor.get("/admin/users").status_code == 403
 
 
+@BOTH_DATABASES
+def test_search_terms_with_control_characters_are_400(stack, app, caplog):
+    viewer = signed_in(app, stack.settings, "viewer")
+
+    for query in ("q=%00", "q=ann%0a", "status=%00", "sequence=%00"):
+        response = viewer.get(f"/admin/subscribers?{query}")
+        assert response.status_code == 400, query
+        assert "control characters" in page(response)
+    assert viewer.get("/admin/subscribers?q=ann&status=pending").status_code == 200
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@BOTH_DATABASES
+def test_subscriber_ids_beyond_the_column_are_404(stack, app, caplog):
+    settings = stack.settings
+    sign_up(settings, "ann@example.com", T0)
+    editor = signed_in(app, settings, "editor")
+    token = csrf_token(editor, "/admin/subscribers")
+
+    for number in (2**31, 2**63, 10**20):
+        assert editor.get(f"/admin/subscribers/{number}").status_code == 404, number
+        paused = editor.post(f"/admin/subscribers/{number}/pause", data={"csrf_token": token})
+        assert paused.status_code == 404, number
+    assert editor.get(f"/admin/subscribers/{2**31 - 1}").status_code == 404  # the last id: none
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_admin_adds_users_and_short_password_is_422(stack, app):
     settings = stack.settings
     admin = signed_in(app, settings, "admin")
@@ -705,6 +732,56 @@ def test_bad_files_import_nothing(stack, app, tmp_path, kind):
     assert says in page(response) and "nothing was imported" in page(response)
     with session_scope(stack.settings.database_url) as session:
         assert session.scalar(select(func.count()).select_from(Subscriber)) == 0
+
+
+@BOTH_DATABASES
+def test_control_characters_in_a_consent_source_skip_the_row(stack, app, caplog):
+    settings = stack.settings
+    admin = signed_in(app, settings, "admin")
+    data = (
+        b"email,consent_source\n"
+        b"ann@example.com,webinar\n"
+        b"bob@example.com,web\x00inar\n"
+        b'cy@example.com,"two\nlines"\n'
+        b"dee@example.com,fair\n"
+    )
+
+    response = admin.post(
+        "/admin/subscribers/import",
+        data={
+            "csrf_token": csrf_token(admin, "/admin/subscribers/import"),
+            "file": (io.BytesIO(data), "list.csv"),
+            "sequence": SEQUENCE,
+        },
+        content_type="multipart/form-data",
+    )
+
+    html = page(response)
+    assert response.status_code == 200, html
+    assert "Imported 2, skipped 2." in html, html
+    assert html.count("consent_source: ") == 2
+    assert imported_emails(settings) == {"ann@example.com", "dee@example.com"}
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@BOTH_DATABASES
+def test_a_consent_note_with_control_characters_imports_nothing(stack, app):
+    admin = signed_in(app, stack.settings, "admin")
+
+    response = admin.post(
+        "/admin/subscribers/import",
+        data={
+            "csrf_token": csrf_token(admin, "/admin/subscribers/import"),
+            "file": (io.BytesIO(b"email\nann@example.com\n"), "list.csv"),
+            "confirmed": "yes",
+            "consent_note": "signed up at the fair\x00",
+        },
+        content_type="multipart/form-data",
+    )
+
+    assert response.status_code == 422
+    assert "control characters" in page(response) and "nothing was imported" in page(response)
+    assert imported_emails(stack.settings) == set()
 
 
 def test_confirmed_needs_a_note_and_stores_it(stack, tmp_path):

@@ -839,6 +839,18 @@ def test_the_conversion_webhook_refuses_a_body_that_is_not_a_json_object(stack, 
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+@BOTH_DATABASES
+def test_the_conversion_webhook_refuses_control_characters_in_the_email(stack, caplog):
+    hooked = create_app(stack.with_env(WEBHOOK_SECRET="s3cret").settings).test_client()
+    body = json.dumps({"email": "a\u0000b@example.com"}).encode()
+
+    response = hooked.post("/api/v1/conversions", data=body, headers=signed(body))
+
+    assert response.status_code == 422
+    assert "email" in response.get_json()["errors"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 # --- 7. No countdown or ETA ----------------------------------------------------------
 
 

@@ -11,8 +11,15 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
-from conftest import POSTGRES_URL, csrf_token, free_port, require, silent_server
-from sqlalchemy import select
+from conftest import (
+    BOTH_DATABASES,
+    POSTGRES_URL,
+    csrf_token,
+    free_port,
+    require,
+    silent_server,
+)
+from sqlalchemy import Integer, cast, literal, select
 
 from nurture import ROOT
 from nurture.app import create_app
@@ -190,6 +197,33 @@ def test_postgresql_connections_probe_a_server_that_vanished():
     assert (own["keepalives_idle"], own["keepalives_count"]) == ("45", "3")
 
 
+def test_a_value_the_database_refuses_is_a_400_not_an_outage(stack, caplog):
+    """The net below the routes' own checks: PostgreSQL refusing a value (here a
+    number out of range) is the request's fault, not a database that is down."""
+    require(POSTGRES_URL, "PostgreSQL")
+    app = create_app(stack.with_env(DATABASE_URL=POSTGRES_URL).settings)
+
+    def out_of_range():
+        with session_scope(app.extensions["nurture"].settings.database_url) as session:
+            session.scalar(select(cast(literal(2**31), Integer)))
+
+    app.add_url_rule("/api/v1/out-of-range", "api_out_of_range", out_of_range)
+    app.add_url_rule("/out-of-range", "out_of_range", out_of_range)
+    client = app.test_client()
+
+    api = client.get("/api/v1/out-of-range")
+    page = client.get("/out-of-range")
+
+    assert api.status_code == 400
+    assert "cannot be stored" in api.get_json()["errors"]["request"]
+    assert page.status_code == 400
+    assert page.mimetype == "text/html"
+    assert "cannot be stored" in text(page)
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert not [m for _, m in logged if "database unavailable" in m]
+    assert [level for level, m in logged if "refused a value" in m] == ["WARNING", "WARNING"]
+
+
 # --- admin sign-in -----------------------------------------------------------------
 
 
@@ -221,6 +255,19 @@ def test_users_add_from_cli_then_login_shows_the_sequence(stack, client):
     assert "product-vs-project" in page
     shown = re.findall(r'href="/admin/preview/product-vs-project/([^"]+)"', page)
     assert shown == STEPS
+
+
+@BOTH_DATABASES
+@pytest.mark.parametrize("email", ["a\x00b", f"{ADMIN}\x00", "a\x7fb"])
+def test_a_control_character_in_the_login_email_matches_no_account(client, settings, email, caplog):
+    with session_scope(settings.database_url) as session:
+        add_user(session, ADMIN, PASSWORD)
+
+    response = login(client, email=email)
+
+    assert response.status_code == 401
+    assert "do not match" in text(response)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 def test_cli_refuses_a_short_password(stack, settings):
