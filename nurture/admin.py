@@ -74,8 +74,16 @@ def _roles():
 
 
 def _safe_next(target: str | None) -> str:
-    """Only redirect to our own admin pages after login (no open redirect)."""
-    if target and target.startswith("/admin") and not target.startswith("//"):
+    """Only redirect to our own admin pages after login (no open redirect).
+
+    Control characters are refused too: a line break cannot go in a header.
+    """
+    if (
+        target
+        and target.startswith("/admin")
+        and not target.startswith("//")
+        and target.isprintable()
+    ):
         return target
     return url_for("admin.index")
 
@@ -118,7 +126,9 @@ def _date_range() -> tuple[date, date]:
             if request.args.get("start")
             else end - timedelta(days=29)
         )
-    except ValueError:
+        if end == date.max:  # the range runs to the end of `end`: there is no day after it
+            raise OverflowError(end)
+    except (ValueError, OverflowError):  # OverflowError: a range off the end of the calendar
         abort(400, "Dates look like 2026-11-25.")
     if start > end:
         abort(400, "The start date is after the end date.")
@@ -160,11 +170,29 @@ def _source_files(seq, step: str) -> list[Path]:
     return [*files, seq.path / "sequence.toml", seq.path / seq.step(step).file]
 
 
+def _sample_name(sequence: str, step: str) -> str:
+    """The preview's ?first_name=, or a 422 page for one no subscriber can have.
+
+    Signups refuse control characters in a name, so no email carries them; a
+    line break would not even fit in the To header the preview builds.
+    """
+    first_name = request.args.get("first_name", "Alex")[:100]
+    if not first_name.isprintable():
+        page = render_template(
+            "admin/preview_error.html",
+            error="A first name cannot contain line breaks or other control characters "
+            "(signups refuse them, so no subscriber has one).",
+            retry=url_for("admin.preview", sequence=sequence, step=step),
+        )
+        abort(Response(page, 422))
+    return first_name
+
+
 @bp.get("/preview/<sequence>/<step>")
 @login_required
 def preview(sequence: str, step: str):
     seq = _previewed(sequence, step)
-    first_name = request.args.get("first_name", "Alex")[:100]
+    first_name = _sample_name(sequence, step)
     try:
         message = preview_message(state().settings, sequence, step, first_name=first_name)
     except RenderError as error:
@@ -187,7 +215,7 @@ def preview(sequence: str, step: str):
 @login_required
 def preview_eml(sequence: str, step: str):
     _previewed(sequence, step)
-    first_name = request.args.get("first_name", "Alex")[:100]
+    first_name = _sample_name(sequence, step)
     try:
         message = preview_message(state().settings, sequence, step, first_name=first_name)
     except RenderError as error:

@@ -42,7 +42,24 @@ def list_outbox(outbox: Path, limit: int = 200) -> list[tuple[str, EmailMessage]
     return [(name, read_message(outbox, name)) for name in names]
 
 
+#: The longest file name common file systems (ext4, XFS, APFS) take, in bytes.
+NAME_MAX = 255
+
+
 def read_message(outbox: Path, name: str) -> EmailMessage:
-    if "/" in name or "\\" in name or not name.endswith(".eml") or name.startswith("."):
+    """A caught message by its file name; FileNotFoundError for any other name.
+
+    Only a plain, visible `.eml` name in the outbox itself passes: no path,
+    no control character (a NUL cannot even go to the operating system), no
+    name too long for a file.
+    """
+    if (
+        "/" in name
+        or "\\" in name
+        or not name.endswith(".eml")
+        or name.startswith(".")
+        or not name.isprintable()
+        or len(name.encode()) > NAME_MAX
+    ):
         raise FileNotFoundError(name)
     return message_from_bytes((outbox / name).read_bytes(), policy=policy.default)

@@ -389,6 +389,8 @@ def test_dashboard_out_of_range_is_zero_and_bad_dates_are_400(history):
         "start=2026-13-45",
         "end=2026-02-30",
         "start=2026-06-02&end=2026-06-01",
+        "end=9999-12-31",  # the range would end the day after the calendar's last
+        "end=0001-01-10",  # the 30 days before it would start before its first
     ):
         response = client.get(f"/admin/?{query}")
         assert response.status_code == 400, query

@@ -304,6 +304,18 @@ def test_login_never_redirects_off_site(client, settings, target):
     assert "evil" not in location
 
 
+def test_login_does_not_follow_a_next_with_a_line_break(client, settings, caplog):
+    with session_scope(settings.database_url) as session:
+        add_user(session, ADMIN, PASSWORD)
+
+    response = login(client, next_="/admin\r\nX-Injected: 1")
+
+    assert response.status_code == 303
+    assert response.headers["Location"] == "/admin/"
+    assert "X-Injected" not in response.headers
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 def test_login_follows_a_local_next(client, settings):
     with session_scope(settings.database_url) as session:
         add_user(session, ADMIN, PASSWORD)
@@ -362,7 +374,10 @@ def test_outbox_lists_and_shows_caught_mail(client, settings):
         ".hidden.eml",
         "missing.eml",
         "..%2Fsecret_key",
+        "%00.eml",
+        "a" * 300 + ".eml",
     ],
+    ids=lambda name: name if len(name) < 50 else "name-too-long",
 )
 def test_outbox_refuses_names_outside_it(client, settings, name):
     settings.outbox_path.mkdir(parents=True, exist_ok=True)
@@ -407,6 +422,25 @@ def test_preview_of_unknown_step_or_sequence_is_404(client, settings):
 
     assert client.get("/admin/preview/product-vs-project/no-such-step").status_code == 404
     assert client.get("/admin/preview/no-such-sequence/welcome").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/preview/product-vs-project/welcome",
+        "/admin/preview/product-vs-project/welcome.eml",
+        "/admin/preview/-/confirmation",
+    ],
+)
+def test_preview_for_a_name_with_a_line_break_is_422(client, settings, path, caplog):
+    signed_in(client, settings)
+
+    response = client.get(f"{path}?first_name=a%0d%0aBcc:%20x@evil.example")
+
+    assert response.status_code == 422
+    assert "control characters" in text(response)
+    assert "evil.example" not in text(response)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 def test_preview_of_the_confirmation_email(client, settings):
