@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from tempfile import SpooledTemporaryFile
 
 from celery import Celery
 from flask import Flask, current_app, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from sqlalchemy.exc import DataError, DBAPIError
-from werkzeug.exceptions import HTTPException, TooManyRequests
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, TooManyRequests
 from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
@@ -25,6 +26,7 @@ csrf = CSRFProtect()
 
 MAX_BODY = 64 * 1024  # no form or JSON body of ours comes near this
 MAX_UPLOAD = 50 * 1024 * 1024  # a subscriber CSV in the admin
+READ_SIZE = 64 * 1024  # a streamed body is read in pieces of this size
 
 
 class RowIdConverter(IntegerConverter):
@@ -67,6 +69,34 @@ def limit(scope: str, value: str) -> None:
         raise TooManyRequests(retry_after=retry_after)
 
 
+def _hold_streamed_body_to_limit() -> None:
+    """Refuse (413) a body sent without a length (chunked) that is over the limit.
+
+    Werkzeug compares Content-Length with the limit before reading. A chunked
+    body has none: Werkzeug reads it up to the limit and passes on what it
+    got, so a JSON body over it arrived cut short (a 400) and a form lost its
+    end without a word. Reading one byte past the limit here tells the two
+    apart; a body within it is passed on from a spooled copy. Only where the
+    server frames the body (`wsgi.input_terminated`, as gunicorn and
+    Werkzeug's server do for chunked requests): elsewhere Werkzeug reads none.
+    """
+    environ = request.environ
+    limit = request.max_content_length
+    streamed = "wsgi.input_terminated" in environ and "HTTP_TRANSFER_ENCODING" in environ
+    if limit is None or not streamed:
+        return
+    stream, size = environ["wsgi.input"], 0
+    body = SpooledTemporaryFile(max_size=MAX_BODY)  # noqa: SIM115 (the request's from here on)
+    while piece := stream.read(min(READ_SIZE, limit + 1 - size)):
+        body.write(piece)
+        size += len(piece)
+    if size > limit:
+        body.close()
+        raise RequestEntityTooLarge()
+    body.seek(0)
+    environ["wsgi.input"] = body
+
+
 def wants_json() -> bool:
     return request.path.startswith("/api/") or request.path == "/healthz"
 
@@ -106,9 +136,10 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
         )
 
     @app.before_request
-    def _allow_csv_uploads():
+    def _limit_bodies():  # before CSRFProtect's check reads the form
         if request.endpoint == "admin.subscribers_import":
             request.max_content_length = MAX_UPLOAD
+        _hold_streamed_body_to_limit()
 
     celery = celery or make_celery(settings)
     app.extensions["nurture"] = AppState(

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.cookiejar import CookieJar
+from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
-from conftest import BOTH_DATABASES, csrf_token
+from conftest import BOTH_DATABASES, csrf_token, free_port
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.pool import NullPool
 
-from nurture.app import create_app
+from nurture import ROOT
+from nurture.app import MAX_BODY, create_app
 from nurture.db import normalize_url, session_scope
 from nurture.models import (
     CONFIRMATION_STEP,
@@ -262,6 +274,86 @@ def test_api_huge_body_gets_413_json(client, settings):
     errors = response.get_json()["errors"]
     assert "too large" in " ".join(errors.values())
     assert count(settings, Subscriber) == 0
+
+
+@contextlib.contextmanager
+def gunicorn(stack) -> Iterator[str]:
+    """The service under a real gunicorn, as deployed; its base URL."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "gunicorn"), "web:app", "--workers", "1"]
+    server = subprocess.Popen(
+        [*command, "--bind", f"127.0.0.1:{port}"], cwd=ROOT, env=stack.process_env()
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until gunicorn answers
+            try:
+                urllib.request.urlopen(f"{base}/healthz", timeout=5).close()
+                break
+            except urllib.error.HTTPError:
+                break  # answered, only not healthy
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.1)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def post_chunked(opener, url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    """POST `body` with Transfer-Encoding: chunked (no Content-Length); status and body."""
+    request = urllib.request.Request(
+        url, data=iter([body[:1000], body[1000:]]), headers={"Content-Type": content_type}
+    )
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_chunked_bodies_over_the_limit_get_413_like_any_other(stack, settings):
+    """Under gunicorn, a chunked body has no Content-Length to check up front; past
+    64 KB it is still a 413, not a JSON body cut short (400) or a form losing its end."""
+    padding = "x" * (MAX_BODY + 6 * 1024)  # a 70 KB body
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    with gunicorn(stack) as base:
+        with opener.open(f"{base}/", timeout=10) as landing:
+            token = re.search(r'name="csrf_token" value="([^"]+)"', landing.read().decode())[1]
+
+        def form(email: str, extra: str = "") -> bytes:
+            fields = {"csrf_token": token, "email": email, "timezone": "UTC", "note": extra}
+            return urlencode(fields).encode()  # the fields first, anything long last
+
+        api_big = json.dumps({"email": "big@example.com", "first_name": padding}).encode()
+        status, answer = post_chunked(opener, f"{base}{API}", api_big, "application/json")
+        assert status == 413, answer
+        assert "too large" in json.dumps(json.loads(answer))
+
+        form_big = form("bigform@example.com", padding)
+        status, answer = post_chunked(
+            opener, f"{base}/subscribe", form_big, "application/x-www-form-urlencoded"
+        )
+        assert status == 413, answer
+
+        # Within the limit a chunked body is read whole, as before.
+        api_small = ('{"email": "small@example.com"' + " " * 60_000 + "}").encode()
+        status, answer = post_chunked(opener, f"{base}{API}", api_small, "application/json")
+        assert status == 202, answer
+        status, answer = post_chunked(
+            opener,
+            f"{base}/subscribe",
+            form("smallform@example.com", "x" * 60_000),
+            "application/x-www-form-urlencoded",
+        )
+        assert status == 200 and b"Check your inbox" in answer, answer  # after the 303
+
+    assert subscriber(settings, "big@example.com") is None
+    assert subscriber(settings, "bigform@example.com") is None
+    assert subscriber(settings, "small@example.com") is not None
+    assert subscriber(settings, "smallform@example.com") is not None
 
 
 # --- no enumeration, throttling, options -------------------------------------------
