@@ -784,50 +784,85 @@ def test_non_ascii_html_goes_as_7bit_with_character_references():
         assert build(html=raw).get_body(("html",))["Content-Transfer-Encoding"] != "7bit"
 
 
-class HangingUpServer:
-    """A pipelining SMTP server that refuses `refuse_at` ("MAIL" or "RCPT") with `reply`
-    and closes the connection at once, as RFC 5321 has a server do after a 421 (and many
-    do after a 5xx); every later connection it serves normally."""
+class ScriptedServer:
+    """An SMTP server on a socket whose conversation a subclass writes in `_talk`.
 
-    def __init__(self, refuse_at: str, reply: str):
-        self.refuse_at, self.reply = refuse_at, reply
+    It counts connections (`accepted`, numbering each) and the messages it took.
+    """
+
+    def __init__(self):
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.accepted = 0
-        self.delivered: list[str] = []
+        self.delivered: list[int] = []  # the number of the connection of each message
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
         with self.listener:
             while True:
-                client, _ = self.listener.accept()
+                try:
+                    client, _ = self.listener.accept()
+                except OSError:
+                    return
                 self.accepted += 1
                 threading.Thread(
                     target=self._talk, args=(client, self.accepted), daemon=True
                 ).start()
 
+    #: `reply`'s answer for "say this, then close the connection".
+    HANG_UP = object()
+
+    def greeting(self, number: int) -> bytes:
+        """The first line of connection `number`; anything but a 220 ends it."""
+        return b"220 ready"
+
+    def reply(self, command: str, number: int):
+        """A scripted reply to `command` (bytes, or (bytes, HANG_UP)); None: the usual one."""
+        return None
+
     def _talk(self, client: socket.socket, number: int) -> None:
         with client, client.makefile("rb") as lines:
-            client.sendall(b"220 ready\r\n")
+            greeting = self.greeting(number)
+            client.sendall(greeting + b"\r\n")
+            if not greeting.startswith(b"220"):
+                return
             for raw in lines:
                 command = raw.decode().strip().upper()
-                if command.startswith("EHLO"):
-                    client.sendall(b"250-hello\r\n250 PIPELINING\r\n")
-                elif number == 1 and command.startswith(self.refuse_at):
-                    client.sendall(f"{self.reply}\r\n".encode())
-                    return  # hang up
+                scripted = self.reply(command, number)
+                if isinstance(scripted, tuple):
+                    client.sendall(scripted[0] + b"\r\n")
+                    return
+                if scripted is not None:
+                    client.sendall(scripted + b"\r\n")
+                elif command.startswith("EHLO"):
+                    client.sendall(b"250-hello\r\n250-AUTH PLAIN LOGIN\r\n250 PIPELINING\r\n")
                 elif command == "DATA":
                     client.sendall(b"354 go on\r\n")
                     for line in lines:
                         if line == b".\r\n":
                             break
-                    self.delivered.append(str(number))
+                    self.delivered.append(number)
                     client.sendall(b"250 queued\r\n")
                 elif command == "QUIT":
                     client.sendall(b"221 bye\r\n")
                     return
                 else:
                     client.sendall(b"250 ok\r\n")
+
+
+class HangingUpServer(ScriptedServer):
+    """A pipelining SMTP server that refuses `refuse_at` ("MAIL" or "RCPT") with `reply`
+    and closes the connection at once, as RFC 5321 has a server do after a 421 (and many
+    do after a 5xx); every later connection it serves normally."""
+
+    def __init__(self, refuse_at: str, reply: str):
+        self.refuse_at, self.reply_text = refuse_at, reply
+        super().__init__()
+
+    def reply(self, command: str, number: int):
+        if number == 1 and command.startswith(self.refuse_at):
+            return self.reply_text.encode(), self.HANG_UP
+        return None
 
 
 @pytest.mark.parametrize(
@@ -848,10 +883,10 @@ def test_a_refusal_followed_by_a_hang_up_is_reported_as_the_refusal(refuse_at, r
         assert reply.split()[0] in str(raised.value)
         assert server.accepted == 1, "not sent again on a new connection at once"
         connection.send(outgoing("cy@example.com"))  # the next one opens a new connection
-    assert server.delivered == ["2"]
+    assert server.delivered == [2]
 
 
-class RefusingServer:
+class RefusingServer(ScriptedServer):
     """An SMTP server that refuses the session, never a recipient.
 
     "greeting" answers the connection with 554 (a blocklisted sending IP), "auth"
@@ -862,57 +897,32 @@ class RefusingServer:
     def __init__(self, mode: str):
         self.mode = mode
         self.fixed = False
-        self.delivered = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        with self.listener:
-            while True:
-                try:
-                    client, _ = self.listener.accept()
-                except OSError:
-                    return
-                threading.Thread(target=self._talk, args=(client,), daemon=True).start()
+        self.sender_refused = False  # one connection at a time in these tests
+        super().__init__()
 
     def _refuses(self, mode: str) -> bool:
         return self.mode == mode and not self.fixed
 
-    def _talk(self, client: socket.socket) -> None:
-        with client, client.makefile("rb") as lines:
-            for mode, reply in (("greeting", b"554 5.7.1 Client host blocked"), ("busy", b"421")):
-                if self._refuses(mode):
-                    client.sendall(reply + b" go away\r\n")
-                    return
-            client.sendall(b"220 ready\r\n")
-            sender_refused = False
-            for raw in lines:
-                command = raw.decode().strip().upper()
-                if command.startswith(("MAIL", "RSET")):
-                    sender_refused = False
-                if command.startswith("EHLO"):
-                    client.sendall(b"250-hello\r\n250-AUTH PLAIN LOGIN\r\n250 PIPELINING\r\n")
-                elif command.startswith("AUTH"):
-                    auth = b"535 5.7.8 Authentication credentials invalid"
-                    client.sendall((auth if self._refuses("auth") else b"235 ok") + b"\r\n")
-                elif command.startswith("MAIL") and self._refuses("mail"):
-                    client.sendall(b"550 5.7.1 Sender address rejected: not owned by user\r\n")
-                    sender_refused = True
-                elif command.startswith(("RCPT", "DATA")) and sender_refused:
-                    client.sendall(b"503 5.5.1 Need MAIL first\r\n")
-                elif command == "DATA":
-                    client.sendall(b"354 go on\r\n")
-                    for line in lines:
-                        if line == b".\r\n":
-                            break
-                    self.delivered += 1
-                    client.sendall(b"250 queued\r\n")
-                elif command == "QUIT":
-                    client.sendall(b"221 bye\r\n")
-                    return
-                else:
-                    client.sendall(b"250 ok\r\n")
+    def greeting(self, number: int) -> bytes:
+        if self._refuses("greeting"):
+            return b"554 5.7.1 Client host blocked"
+        return b"421 busy" if self._refuses("busy") else b"220 ready"
+
+    def reply(self, command: str, number: int):
+        if command.startswith("AUTH"):
+            return (
+                b"535 5.7.8 Authentication credentials invalid"
+                if self._refuses("auth")
+                else b"235 ok"
+            )
+        if command.startswith("MAIL") and self._refuses("mail"):
+            self.sender_refused = True
+            return b"550 5.7.1 Sender address rejected: not owned by user"
+        if command.startswith("MAIL"):
+            self.sender_refused = False
+        if command.startswith(("RCPT", "DATA")) and self.sender_refused:
+            return b"503 5.5.1 Need MAIL first"
+        return None
 
 
 @pytest.mark.parametrize(
@@ -933,7 +943,7 @@ def test_a_refused_session_is_not_a_refused_recipient(mode, failure):
         assert type(raised.value) is failure
         server.fixed = True
         connection.send(outgoing("cy@example.com"))
-    assert server.delivered == 1
+    assert len(server.delivered) == 1
 
 
 @pytest.mark.parametrize("mode", ["greeting", "auth", "mail"])
@@ -962,11 +972,11 @@ def test_a_refused_session_bounces_nobody_and_loses_nothing(stack, mode):
     server.fixed = True
     later = T0 + timedelta(hours=2)
     assert send(settings, hand_out(settings, later), later).sent == 3
-    assert server.delivered == 3
+    assert len(server.delivered) == 3
 
 
-@BOTH_DATABASES
-def test_a_step_removed_while_its_email_is_queued_moves_the_reader_on(stack, smtp, tmp_path):
+def welcomed_on_templates_copy(stack, tmp_path):
+    """Ann, welcomed on a copy of the templates the test may edit; her first lesson's due time."""
     from test_engine import copy_templates
 
     templates = copy_templates(tmp_path)
@@ -975,6 +985,12 @@ def test_a_step_removed_while_its_email_is_queued_moves_the_reader_on(stack, smt
     [welcome] = hand_out(settings, T0)
     assert send(settings, [welcome], T0).sent == 1
     due = enrollment_of(settings, ann).next_due_at
+    return templates, settings, ann, due
+
+
+@BOTH_DATABASES
+def test_a_step_removed_while_its_email_is_queued_moves_the_reader_on(stack, smtp, tmp_path):
+    templates, settings, ann, due = welcomed_on_templates_copy(stack, tmp_path)
     [queued] = hand_out(settings, due)
     assert delivery(settings, queued).step == "product-manager"
 
@@ -1001,16 +1017,9 @@ def test_a_step_removed_while_its_email_is_queued_moves_the_reader_on(stack, smt
 @BOTH_DATABASES
 def test_a_sequence_missing_for_a_while_resumes_when_it_is_back(stack, smtp, tmp_path, caplog):
     """A deploy that swaps the templates folder, or a folder renamed and put back."""
-    from test_engine import copy_templates
-
     from nurture import scheduler
 
-    templates = copy_templates(tmp_path)
-    settings = stack.with_env(NURTURE_TEMPLATES=str(templates)).settings
-    ann = enroll(settings, "ann@example.com")
-    [welcome] = hand_out(settings, T0)
-    assert send(settings, [welcome], T0).sent == 1
-    due = enrollment_of(settings, ann).next_due_at
+    templates, settings, ann, due = welcomed_on_templates_copy(stack, tmp_path)
 
     folder = templates / SEQUENCE
     folder.rename(tmp_path / "away")
