@@ -92,6 +92,18 @@ def _text(value: object) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def normalize_email(value: str) -> str:
+    """An address in the form it is stored in; EmailNotValidError says what is wrong.
+
+    ASCII only (an international domain in its punycode form): the address
+    must go into SMTP as is. Lower-cased, so one person is one subscriber.
+    Everything that finds a subscriber by an address someone typed goes
+    through here, or `f5@bücher.example` would miss `f5@xn--bcher-kva.example`.
+    """
+    valid = validate_email(value.strip(), check_deliverability=False, allow_smtputf8=False)
+    return valid.ascii_email.lower()
+
+
 def validate_signup(
     data: Mapping[str, object],
     *,
@@ -121,9 +133,7 @@ def validate_signup(
         errors["email"] = "That does not look like an email address."
     else:
         try:
-            # ASCII only (a punycode domain is fine): the address must go into SMTP as is.
-            valid = validate_email(email, check_deliverability=False, allow_smtputf8=False)
-            clean["email"] = valid.ascii_email.lower()
+            clean["email"] = normalize_email(email)
         except EmailNotValidError as error:
             errors["email"] = str(error)
 

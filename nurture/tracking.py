@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 
+from email_validator import EmailNotValidError
 from flask import Blueprint, Response, jsonify, redirect, render_template, request
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
@@ -130,12 +131,12 @@ def conversion_webhook():
     email = data.get("email")
     if not isinstance(email, str) or not email.strip():
         return jsonify({"errors": {"email": 'Send {"email": ...}.'}}), 422
-    if not email.isprintable():  # no stored address has control characters
-        return jsonify({"errors": {"email": "That does not look like an email address."}}), 422
+    try:
+        address = subscribers.normalize_email(email)  # as signup stored it
+    except EmailNotValidError as error:
+        return jsonify({"errors": {"email": str(error)}}), 422
     with session_scope(settings.database_url) as session:
-        subscriber_id = session.scalar(
-            select(Subscriber.id).where(Subscriber.email == email.strip().lower())
-        )
+        subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == address))
         if subscriber_id is None:
             return jsonify({"errors": {"email": "No subscriber has this address."}}), 404
         converted = subscribers.convert(

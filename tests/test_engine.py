@@ -851,6 +851,29 @@ def test_the_conversion_webhook_refuses_control_characters_in_the_email(stack, c
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+def test_the_conversion_webhook_finds_an_international_domain(stack, settings, client):
+    """Signup stores the domain's ASCII form; the webhook looks it up the same way."""
+    assert (
+        client.post("/api/v1/subscribers", json={"email": "f5@b\u00fccher.example"}).status_code
+        == 202
+    )
+    with session_scope(settings.database_url) as session:
+        stored = session.scalar(select(Subscriber.email))
+    assert stored == "f5@xn--bcher-kva.example"
+    hooked = create_app(stack.with_env(WEBHOOK_SECRET="s3cret").settings).test_client()
+
+    for typed in ("f5@b\u00fccher.example", " F5@B\u00dcCHER.example ", stored):
+        body = json.dumps({"email": typed}).encode()
+        response = hooked.post("/api/v1/conversions", data=body, headers=signed(body))
+        assert response.status_code == 200, (typed, response.get_json())
+    assert len(events(settings, "conversion")) == 1
+
+    body = json.dumps({"email": "not an address"}).encode()
+    response = hooked.post("/api/v1/conversions", data=body, headers=signed(body))
+    assert response.status_code == 422
+    assert "email" in response.get_json()["errors"]
+
+
 # --- 7. No countdown or ETA ----------------------------------------------------------
 
 
