@@ -118,7 +118,6 @@ def import_subscribers(
         clean, errors = validate_signup(
             {**row, "sequence": sequence},
             sequences=frozenset(sequences),
-            default_timezone=settings.default_timezone,
             strict_timezone=True,
         )
         errors.update(_consent_source_errors(row))

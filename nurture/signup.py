@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from email_validator import EmailNotValidError
 from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -111,10 +112,7 @@ def _first_signup(
 
 def _validate(data, sequences: dict[str, Sequence], *, strict_timezone: bool):
     return subscribers.validate_signup(
-        data,
-        sequences=frozenset(sequences),
-        default_timezone=state().settings.default_timezone,
-        strict_timezone=strict_timezone,
+        data, sequences=frozenset(sequences), strict_timezone=strict_timezone
     )
 
 
@@ -197,10 +195,7 @@ def confirm(token: str):
             settings.secret_key, token, settings.confirm_max_age
         )
     except tokens.TokenError as error:
-        days = settings.confirm_max_age // 86400
-        return render_template("confirm_invalid.html", expired=error.expired, days=days), (
-            410 if error.expired else 400
-        )
+        return _fresh_link_page(expired=error.expired), 410 if error.expired else 400
     with session_scope(settings.database_url) as session:
         subscriber = subscribers.confirm(
             session,
@@ -212,8 +207,46 @@ def confirm(token: str):
         )
         confirmed = subscriber is not None
     if not confirmed:
-        return render_template("confirm_invalid.html", expired=False), 400
+        return _fresh_link_page(), 400
     return render_template("confirmed.html")
+
+
+def _fresh_link_page(*, expired: bool = False, email: str = "", error: str = "") -> str:
+    """The page of a confirmation link that expired or does not work, with its form."""
+    days = state().settings.confirm_max_age // 86400
+    return render_template(
+        "confirm_invalid.html", expired=expired, days=days, email=email, error=error
+    )
+
+
+@bp.post("/confirm/resend")
+def resend_confirmation():
+    """The fresh-link form: the confirmation again, for what the person signed up for.
+
+    The page it sits on names no course and shows no consent text, so it must
+    not sign anyone up: it only sends a pending address its confirmation again
+    (`subscribers.resend_confirmation_to`). It counts against the signup rate
+    limit, since it sends mail too, and answers as a signup does whatever the
+    address's history.
+    """
+    _signup_limit()
+    typed = request.form.get("email", "").strip()
+    if not typed:
+        return _fresh_link_page(error="Please enter your email address."), 422
+    try:
+        email = subscribers.normalize_email(typed)
+    except EmailNotValidError as error:
+        return _fresh_link_page(email=typed[: subscribers.MAX_EMAIL], error=str(error)), 422
+    app_state = state()
+    settings = app_state.settings
+    now = utcnow()
+    with session_scope(settings.database_url) as session:
+        delivery_id = subscribers.resend_confirmation_to(
+            session, settings, email, now=now, publishing=True
+        )
+    if delivery_id is not None:  # committed: the hand-over thread may publish it
+        app_state.handover.add(delivery_id, marked_at=now)
+    return redirect(url_for("signup.thanks"), code=303)
 
 
 def _unsubscribe_subscriber(token: str) -> int | None:

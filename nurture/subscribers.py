@@ -80,7 +80,7 @@ def known_timezones() -> frozenset[str]:
 class SignupRequest:
     email: str
     first_name: str
-    timezone: str
+    timezone: str  # "" when none was given: see validate_signup
     sequence: str
     source: str  # "form" or "api"
     consent_text: str = CONSENT_TEXT
@@ -108,14 +108,16 @@ def validate_signup(
     data: Mapping[str, object],
     *,
     sequences: set[str] | frozenset[str],
-    default_timezone: str,
     strict_timezone: bool,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Clean signup fields, or say per field what is wrong.
 
     Returns (clean values, errors). A form's hidden time zone comes from the
     browser and the visitor cannot fix it, so with `strict_timezone` False an
-    unknown one falls back to the default; the API reports it instead.
+    unknown one counts as none; the API reports it instead. No time zone is
+    "" in the clean values: `signup` gives a new subscriber DEFAULT_TIMEZONE
+    and leaves a returning one's zone as it is, rather than reset it because
+    a browser sent nothing this time.
     """
     errors: dict[str, str] = {}
     clean: dict[str, str] = {}
@@ -157,7 +159,7 @@ def validate_signup(
             f"Unknown time zone {timezone[:64]!r}; use an IANA name like Europe/Paris."
         )
     else:
-        clean["timezone"] = default_timezone
+        clean["timezone"] = ""
 
     sequence = _text(data.get("sequence")) or DEFAULT_SEQUENCE
     if "sequence" in errors:
@@ -371,7 +373,7 @@ def first_signup(
             "signup_email": request.email,
             "email_hash": email_hash(request.email),
             "first_name": request.first_name,
-            "timezone": request.timezone,
+            "timezone": request.timezone or settings.default_timezone,
             "sequence_name": request.sequence,
             "now": now,
             "new_message_id": new_message_id(settings),
@@ -405,13 +407,19 @@ def _queue_confirmation(
     )
 
 
-def _last_confirmation_at(session: Session, subscriber_id: int) -> datetime | None:
-    return session.scalar(
+def _confirmed_lately(session: Session, subscriber_id: int, now: datetime) -> bool:
+    """True if a confirmation email was written within RESEND_CONFIRMATION_AFTER.
+
+    Within that window the link already sent stays the one that works, and a
+    form cannot be used to fill someone's inbox.
+    """
+    last = session.scalar(
         select(Delivery.created_at)
         .where(Delivery.subscriber_id == subscriber_id, Delivery.step == CONFIRMATION_STEP)
         .order_by(Delivery.created_at.desc())
         .limit(1)
     )
+    return last is not None and now - last < RESEND_CONFIRMATION_AFTER
 
 
 def _ensure_enrollment(
@@ -504,7 +512,7 @@ def signup(
     if found.id is None:
         if found.suppressed not in (None, *SubscriberStatus.REVERSIBLE):
             return None  # bounced or complained before the record was erased
-        subscriber_id = _new_subscriber(session, request, now)
+        subscriber_id = _new_subscriber(session, settings, request, now)
     else:
         subscriber_id = found.id
         if not _signs_up_again(session, settings, request, found, first_steps, now):
@@ -520,14 +528,17 @@ def signup(
     )
 
 
-def _new_subscriber(session: Session, request: SignupRequest, now: datetime) -> int:
+def _new_subscriber(
+    session: Session, settings: Settings, request: SignupRequest, now: datetime
+) -> int:
     """Write a first-time subscriber, pending, with their enrollment; their id."""
+    timezone = request.timezone or settings.default_timezone
     subscriber_id = _insert(
         session,
         Subscriber,
         email=request.email,
         first_name=request.first_name,
-        timezone=request.timezone,
+        timezone=timezone,
         status=SubscriberStatus.PENDING,
         created_at=now,
     )
@@ -536,7 +547,7 @@ def _new_subscriber(session: Session, request: SignupRequest, now: datetime) -> 
         Enrollment,
         subscriber_id=subscriber_id,
         sequence=request.sequence,
-        timezone=request.timezone,
+        timezone=timezone,
         status=EnrollmentStatus.PENDING,
         created_at=now,
     )
@@ -557,14 +568,13 @@ def _signs_up_again(
     one new confirmation per RESEND_CONFIRMATION_AFTER, so within that window
     the link already sent stays the one that works. A confirmed one joining
     another sequence starts it at once, with its consent recorded too. An
-    unsubscribed one coming back must confirm again.
+    unsubscribed one coming back must confirm again. A signup without a time
+    zone keeps the one stored.
     """
     if found.status in (SubscriberStatus.BOUNCED, SubscriberStatus.COMPLAINED):
         return False
-    if found.status == SubscriberStatus.PENDING:
-        last = _last_confirmation_at(session, found.id)
-        if last is not None and now - last < RESEND_CONFIRMATION_AFTER:
-            return False
+    if found.status == SubscriberStatus.PENDING and _confirmed_lately(session, found.id, now):
+        return False
     subscriber = session.get(Subscriber, found.id)
     enrollment = _ensure_enrollment(session, subscriber, request.sequence, now)
     if subscriber.status == SubscriberStatus.ACTIVE:
@@ -574,7 +584,8 @@ def _signs_up_again(
         return False
     subscriber.status = SubscriberStatus.PENDING
     subscriber.first_name = request.first_name or subscriber.first_name
-    set_timezone(session, subscriber, request.timezone)
+    if request.timezone:
+        set_timezone(session, subscriber, request.timezone)
     if enrollment.status == EnrollmentStatus.STOPPED:
         enrollment.status = EnrollmentStatus.PENDING
     return True
@@ -757,6 +768,30 @@ def resend_confirmation(
     if subscriber is None or subscriber.status != SubscriberStatus.PENDING:
         return None
     return _queue_confirmation(session, settings, subscriber.id, now)
+
+
+def resend_confirmation_to(
+    session: Session, settings: Settings, email: str, *, now: datetime, publishing: bool = False
+) -> int | None:
+    """The confirmation email again for an address waiting to confirm; its delivery id.
+
+    What the "send me a fresh link" page asks for. It confirms what the person
+    already signed up for: their pending enrollments and their latest consent
+    (which the new link names) stay as they are, and no enrollment, consent
+    or time zone is written, since that page shows no course and no consent
+    text. Nothing for an address that is not pending (unknown, confirmed,
+    unsubscribed, suppressed), and at most one email per
+    RESEND_CONFIRMATION_AFTER, as for a repeat signup. `publishing` as in
+    `signup`.
+    """
+    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == email))
+    if subscriber is None or subscriber.status != SubscriberStatus.PENDING:
+        return None
+    if _confirmed_lately(session, subscriber.id, now):
+        return None
+    return _queue_confirmation(
+        session, settings, subscriber.id, now, enqueued_at=now if publishing else None
+    )
 
 
 def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str) -> bool:

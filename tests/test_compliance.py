@@ -717,14 +717,12 @@ def test_expired_confirmation_offers_a_fresh_link(stack, smtp):
     assert response.status_code == 410
     assert "expired" in page and "3 days" in page
     form = re.search(r'<form method="post" action="([^"]+)"', page)
-    assert form and form.group(1) == "/subscribe"
+    assert form and form.group(1) == "/confirm/resend"
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
     assert csrf, "the form carries a CSRF token"
     assert subscriber(settings, subscriber_id).status == SubscriberStatus.PENDING
 
-    resent = visitor.post(
-        "/subscribe", data={"csrf_token": csrf.group(1), "email": email, "timezone": ""}
-    )
+    resent = visitor.post(form.group(1), data={"csrf_token": csrf.group(1), "email": email})
 
     assert resent.status_code == 303
     confirmations = deliveries(settings, subscriber_id, CONFIRMATION_STEP)

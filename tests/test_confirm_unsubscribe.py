@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from datetime import timedelta
 
@@ -247,6 +248,136 @@ def test_confirm_link_for_a_subscriber_who_left_does_not_resubscribe(app, client
 
     assert response.status_code == 400
     assert snapshot(settings, subscriber_id)["subscriber"][0] == SubscriberStatus.UNSUBSCRIBED
+
+
+# --- the "send me a fresh link" form -----------------------------------------------
+
+
+def age_confirmations(settings, subscriber_id: int, minutes: int = 11) -> None:
+    """Let the subscriber's confirmation emails be older than the resend throttle."""
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.subscriber_id == subscriber_id)
+            .values(created_at=utcnow() - timedelta(minutes=minutes))
+        )
+
+
+def fresh_link_form(client, token: str) -> tuple[str, dict[str, str]]:
+    """The form on the page a bad confirmation link shows: its action and hidden fields."""
+    page = client.get(f"/confirm/{token}").get_data(as_text=True)
+    action = re.search(r'<form method="post" action="([^"]+)"', page).group(1)
+    hidden = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page))
+    return action, hidden
+
+
+def ask_for_a_fresh_link(client, email: str, token: str = "not-a-token"):
+    """Fill in the page's form as the visitor would: only the address."""
+    action, hidden = fresh_link_form(client, token)
+    return client.post(action, data={**hidden, "email": email})
+
+
+def timezones(settings, subscriber_id: int) -> tuple[str, list[str]]:
+    with session_scope(settings.database_url) as session:
+        zone = session.get(Subscriber, subscriber_id).timezone
+        zones = session.scalars(
+            select(Enrollment.timezone).where(Enrollment.subscriber_id == subscriber_id)
+        )
+        return zone, list(zones)
+
+
+@BOTH_DATABASES
+def test_a_fresh_link_confirms_what_the_person_asked_for_and_nothing_else(client, settings):
+    email = "cs1@example.com"
+    answer = client.post(
+        "/api/v1/subscribers",
+        json={
+            "email": email,
+            "first_name": "Kenji",
+            "timezone": "Asia/Tokyo",
+            "sequence": "career-switch-checklist",
+        },
+    )
+    assert answer.status_code == 202
+    with session_scope(settings.database_url) as session:
+        subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email))
+        consent_id = latest_consent(session, subscriber_id).id
+    age_confirmations(settings, subscriber_id)
+    before = snapshot(settings, subscriber_id)
+
+    response = ask_for_a_fresh_link(client, email)
+
+    assert response.status_code == 303
+    assert response.headers["Location"].endswith("/thanks")
+    after = snapshot(settings, subscriber_id)
+    assert after["deliveries"] == sorted(
+        [*before["deliveries"], (CONFIRMATION_STEP, DeliveryStatus.QUEUED)]
+    )
+    assert {key: after[key] for key in after if key != "deliveries"} == {
+        key: before[key] for key in before if key != "deliveries"
+    }, "no new consent, enrollment or event"
+    assert timezones(settings, subscriber_id) == ("Asia/Tokyo", ["Asia/Tokyo"])
+
+    again = ask_for_a_fresh_link(client, email)  # within ten minutes of the last one
+
+    assert again.status_code == 303
+    assert snapshot(settings, subscriber_id) == after
+    token = confirm_token(settings, subscriber_id, consent_id)  # what the fresh email links to
+    assert client.get(f"/confirm/{token}").status_code == 200
+    assert snapshot(settings, subscriber_id)["enrollments"] == [
+        ("career-switch-checklist", EnrollmentStatus.ACTIVE, "welcome")
+    ]
+
+
+@BOTH_DATABASES
+def test_a_fresh_link_changes_nothing_for_anyone_not_waiting_to_confirm(client, settings):
+    """Confirmed, unsubscribed and unknown addresses: nothing written, the same answer."""
+    confirmed = active_subscriber(client, settings, "ann@example.com")
+    gone = active_subscriber(client, settings, "bob@example.com")
+    assert one_click(client.application, unsubscribe_token(settings, gone)).status_code == 200
+    pending, consent_id = signup(client, settings, "cy@example.com")
+    age_confirmations(settings, confirmed)
+    age_confirmations(settings, gone)
+    age_confirmations(settings, pending)
+    before = {sub: snapshot(settings, sub) for sub in (confirmed, gone)}
+    older_link = expired_confirm_token(settings.secret_key, confirmed, 1, 8 * 86400)
+
+    answers = {
+        (response.status_code, response.headers.get("Location"), response.get_data())
+        for response in (
+            ask_for_a_fresh_link(client, "ann@example.com", older_link),
+            ask_for_a_fresh_link(client, "BOB@example.com"),
+            ask_for_a_fresh_link(client, "nobody@example.com"),
+            ask_for_a_fresh_link(client, "cy@example.com"),
+        )
+    }
+
+    assert len(answers) == 1, answers
+    assert {sub: snapshot(settings, sub) for sub in (confirmed, gone)} == before
+    with session_scope(settings.database_url) as session:
+        assert session.scalar(select(Subscriber.id).where(Subscriber.email.like("nobody%"))) is None
+        confirmations = session.scalar(
+            select(func.count())
+            .select_from(Delivery)
+            .where(Delivery.subscriber_id == pending, Delivery.step == CONFIRMATION_STEP)
+        )
+    assert confirmations == 2, "only the one waiting to confirm got an email"
+
+
+def test_the_fresh_link_form_checks_its_address_token_and_rate(stack, settings):
+    client = create_app(stack.with_env(SIGNUP_RATE_LIMIT="2 per minute").settings).test_client()
+    action, hidden = fresh_link_form(client, "not-a-token")
+
+    invalid = client.post(action, data={**hidden, "email": "not-an-email"})
+    page = invalid.get_data(as_text=True)
+    assert invalid.status_code == 422
+    assert re.search(r'<span class="error" id="email-error">[^<]+</span>', page)
+    assert 'value="not-an-email"' in page
+    assert client.post(action, data={"email": "ann@example.com"}).status_code == 400  # no CSRF
+    assert client.post(action, data={**hidden, "email": "ann@example.com"}).status_code == 303
+    assert client.post(action, data={**hidden, "email": "ann@example.com"}).status_code == 429
+    with session_scope(settings.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Subscriber)) == 0
 
 
 # --- unsubscribe -------------------------------------------------------------------

@@ -11,13 +11,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 from http.cookiejar import CookieJar
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
 from conftest import BOTH_DATABASES, csrf_token, free_port
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.pool import NullPool
 
 from nurture import ROOT
@@ -32,6 +33,7 @@ from nurture.models import (
     EnrollmentStatus,
     Subscriber,
     SubscriberStatus,
+    utcnow,
 )
 from nurture.subscribers import CONSENT_TEXT, DEFAULT_SEQUENCE, latest_consent
 from nurture.tokens import make_confirm_token, make_unsubscribe_token
@@ -199,6 +201,47 @@ def test_api_rejects_unknown_time_zone(client, settings):
     assert response.status_code == 422
     assert set(response.get_json()["errors"]) == {"timezone"}
     assert count(settings, Subscriber) == 0
+
+
+def age_confirmations(settings, email: str, minutes: int = 11) -> None:
+    """Let the address's confirmation emails be older than the resend throttle."""
+    with session_scope(settings.database_url) as session:
+        subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email))
+        session.execute(
+            update(Delivery)
+            .where(Delivery.subscriber_id == subscriber_id)
+            .values(created_at=utcnow() - timedelta(minutes=minutes))
+        )
+
+
+def zones(settings, email: str) -> tuple[str, list[str]]:
+    """The subscriber's time zone and each of their enrollments'."""
+    with session_scope(settings.database_url) as session:
+        sub = session.scalar(select(Subscriber).where(Subscriber.email == email))
+        enrollment_zones = session.scalars(
+            select(Enrollment.timezone).where(Enrollment.subscriber_id == sub.id)
+        )
+        return sub.timezone, sorted(enrollment_zones)
+
+
+@BOTH_DATABASES
+def test_a_returning_signup_without_a_time_zone_keeps_the_stored_one(client, settings):
+    email = "kenji@example.com"
+    assert api_signup(client, email, first_name="Kenji", timezone="Asia/Tokyo").status_code == 202
+
+    for sent in ("", "Mars/Olympus_Mons"):  # the browser sent none, or one nobody knows
+        age_confirmations(settings, email)
+        assert form_signup(client, email, first_name="Kenji", timezone=sent).status_code == 303
+        assert zones(settings, email) == ("Asia/Tokyo", ["Asia/Tokyo"]), sent
+    age_confirmations(settings, email)
+    assert api_signup(client, email).status_code == 202
+    assert zones(settings, email) == ("Asia/Tokyo", ["Asia/Tokyo"])
+
+    age_confirmations(settings, email)
+    moved = form_signup(client, email, first_name="Kenji", timezone="Europe/Paris")
+    assert moved.status_code == 303
+    assert zones(settings, email) == ("Europe/Paris", ["Europe/Paris"])
+    assert len(confirmation_deliveries(settings, subscriber(settings, email).id)) == 5
 
 
 # --- the API -----------------------------------------------------------------------
