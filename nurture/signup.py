@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from email_validator import EmailNotValidError
-from flask import Blueprint, abort, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -137,8 +137,23 @@ def index():
 def join(name: str):
     """The signup form for any sequence, e.g. /join/career-switch-checklist."""
     if name not in state().sequences():
-        abort(404)
+        return _course_closed()
     return _form_page({"sequence": name}, {})
+
+
+def _course_closed():
+    """A 404 page for a form or link of a course that is not (or no longer) there.
+
+    The form is not shown again: without its course it would be the main
+    course's form, and a resubmit would sign the person up for a course whose
+    consent text they never saw.
+    """
+    page = render_template(
+        "error.html",
+        title="This course is no longer open",
+        message="The course this form is for no longer takes signups, so nothing was stored.",
+    )
+    return page, 404
 
 
 def _signup_limit() -> None:
@@ -158,6 +173,8 @@ def subscribe():
     form = {key: request.form.get(key, "") for key in fields}
     sequences = state().sequences()  # read once per request
     clean, errors = _validate(form, sequences, strict_timezone=False)
+    if "sequence" in errors:
+        return _course_closed()
     if errors:
         return _form_page(form, errors, 422)
     _record_signup(clean, "form", sequences)

@@ -244,6 +244,28 @@ def test_a_returning_signup_without_a_time_zone_keeps_the_stored_one(client, set
     assert len(confirmation_deliveries(settings, subscriber(settings, email).id)) == 5
 
 
+def test_a_form_for_a_course_that_is_gone_says_so(client, settings):
+    data = {
+        "csrf_token": csrf_token(client),
+        "email": "ann@example.com",
+        "first_name": "Ann",
+        "timezone": "UTC",
+        "sequence": "nope",
+    }
+
+    response = client.post("/subscribe", data=data)
+
+    page = response.get_data(as_text=True)
+    assert response.status_code == 404
+    assert "This course is no longer open" in page
+    assert "\u201c\u201d" not in page, "no consent sentence for a course without a title"
+    assert 'name="email"' not in page, "no form that would sign up for another course"
+    assert count(settings, Subscriber) == 0
+    joined = client.get("/join/nope")
+    assert joined.status_code == 404
+    assert "This course is no longer open" in joined.get_data(as_text=True)
+
+
 # --- the API -----------------------------------------------------------------------
 
 
