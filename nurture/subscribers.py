@@ -571,11 +571,15 @@ def _signs_up_again(
     unsubscribed one coming back must confirm again. A signup without a time
     zone keeps the one stored.
     """
-    if found.status in (SubscriberStatus.BOUNCED, SubscriberStatus.COMPLAINED):
+    subscriber = _locked(session, found.id)
+    if subscriber.email != request.email:
+        return False  # erased since the look-up: the address is no longer this row's
+    if subscriber.status in (SubscriberStatus.BOUNCED, SubscriberStatus.COMPLAINED):
         return False
-    if found.status == SubscriberStatus.PENDING and _confirmed_lately(session, found.id, now):
+    if subscriber.status == SubscriberStatus.PENDING and _confirmed_lately(
+        session, subscriber.id, now
+    ):
         return False
-    subscriber = session.get(Subscriber, found.id)
     enrollment = _ensure_enrollment(session, subscriber, request.sequence, now)
     if subscriber.status == SubscriberStatus.ACTIVE:
         if enrollment.status == EnrollmentStatus.PENDING:
@@ -589,6 +593,18 @@ def _signs_up_again(
     if enrollment.status == EnrollmentStatus.STOPPED:
         enrollment.status = EnrollmentStatus.PENDING
     return True
+
+
+def _locked(session: Session, subscriber_id: int) -> Subscriber:
+    """The subscriber, read afresh with their row locked until commit (FOR UPDATE).
+
+    Repeat signups of one address (a double click, a script, several tabs)
+    then take turns: each looks at the ten-minute resend throttle only once
+    the one before it has committed its confirmation, so a burst sends one
+    email, not one per request. PostgreSQL only; SQLite has one writer at a
+    time anyway, and SQLAlchemy leaves FOR UPDATE out there.
+    """
+    return session.get(Subscriber, subscriber_id, with_for_update=True, populate_existing=True)
 
 
 def latest_consent(session: Session, subscriber_id: int) -> Consent | None:
@@ -784,7 +800,9 @@ def resend_confirmation_to(
     RESEND_CONFIRMATION_AFTER, as for a repeat signup. `publishing` as in
     `signup`.
     """
-    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == email))
+    subscriber = session.scalar(
+        select(Subscriber).where(Subscriber.email == email).with_for_update()  # as `_locked`
+    )
     if subscriber is None or subscriber.status != SubscriberStatus.PENDING:
         return None
     if _confirmed_lately(session, subscriber.id, now):

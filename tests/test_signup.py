@@ -547,6 +547,68 @@ def test_the_same_address_at_the_same_moment_gets_the_same_answer(client, settin
     assert count(settings, Consent, Consent.subscriber_id == sub.id) == 1
 
 
+def pending_with_an_old_confirmation(client, settings, email: str) -> int:
+    """A pending address whose last confirmation email is past the resend throttle."""
+    assert api_signup(client, email).status_code == 202
+    age_confirmations(settings, email)
+    return subscriber(settings, email).id
+
+
+@pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+def test_a_repeat_signup_waits_for_one_in_progress(client, settings):
+    """The ten-minute check runs under the subscriber's row lock.
+
+    A repeat signup is written but not committed yet; another one for the
+    same address waits for it, then finds its confirmation and sends none.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nurture.models import utcnow
+    from nurture.sequences import current_sequences, first_steps
+    from nurture.subscribers import SignupRequest, signup
+
+    email = "again@example.com"
+    subscriber_id = pending_with_an_old_confirmation(client, settings, email)
+    again = SignupRequest(  # the same values: no UPDATE of the row takes a lock for it
+        email=email, first_name="", timezone="UTC", sequence=DEFAULT_SEQUENCE, source="api"
+    )
+    steps = first_steps(current_sequences(settings.templates_path))
+    with session_scope(settings.database_url) as session, ThreadPoolExecutor(1) as pool:
+        assert signup(session, settings, again, first_steps=steps, now=utcnow()) is not None
+        second = pool.submit(api_signup, client, email)
+        with pytest.raises(TimeoutError):
+            second.result(timeout=1)  # blocked on the first signup's lock
+        session.commit()
+        response = second.result(timeout=10)
+
+    assert response.status_code == 202
+    assert len(confirmation_deliveries(settings, subscriber_id)) == 2
+    assert count(settings, Consent, Consent.subscriber_id == subscriber_id) == 2
+
+
+@pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+def test_simultaneous_repeat_signups_send_one_confirmation(stack, settings):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app(stack.with_env(SIGNUP_RATE_LIMIT="100 per minute").settings)
+    email = "burst@example.com"
+    subscriber_id = pending_with_an_old_confirmation(app.test_client(), settings, email)
+    start = threading.Barrier(8)
+
+    def sign_up_again(_):
+        client = app.test_client()
+        start.wait()
+        return api_signup(client, email).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(sign_up_again, range(8)))
+
+    assert answers == [202] * 8
+    assert len(confirmation_deliveries(settings, subscriber_id)) == 2
+    assert count(settings, Consent, Consent.subscriber_id == subscriber_id) == 2
+
+
 @pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
 def test_the_one_statement_signup_writes_what_the_general_path_writes(settings):
     """A first signup on PostgreSQL takes one statement; its rows are those of `signup`."""
