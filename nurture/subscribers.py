@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import unicodedata
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,6 +93,23 @@ def _text(value: object) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+#: Zero-width non-joiner and joiner: invisible, yet part of how names are spelled in
+#: Persian, Sinhala and other scripts, and of emoji sequences.
+JOINERS = frozenset("\u200c\u200d")
+
+
+def _name_character(char: str) -> bool:
+    """Whether a name may hold this character.
+
+    Printable characters, the two joiners, and any kind of space (a no-break
+    or ideographic one becomes a plain space when the name is cleaned). Not
+    controls, and not the other invisible format characters: bidi overrides
+    and isolates would make a name display as something else, in the admin
+    and in the To header alike.
+    """
+    return char.isprintable() or char in JOINERS or unicodedata.category(char) == "Zs"
+
+
 def normalize_email(value: str) -> str:
     """An address in the form it is stored in; EmailNotValidError says what is wrong.
 
@@ -144,7 +162,7 @@ def validate_signup(
         pass
     elif len(name) > MAX_NAME:
         errors["first_name"] = f"Please keep your name under {MAX_NAME} characters."
-    elif any(not c.isprintable() for c in name) or any(c in name for c in "<>{}"):
+    elif not all(map(_name_character, name)) or any(c in name for c in "<>{}"):
         errors["first_name"] = "Please use only letters, spaces and ordinary punctuation."
     else:
         clean["first_name"] = " ".join(name.split())

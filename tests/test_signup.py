@@ -266,6 +266,47 @@ def test_a_form_for_a_course_that_is_gone_says_so(client, settings):
     assert "This course is no longer open" in joined.get_data(as_text=True)
 
 
+@pytest.mark.parametrize(
+    ("typed", "stored"),
+    [
+        ("\u0645\u062d\u0645\u062f\u200c\u0631\u0636\u0627", None),  # Persian, ZWNJ
+        ("\u0dc1\u0dca\u200d\u0dbb\u0dd3", None),  # Sinhala, ZWJ
+        ("\U0001f469\u200d\U0001f469\u200d\U0001f467 Ann", None),  # an emoji ZWJ sequence
+        ("Anne\u00a0Marie", "Anne Marie"),  # a no-break space
+        ("Jean\u202fLuc\u3000Li", "Jean Luc Li"),  # narrow no-break and ideographic spaces
+    ],
+    ids=["zwnj", "zwj", "emoji", "nbsp", "other-spaces"],
+)
+def test_names_with_joiners_and_no_break_spaces_are_welcome(client, settings, typed, stored):
+    response = api_signup(client, "named@example.com", first_name=typed)
+
+    assert response.status_code == 202, response.get_json()
+    assert subscriber(settings, "named@example.com").first_name == (stored or typed)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Ann\u202eredli",  # right-to-left override
+        "Ann\u202a",
+        "\u200eAnn",  # left-to-right mark
+        "Ann\u200f",
+        "Ann\u2066x\u2069",  # isolates
+        "Ann\ufeff",  # zero-width no-break space
+        "Ann\u2028Bob",  # line separator
+        "Ann\x07",
+        "Ann\tBob",
+    ],
+    ids=["rlo", "lre", "lrm", "rlm", "isolate", "bom", "line-sep", "bell", "tab"],
+)
+def test_names_with_bidi_or_other_controls_are_refused(client, settings, name):
+    response = api_signup(client, "named@example.com", first_name=name)
+
+    assert response.status_code == 422
+    assert set(response.get_json()["errors"]) == {"first_name"}
+    assert count(settings, Subscriber) == 0
+
+
 # --- the API -----------------------------------------------------------------------
 
 
