@@ -300,7 +300,8 @@ def outbox_message(name: str):
     except (FileNotFoundError, IsADirectoryError):
         abort(404)
     text, html = parts(message)
-    return render_template("admin/message.html", name=name, message=message, text=text, html=html)
+    headers = catcher.shown_headers(message)
+    return render_template("admin/message.html", name=name, headers=headers, text=text, html=html)
 
 
 PAGE_SIZE = 50

@@ -34,12 +34,47 @@ def start_catcher(outbox: Path, host: str, port: int) -> Controller:
     return controller
 
 
-def list_outbox(outbox: Path, limit: int = 200) -> list[tuple[str, EmailMessage]]:
-    """The newest caught messages first, as (file name, parsed message)."""
+#: The headers the outbox pages show, in order.
+SHOWN_HEADERS = (
+    "From",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "X-Nurture-Step",
+    "List-Id",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+)
+
+
+def list_outbox(outbox: Path, limit: int = 200) -> list[tuple[str, dict[str, str]]]:
+    """The newest caught messages first, as (file name, `shown_headers`)."""
     if not outbox.is_dir():
         return []
     names = sorted((p.name for p in outbox.glob("*.eml")), reverse=True)[:limit]
-    return [(name, read_message(outbox, name)) for name in names]
+    return [(name, shown_headers(read_message(outbox, name))) for name in names]
+
+
+def shown_headers(message: EmailMessage) -> dict[str, str]:
+    """The message's SHOWN_HEADERS as text ("" when absent), for the outbox pages.
+
+    The catcher keeps whatever it is sent, and the `email` package raises when
+    some malformed headers are read (ValueError for an address whose encoded
+    words decode to a line break, and others for other damage): such a header
+    is shown as the raw text it came as, so one bad message cannot break the
+    outbox.
+    """
+    return {name: _header_text(message, name) for name in SHOWN_HEADERS}
+
+
+def _header_text(message: EmailMessage, name: str) -> str:
+    try:
+        value = message.get(name)
+    except Exception:
+        raw = (value for key, value in message.raw_items() if key.lower() == name.lower())
+        return next(raw, "")
+    return "" if value is None else str(value)
 
 
 #: The longest file name common file systems (ext4, XFS, APFS) take, in bytes.

@@ -176,11 +176,22 @@ def _checked(name: str, value: str) -> str:
 
 
 def _address(name: str, address: str) -> str:
-    """`Name <address>`, the name quoted or RFC 2047 encoded as it needs."""
+    """`Name <address>`, the name quoted or RFC 2047 encoded as it needs.
+
+    A name is encoded when it is not ASCII, and also when it holds `=?`: as
+    typed, `=?utf-8?b?SGk=?=` is an encoded word itself, which mail clients
+    would show decoded (as "Hi", or as text with a line break in it). Encoded,
+    it shows as typed. A long name becomes several encoded words of at most
+    75 characters each (RFC 2047), kept on one line; one that fits in a
+    single word is written exactly as `formataddr` writes it.
+    """
     _checked("address", name + address)
     if not ADDRESS.fullmatch(address):
         raise ValueError(f"{address!r} is not an address this mailer can send to")
-    return formataddr((name, address), charset="utf-8")
+    if name.isascii() and "=?" not in name:
+        return formataddr((name, address))
+    words = Header(name, "utf-8", maxlinelen=75).encode(linesep="\r\n").replace("\r\n ", " ")
+    return f"{words} <{address}>"
 
 
 def _encoded(value: str) -> str:

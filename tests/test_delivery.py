@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from email.header import decode_header, make_header
 from email.utils import parsedate_to_datetime
 
 import pytest
@@ -685,6 +686,67 @@ def test_a_long_non_ascii_subject_and_list_name_are_encoded_on_one_line():
     head = raw.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
     assert any(line.startswith(b"Subject: =?utf-8?") for line in head)
     assert all(len(line) <= 998 and not line.startswith((b" ", b"\t")) for line in head)
+
+
+def to_header(to_name: str) -> bytes:
+    """The To line exactly as `build_message` writes it."""
+    raw = build_message(
+        RenderedEmail("Hello", "pre", "<p>Hi</p>", "Hi\n"),
+        to_email="ann@example.com",
+        to_name=to_name,
+        mail_from="Course Team <course@nurture.test>",
+        message_id="<abc@nurture.test>",
+        step_label=f"{SEQUENCE}/welcome",
+        date=T0,
+    ).data
+    [line] = [line for line in raw.split(b"\r\n") if line.startswith(b"To: ")]
+    return line
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "=?utf-8?b?SGk=?=",
+        "=?utf-8?q?Bob=0D=0ABcc:_x@evil.com?=",
+        "Ann =?iso-8859-1?q?=E9?= Lee",
+        "Zo\u00eb =?utf-8?b?SGk=?=",
+    ],
+    ids=["b-word", "q-word-with-crlf", "word-inside", "non-ascii"],
+)
+def test_a_name_that_looks_like_an_encoded_word_shows_as_typed(name):
+    line = to_header(name)
+
+    assert line.startswith(b"To: =?utf-8?"), line
+    assert name.encode() not in line
+    assert build(to_name=name)["To"].addresses[0].display_name == name
+
+
+def test_a_long_non_ascii_name_is_folded_into_short_encoded_words():
+    name = " ".join(["\u03a9\u03bc\u03ad\u03b3\u03b1"] * 16)  # 95 characters of Greek
+
+    line = to_header(name)
+
+    phrase = line.removeprefix(b"To: ").rpartition(b" <")[0].decode("ascii")
+    words = phrase.split(" ")
+    assert len(words) > 1
+    assert all(w.startswith("=?utf-8?") and len(w) <= 75 for w in words), words
+    # The space between two encoded words is not part of the name (RFC 2047, 6.2).
+    assert str(make_header(decode_header(phrase))) == name
+
+
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("Ann", b"To: Ann <ann@example.com>"),
+        ("", b"To: ann@example.com"),
+        ("O'Brien, Jr.", b'To: "O\'Brien, Jr." <ann@example.com>'),
+        ("Zo\u00eb", b"To: =?utf-8?q?Zo=C3=AB?= <ann@example.com>"),
+        ("\u5c71\u7530", b"To: =?utf-8?b?5bGx55Sw?= <ann@example.com>"),
+        ("a = b ? c", b"To: a = b ? c <ann@example.com>"),
+    ],
+)
+def test_ordinary_names_keep_their_bytes(name, line):
+    assert to_header(name) == line
 
 
 # --- The SMTP conversation ---------------------------------------------------------

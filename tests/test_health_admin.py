@@ -365,6 +365,35 @@ def test_outbox_lists_and_shows_caught_mail(client, settings):
     assert "The text part of the message." in text(shown)
 
 
+def test_outbox_shows_a_message_whose_headers_do_not_parse(client, settings):
+    """An encoded word that decodes to a line break makes the To header unparsable."""
+    raw = (
+        b"From: course@nurture.test\r\n"
+        b"To: =?utf-8?q?Bob=0D=0ABcc:_x@evil.com?= <n0@example.com>\r\n"
+        b"Subject: Caught with a broken header\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        b"The body of the message.\r\n"
+    )
+    port = free_port()
+    controller = start_catcher(settings.outbox_path, "127.0.0.1", port)
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as connection:
+            connection.sendmail("course@nurture.test", ["n0@example.com"], raw)
+    finally:
+        controller.stop()
+    [name] = [p.name for p in settings.outbox_path.glob("*.eml")]
+    signed_in(client, settings)
+
+    listing = client.get("/admin/outbox")
+    shown = client.get(f"/admin/outbox/{name}")
+
+    for response in (listing, shown):
+        assert response.status_code == 200
+        assert "Caught with a broken header" in text(response)
+        assert "n0@example.com" in text(response), "the raw header text is shown"
+    assert "The body of the message." in text(shown)
+
+
 @pytest.mark.parametrize(
     "name",
     [
