@@ -195,8 +195,23 @@ def _without_opt_in(settings: Settings) -> Settings:
     return replace(settings, double_opt_in=False)
 
 
+#: What makes a spreadsheet read a cell as a formula (OWASP's list for CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: str) -> str:
+    """A cell a spreadsheet shows as text and never runs as a formula.
+
+    A first name is whatever someone typed into a public form, and
+    `=HYPERLINK(...)` opened in Excel or LibreOffice would be a live link (or
+    worse) in the admin's hands. OWASP's advice: a leading apostrophe, which
+    spreadsheets take as "this is text" and do not show.
+    """
+    return f"'{value}" if value.startswith(FORMULA_STARTS) else value
+
+
 def export_rows(session: Session) -> Iterator[list[str]]:
-    """Every subscriber as CSV rows, header first."""
+    """Every subscriber as CSV rows, header first; every text cell made safe by `_cell`."""
     yield list(EXPORT_COLUMNS)
     enrolled: dict[int, list[str]] = {}
     for subscriber_id, sequence in session.execute(
@@ -205,13 +220,13 @@ def export_rows(session: Session) -> Iterator[list[str]]:
         enrolled.setdefault(subscriber_id, []).append(sequence)
     for s in session.scalars(select(Subscriber).order_by(Subscriber.id)).yield_per(1000):
         yield [
-            s.email,
-            s.first_name,
-            s.timezone,
-            s.status,
+            _cell(s.email),
+            _cell(s.first_name),
+            _cell(s.timezone),
+            _cell(s.status),
             s.created_at.isoformat(),
             s.confirmed_at.isoformat() if s.confirmed_at else "",
-            " ".join(enrolled.get(s.id, [])),
+            _cell(" ".join(enrolled.get(s.id, []))),
         ]
 
 

