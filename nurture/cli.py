@@ -251,8 +251,10 @@ def _subscriber_id(session, email: str) -> int:
     from sqlalchemy import select
 
     from nurture.models import Subscriber
+    from nurture.subscribers import lookup_address
 
-    subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email.lower()))
+    address = lookup_address(email)
+    subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == address))
     if subscriber_id is None:
         raise click.ClickException(f"no subscriber has the address {email}")
     return subscriber_id

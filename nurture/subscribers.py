@@ -122,6 +122,18 @@ def normalize_email(value: str) -> str:
     return valid.ascii_email.lower()
 
 
+def lookup_address(typed: str) -> str:
+    """The stored form of an address typed to find a subscriber (the CLI, the timeline).
+
+    As `normalize_email` gives it; one that is not valid is only trimmed and
+    lower-cased, and will simply find no one.
+    """
+    try:
+        return normalize_email(typed)
+    except EmailNotValidError:
+        return typed.strip().lower()
+
+
 def validate_signup(
     data: Mapping[str, object],
     *,

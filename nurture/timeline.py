@@ -12,6 +12,7 @@ from nurture.config import Settings
 from nurture.models import Delivery, Enrollment, Subscriber
 from nurture.scheduler import plan, zone
 from nurture.sequences import Sequence
+from nurture.subscribers import lookup_address
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ def timeline(
     email: str,
     now: datetime,
 ) -> Timeline | None:
-    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == email.lower()))
+    address = lookup_address(email)
+    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == address))
     if subscriber is None:
         return None
     deliveries = session.scalars(

@@ -679,6 +679,12 @@ def test_consent_evidence_is_kept_exported_shown_and_erasable(stack, app, client
     gone = run_nurture(stack, "subscribers", "export-data", email)
     assert gone.returncode != 0 and "no subscriber has the address" in gone.stderr
 
+    # An international domain is found as typed, in either form and any case.
+    assert api_signup(client, "idn@b\u00fccher.example").status_code == 202
+    found = run_nurture(stack, "subscribers", "export-data", " IDN@B\u00dcCHER.example")
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["subscriber"]["email"] == "idn@xn--bcher-kva.example"
+
 
 # --- 7. Confirmation links expire --------------------------------------------------
 
