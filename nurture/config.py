@@ -204,12 +204,26 @@ def _check_mail_from(value: str) -> str:
     return value
 
 
+#: Settings with a development default that production must set itself.
+PRODUCTION_REQUIRED = (
+    "SECRET_KEY",
+    "POSTAL_ADDRESS",
+    "BASE_URL",
+    "DATABASE_URL",
+    "BROKER_URL",
+    "SMTP_URL",
+)
+
+
 def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -> Settings:
     """Read settings from `environ`, or from the process environment over `.env`.
 
-    Outside development (`NURTURE_ENV=production`) a missing `SECRET_KEY` or
-    `POSTAL_ADDRESS` is a `ConfigError` naming the variable: a production server
-    must never sign tokens with a guessable key or mail without a postal address.
+    Outside development (`NURTURE_ENV=production`) each of `PRODUCTION_REQUIRED`
+    missing is a `ConfigError` naming the variable: a production server must
+    never sign tokens with a guessable key, mail without a postal address, put
+    links to 127.0.0.1 in emails, or fall back to a SQLite file, broker and
+    mail catcher of its own machine (with one web and one worker host, each
+    would have its own database).
     """
     values: dict[str, str] = {}
     if environ is None:  # an explicit mapping (tests) is the whole truth
@@ -225,7 +239,7 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
     instance = Path(get("NURTURE_INSTANCE", str(root / "instance")))
     production = env == "production"
 
-    for required in ("SECRET_KEY", "POSTAL_ADDRESS"):
+    for required in PRODUCTION_REQUIRED:
         if production and not get(required):
             raise ConfigError(f"{required} is required when NURTURE_ENV=production")
 
@@ -281,12 +295,17 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
     return settings
 
 
-def startup_settings() -> Settings:
-    """Settings for a process that is starting; a bad setting stops it with one line."""
+def startup_settings(exit_code: int = 1) -> Settings:
+    """Settings for a process that is starting; a bad setting stops it with one line.
+
+    It exits with `exit_code`: `web.py` gives gunicorn's "worker failed to
+    boot" (3), on which gunicorn stops, rather than restarting the worker with
+    the same setting for ever while it keeps the port open and answers nothing.
+    """
     try:
         return load_settings()
     except ConfigError as error:
         import sys
 
         print(f"nurture: configuration error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(exit_code) from None

@@ -7,6 +7,7 @@ import re
 import yaml
 
 from nurture import ROOT
+from nurture.config import PRODUCTION_REQUIRED
 
 
 def compose() -> dict:
@@ -47,8 +48,21 @@ def test_app_services_share_the_production_settings():
         assert environment["NURTURE_ENV"] == "production"
         assert environment["DATABASE_URL"].startswith("postgresql://")
         assert environment["BROKER_URL"].startswith("redis://redis:")
-        assert "SECRET_KEY" in environment and "POSTAL_ADDRESS" in environment
+        assert set(PRODUCTION_REQUIRED) <= set(environment)
     assert services["migrate"]["command"] == "nurture db upgrade"
     assert services["web"]["depends_on"]["migrate"]["condition"] == (
         "service_completed_successfully"
     )
+
+
+def test_the_image_leaves_out_local_secrets_and_state():
+    """A developer's `.env` (passwords, demo settings such as 2-second days) never goes
+    into the image, where the service would read it for any setting compose leaves out."""
+    ignored = set((ROOT / ".dockerignore").read_text(encoding="utf-8").split())
+    assert {".env", "instance", ".venv", ".git"} <= ignored
+
+
+def test_postgres_counts_as_healthy_only_once_it_takes_tcp_connections():
+    test = compose()["services"]["postgres"]["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "pg_isready"]
+    assert test[test.index("-h") + 1] == "127.0.0.1"

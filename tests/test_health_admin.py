@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import smtplib
 import subprocess
+import sys
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -24,6 +25,7 @@ from sqlalchemy import Integer, cast, literal, select
 from nurture import ROOT
 from nurture.app import create_app
 from nurture.catcher import start_catcher
+from nurture.config import PRODUCTION_REQUIRED
 from nurture.db import get_engine, session_scope
 from nurture.models import CONFIRMATION_STEP, Delivery, DeliveryStatus, Subscriber, User
 from nurture.users import add_user
@@ -513,15 +515,11 @@ def test_cli_lint_passes_on_shipped_templates(stack):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(
-    ("missing", "present"),
-    [("SECRET_KEY", {}), ("POSTAL_ADDRESS", {"SECRET_KEY": "a-production-secret"})],
-)
-def test_production_refuses_to_start_without_required_setting(stack, missing, present):
+@pytest.mark.parametrize("missing", PRODUCTION_REQUIRED)
+def test_production_refuses_to_start_without_required_setting(stack, missing):
     env = stack.process_env()
-    env.pop("SECRET_KEY", None)
-    env.pop("POSTAL_ADDRESS", None)
-    env.update(present, NURTURE_ENV="production")
+    env.pop(missing)
+    env["NURTURE_ENV"] = "production"
 
     result = nurture(stack, "db", "upgrade", env=env)
 
@@ -530,3 +528,25 @@ def test_production_refuses_to_start_without_required_setting(stack, missing, pr
     assert len(lines) == 1, result.stderr
     assert missing in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_gunicorn_stops_on_a_configuration_error(stack):
+    """Not a worker restarted with the same bad setting for ever, the port open and mute."""
+    env = {**stack.process_env(), "SIGNUP_RATE_LIMIT": "lots"}
+    command = [str(Path(sys.executable).parent / "gunicorn"), "web:app", "--workers", "2"]
+    server = subprocess.Popen(
+        [*command, "--bind", f"127.0.0.1:{free_port()}"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        code = server.wait(timeout=60)
+    finally:
+        server.kill()
+    log = server.stderr.read()
+    assert code != 0
+    said = [line for line in log.splitlines() if line.startswith("nurture: configuration error")]
+    assert 1 <= len(said) <= 2, log  # once per worker that started
+    assert "SIGNUP_RATE_LIMIT" in said[0]
