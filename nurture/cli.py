@@ -14,7 +14,30 @@ def _settings() -> Settings:
     return startup_settings()
 
 
-@click.group()
+def _one_line(error: Exception) -> str:
+    """An operator's one line for an error of the database, a migration or the system."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(error, DBAPIError):
+        first = str(error.orig or error).strip().splitlines()[0]
+        return f"the database cannot be used: {first}"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+class _Commands(click.Group):
+    """Every command's database, migration and system errors as one line, not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from alembic.util import CommandError
+        from sqlalchemy.exc import DBAPIError
+
+        try:
+            return super().invoke(ctx)
+        except (DBAPIError, CommandError, OSError) as error:
+            raise click.ClickException(_one_line(error)) from None
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """nurture: email courses and lead nurture."""
 
@@ -30,7 +53,9 @@ def db_upgrade(revision: str) -> None:
     """Migrate the database to the newest schema (or REVISION)."""
     from nurture import migrate
 
-    migrate.upgrade(_settings().database_url, revision)
+    database_url = _settings().database_url
+    migrate.upgrade(database_url, revision)
+    click.echo(f"database at revision {migrate.current(database_url)}")
 
 
 @db.command("downgrade")
@@ -39,7 +64,9 @@ def db_downgrade(revision: str) -> None:
     """Migrate the database back to REVISION ("base" for an empty one)."""
     from nurture import migrate
 
-    migrate.downgrade(_settings().database_url, revision)
+    database_url = _settings().database_url
+    migrate.downgrade(database_url, revision)
+    click.echo(f"database at revision {migrate.current(database_url)}")
 
 
 @db.command("revision")
@@ -61,7 +88,7 @@ def dev() -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=1025, show_default=True)
+@click.option("--port", default=1025, show_default=True, type=click.IntRange(1, 65535))
 def catcher(host: str, port: int) -> None:
     """Run only the mail catcher (its messages show at /admin/outbox)."""
     import signal
@@ -69,10 +96,15 @@ def catcher(host: str, port: int) -> None:
     from nurture.catcher import start_catcher
 
     settings = _settings()
+    stopping = {signal.SIGINT, signal.SIGTERM}
+    # Blocked before the server's thread starts, so that it inherits the mask and only
+    # `sigwait` takes them: as PID 1 in a container a signal without a handler would be
+    # dropped, and `docker compose stop` would wait for its kill.
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
     controller = start_catcher(settings.outbox_path, host, port)
     click.echo(f"catching mail on {host}:{port} into {settings.outbox_path}")
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        signal.sigwait(stopping)
     finally:
         controller.stop()
 

@@ -170,6 +170,15 @@ def _rate_limit(value: str, name: str) -> str:
     return value
 
 
+def _timezone(value: str, name: str) -> str:
+    """An IANA zone name; a mistyped one would otherwise be stored on every signup."""
+    from nurture.subscribers import known_timezones
+
+    if value not in known_timezones():
+        raise ConfigError(f"{name} must be an IANA time zone like Europe/Paris, not {value!r}")
+    return value
+
+
 def _domain_rates(value: str) -> dict:
     from nurture.throttle import parse_domain_rates
 
@@ -263,7 +272,7 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
             get("DISPATCH_INTERVAL_SECONDS", "60"), "DISPATCH_INTERVAL_SECONDS"
         ),
         templates_path=Path(get("NURTURE_TEMPLATES", str(root / "templates" / "emails"))),
-        default_timezone=get("DEFAULT_TIMEZONE", "UTC"),
+        default_timezone=_timezone(get("DEFAULT_TIMEZONE", "UTC"), "DEFAULT_TIMEZONE"),
         min_gap_hours=_hours(get("MIN_GAP_HOURS", "20"), "MIN_GAP_HOURS"),
         outbox_path=instance / "outbox",
         lease_seconds=_positive_int(get("DELIVERY_LEASE_SECONDS", "600"), "DELIVERY_LEASE_SECONDS"),

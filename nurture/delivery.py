@@ -720,10 +720,13 @@ def _send_one(
         )
         _retry_or_fail(session, settings, delivery, now, f"session refused: {error}")
         return "unreachable"
+    except ServerUnreachable as error:
+        log.error("the SMTP server cannot be reached (%s); the batch waits for a later tick", error)
+        _retry_or_fail(session, settings, delivery, now, str(error))
+        return "unreachable"
     except TemporaryFailure as error:
         log.warning("delivery %s deferred: %s", delivery.id, error)
-        outcome = _retry_or_fail(session, settings, delivery, now, str(error))
-        return "unreachable" if isinstance(error, ServerUnreachable) else outcome
+        return _retry_or_fail(session, settings, delivery, now, str(error))
     # Only an enrollment with no step left can complete. Its next step cannot
     # become empty meanwhile: only the due-scan empties it, and the due-scan
     # leaves alone an enrollment with an email on its way, like this one.

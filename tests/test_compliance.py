@@ -371,6 +371,16 @@ def test_a_bad_unsubscribe_mailto_is_a_config_error(tmp_path, value):
         load_settings(environ)
 
 
+@pytest.mark.parametrize("value", ["Mars/Base", "utc+2", "Europe/"])
+def test_an_unknown_default_time_zone_is_a_config_error(tmp_path, value):
+    """Otherwise every signup without a zone would store it, and be scheduled in UTC."""
+    environ = {"NURTURE_INSTANCE": str(tmp_path), "SECRET_KEY": "k", "DEFAULT_TIMEZONE": value}
+
+    with pytest.raises(ConfigError, match="DEFAULT_TIMEZONE"):
+        load_settings(environ)
+    assert load_settings({**environ, "DEFAULT_TIMEZONE": "Asia/Tokyo"}).default_timezone
+
+
 # --- 3. The footer link: unsubscribe or pause --------------------------------------
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -550,3 +553,53 @@ def test_gunicorn_stops_on_a_configuration_error(stack):
     said = [line for line in log.splitlines() if line.startswith("nurture: configuration error")]
     assert 1 <= len(said) <= 2, log  # once per worker that started
     assert "SIGNUP_RATE_LIMIT" in said[0]
+
+
+def one_line_error(result) -> str:
+    """The single line a failing command printed; asserts it printed no traceback."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def test_cli_says_in_one_line_what_went_wrong(stack, tmp_path):
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    env = {**stack.process_env(), "DATABASE_URL": fresh}
+    assert nurture(stack, "db", "upgrade", env=env).stdout.startswith("database at revision 0")
+    gone = {**env, "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}
+    for args in (("db", "upgrade"), ("subscribers", "export", str(tmp_path / "out.csv"))):
+        said = one_line_error(nurture(stack, *args, env=gone))
+        assert "the database cannot be used" in said and "refused" in said
+
+    missing = tmp_path / "no" / "such" / "out.csv"
+    assert "No such file or directory" in one_line_error(
+        nurture(stack, "subscribers", "export", str(missing), env=env)
+    )
+    with get_engine(fresh).begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+    said = one_line_error(nurture(stack, "db", "upgrade", env=env))
+    assert "at revision 9999, which this version of nurture does not know" in said
+
+
+def test_the_catcher_says_its_port_is_taken_in_one_line(stack):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        said = one_line_error(nurture(stack, "catcher", "--port", str(port)))
+    assert "address already in use" in said
+
+
+def test_the_catcher_stops_on_sigterm_as_a_containers_first_process(stack):
+    """As PID 1 (the compose mailcatcher service) a signal without a handler is dropped."""
+    port = free_port()
+    command = ["unshare", "--pid", "--fork", "--mount-proc", NURTURE, "catcher"]
+    catcher = subprocess.Popen(
+        [*command, "--port", str(port)], env=stack.process_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert catcher.stdout.readline().startswith("catching mail on")
+        [first] = Path(f"/proc/{catcher.pid}/task/{catcher.pid}/children").read_text().split()
+        os.kill(int(first), signal.SIGTERM)
+        assert catcher.wait(timeout=10) == 0
+    finally:
+        catcher.kill()
