@@ -10,9 +10,11 @@ outright (see docs/decisions.md).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -75,6 +77,23 @@ def _children(settings: Settings) -> dict[str, list[str]]:
     }  # fmt: skip
 
 
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port.
+
+    Asked before anything starts, so that a server left behind (most often by
+    another `nurture dev`) is named in one line rather than by the web child's
+    own complaint among the worker's banner. The trial bind picks the address
+    family and reuses addresses as Flask's server does, so it meets the same
+    listener, and connections still closing do not count.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):
+            return False
+    except OSError as error:  # any other failure is left for the server to report
+        return error.errno == errno.EADDRINUSE
+
+
 def _die_with_this_process() -> Callable[[], None] | None:
     """A `preexec_fn` after which the child gets SIGTERM when this process dies, even by kill -9.
 
@@ -117,6 +136,11 @@ def _stop_all(processes: dict[str, subprocess.Popen]) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def _busy_port(addresses: list[tuple[str, int]]) -> int | None:
+    """The first of the ports `nurture dev` is to listen on that something else holds."""
+    return next((port for host, port in addresses if _port_in_use(host, port)), None)
+
+
 def _banner(settings: Settings, login: str | None, catching: bool) -> str:
     return (
         f"\n  nurture is running at {settings.base_url}\n"
@@ -130,6 +154,14 @@ def _banner(settings: Settings, login: str | None, catching: bool) -> str:
 def run(settings: Settings) -> int:
     smtp = parse_smtp_url(settings.smtp_url)
     catch_mail = smtp.host in ("127.0.0.1", "localhost") and not smtp.username
+    listens = [_web_address(settings)] + ([(smtp.host, smtp.port)] if catch_mail else [])
+    if (port := _busy_port(listens)) is not None:
+        print(
+            f"nurture dev: port {port} is in use (another nurture dev still running?)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     migrate.upgrade(settings.database_url)
     login = ensure_dev_admin(settings)
     if settings.embedded_broker:

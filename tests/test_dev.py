@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -147,8 +148,6 @@ def test_dev_runs_the_whole_course_in_seconds(tmp_path):
 
 
 def _port_closed(port: int) -> bool:
-    import socket
-
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return False
@@ -195,14 +194,14 @@ def _assert_none_left(instance: Path) -> None:
 
 
 @contextlib.contextmanager
-def _dev(tmp_path: Path):
+def _dev(tmp_path: Path, web_port: int | None = None):
     """A running `nurture dev` of its own instance: (process, instance, log path).
 
     Whatever it started that is still running afterwards is killed, so a failing
     test leaves nothing behind.
     """
     instance, output = tmp_path / "instance", tmp_path / "dev.log"
-    base = f"http://127.0.0.1:{free_port()}"
+    base = f"http://127.0.0.1:{web_port or free_port()}"
     with output.open("wb") as log:
         dev = _start_dev(_dev_env(instance, base, free_port()), log)
         try:
@@ -248,3 +247,15 @@ def test_a_signal_while_starting_leaves_no_child(tmp_path):
         code = dev.wait(timeout=20)
         _assert_none_left(instance)
         assert code == 0, "stopped as asked"
+
+
+@needs_proc
+def test_a_taken_web_port_is_named(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as leftover:
+        port = leftover.getsockname()[1]
+        with _dev(tmp_path, port) as (dev, instance, output):
+            assert dev.wait(timeout=60) == 1
+            printed = output.read_text()
+            line = f"nurture dev: port {port} is in use (another nurture dev still running?)"
+            assert line in printed.splitlines(), printed[-3000:]
+            _assert_none_left(instance)
