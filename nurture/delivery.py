@@ -7,23 +7,29 @@ subscriber may still be mailed, send, and commit `sent` at once. A temporary
 failure puts the delivery back with a backoff; a permanent one fails it and
 suppresses the address. The only window for a duplicate is between the
 SMTP server's 250 and our commit, and the Message-ID is the same on a retry.
+A batch the database cuts short settles what it still holds on a new
+connection (`_give_back`), so its unsent emails wait for the next due-scan
+rather than for their lease.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
+import psycopg
 from psycopg.rows import args_row
 from sqlalchemy import Connection, Integer, any_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from nurture import tokens
@@ -420,15 +426,27 @@ class _SentMarks:
     and result processing) cost more CPU than the round trip itself: 0.17 ms
     of a send's 0.85 ms in one process. Rows come back as named tuples, and
     values must be what the driver takes as they are (aware datetimes).
+
+    So the last mark is in flight with a statement that may fail, and a mark
+    whose statement failed may or may not have been committed. What is sure is
+    what the server took: `taken` notes every such email, and a batch the
+    database cuts short marks those sent rather than give them back
+    (`_give_back`).
     """
 
-    def __init__(self, connection: Connection):
+    def __init__(self, connection: Connection, taken: dict[int, datetime]):
         self.connection = connection
         self.cursor = None
         if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg":
             driver = connection.connection.driver_connection
             self.cursor = driver.cursor(row_factory=args_row(_Recipient))
         self.pending: dict | None = None
+        self.taken = taken
+
+    def took(self, delivery_id: int, now: datetime) -> None:
+        """The SMTP server has taken this email: whatever becomes of its mark, it has gone,
+        and a batch the database cuts short must not give it back (`_give_back`)."""
+        self.taken[delivery_id] = now
 
     def add(self, delivery_id: int, now: datetime) -> None:
         require_aware("for sent_at", now)
@@ -513,7 +531,8 @@ def send_batch(
 
     The batch is claimed in one statement and its emails composed together
     (`_compose_ahead`); each email's outcome is committed as soon as the SMTP
-    server has answered for it.
+    server has answered for it. A database error ends the batch, as before,
+    once what it still holds is settled (`_give_back`).
     """
     result = BatchResult()
     composer = composer_for(settings, sequences)
@@ -524,35 +543,41 @@ def send_batch(
     claimed = claim_many(session, list(dict.fromkeys(ids)), claimed_at, lease)
     result.skipped += len(ids) - len(claimed)
     ahead = _compose_ahead(session, composer, claimed, claimed_at)
-    with smtp, _own_commits(session) as quick:
-        marks = _SentMarks(quick)
-        try:
-            while claimed:
-                now = clock()
-                if now >= claimed[0].lease_until - lease / 2:
-                    marks.flush()
-                    kept = _renew(session, claimed, now, lease)
-                    result.skipped += len(claimed) - len(kept)
-                    claimed = kept
-                    continue
-                delivery = claimed.pop(0)
-                composed = ahead.pop(delivery.id, None)
-                outcome = _send_one(
-                    session, marks, settings, composer, smtp, delivery, now, composed
-                )
-                if outcome == "unreachable":
-                    # No point trying the rest now: they wait for a later tick.
-                    reason = "SMTP server unreachable or refusing our session (see the log)"
-                    _defer(session, settings, claimed, now, reason)
-                    result.retry += 1 + len(claimed)
-                    claimed = []
-                else:
-                    setattr(result, outcome, getattr(result, outcome) + 1)
-        finally:
+    held = _Held([delivery.id for delivery in claimed], [claimed_at + lease])
+    try:
+        with smtp, _own_commits(session) as quick:
+            marks = _SentMarks(quick, held.taken)
             try:
-                marks.flush()
+                while claimed:
+                    now = clock()
+                    if now >= claimed[0].lease_until - lease / 2:
+                        marks.flush()
+                        held.leases.append(now + lease)  # first: it may commit and lose its reply
+                        kept = _renew(session, claimed, now, lease)
+                        result.skipped += len(claimed) - len(kept)
+                        claimed = kept
+                        continue
+                    delivery = claimed.pop(0)
+                    composed = ahead.pop(delivery.id, None)
+                    outcome = _send_one(
+                        session, marks, settings, composer, smtp, delivery, now, composed
+                    )
+                    if outcome == "unreachable":
+                        # No point trying the rest now: they wait for a later tick.
+                        reason = "SMTP server unreachable or refusing our session (see the log)"
+                        _defer(session, settings, claimed, now, reason)
+                        result.retry += 1 + len(claimed)
+                        claimed = []
+                    else:
+                        setattr(result, outcome, getattr(result, outcome) + 1)
             finally:
-                marks.close()
+                try:
+                    marks.flush()
+                finally:
+                    marks.close()
+    except DATABASE_ERRORS:
+        _give_back(session, held)
+        raise
     return result
 
 
@@ -575,6 +600,98 @@ def _defer(session: Session, settings: Settings, claimed: list, now, reason: str
     session.commit()
 
 
+#: Errors of the database: through SQLAlchemy, or straight from psycopg's cursor,
+#: which runs the per-email statements on PostgreSQL (`_SentMarks`).
+DATABASE_ERRORS = (DBAPIError, psycopg.Error)
+
+
+@dataclass
+class _Held:
+    """What a batch holds, for `_give_back`: its claims, every lease it set on them (the
+    claim's, then each renewal's), and the emails the SMTP server took, with when."""
+
+    ids: list[int]
+    leases: list[datetime]
+    taken: dict[int, datetime] = field(default_factory=dict)
+
+
+def _give_back(session: Session, held: _Held) -> None:
+    """Settle what a batch the database cut short still holds, on a connection of its own.
+
+    A restart or failover ends every connection the batch had, so whatever the
+    session had open is rolled back and the pool hands out a new connection
+    (pinged first). Then, in one transaction: an email the SMTP server took is
+    marked sent, for its mark may have gone with the connection (it rides with
+    the next email's check), and given back it would go out twice; the others
+    go back to the queue, unclaimed and with no attempt counted, so the next
+    due-scan hands them out, instead of their waiting out the lease. Only claims
+    still under a lease this batch set are touched: one that ran out and was
+    taken by another worker is that worker's. If the database cannot be reached
+    yet, nothing changes and the leases decide, as for a worker that died.
+    """
+    if not held.ids:
+        return
+    with contextlib.suppress(*DATABASE_ERRORS):
+        session.rollback()  # fails on a dead connection, and drops it
+    try:
+        marked = _mark_taken(session, held)
+        given_back = _requeue_untaken(session, held)
+        session.commit()
+    except DATABASE_ERRORS as error:
+        log.error(
+            "the database failed mid-batch and could not give back the %d deliveries the "
+            "batch held (%s); each waits for its lease to run out",
+            len(held.ids),
+            error,
+        )
+        return
+    log.warning(
+        "the database failed mid-batch: %d deliveries not sent are back in the queue for "
+        "the next due-scan, %d sent whose mark was lost are marked now",
+        given_back,
+        marked,
+    )
+
+
+def _still_held(held: _Held) -> tuple:
+    """The conditions for a delivery this batch still holds: claimed, under one of its leases."""
+    return Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until.in_(held.leases)
+
+
+def _mark_taken(session: Session, held: _Held) -> int:
+    """Mark sent what the SMTP server took and is not marked yet; how many."""
+    unmarked = session.execute(
+        select(Delivery.id, Delivery.enrollment_id).where(
+            Delivery.id.in_(list(held.taken)), *_still_held(held)
+        )
+    ).all()
+    for delivery_id, enrollment_id in unmarked:
+        sent_at = held.taken[delivery_id]
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, *_still_held(held))
+            .values(status=DeliveryStatus.SENT, sent_at=sent_at, last_error=None, lease_until=None)
+        )
+        complete_if_done(session, enrollment_id, sent_at)
+    return len(unmarked)
+
+
+def _requeue_untaken(session: Session, held: _Held) -> int:
+    """Put back in the queue, for the next due-scan, what the SMTP server did not take."""
+    untaken = [delivery_id for delivery_id in held.ids if delivery_id not in held.taken]
+    return session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(untaken), *_still_held(held))
+        .values(
+            status=DeliveryStatus.QUEUED,
+            enqueued_at=None,
+            lease_until=None,
+            attempts=Delivery.attempts - 1,
+            last_error="given back: the database failed mid-batch",
+        )
+    ).rowcount
+
+
 @contextmanager
 def _own_commits(session: Session) -> Iterator[Connection]:
     """A connection on which each statement commits on its own.
@@ -584,9 +701,24 @@ def _own_commits(session: Session) -> Iterator[Connection]:
     around it, and alone each costs one round trip instead of three (BEGIN,
     the statement, COMMIT). Everything that writes more than one row at once
     goes through the session, in a transaction.
+
+    Those statements run on psycopg's own cursor, whose errors SQLAlchemy does
+    not see: a connection they find dead is dropped here, as SQLAlchemy drops
+    one its own statements find dead, rather than handed back to the pool to
+    fail its reset there.
     """
     with session.get_bind().connect() as connection:
-        yield connection.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            yield connection.execution_options(isolation_level="AUTOCOMMIT")
+        except psycopg.Error as error:
+            if connection.dialect.is_disconnect(error, _driver(connection), None):
+                connection.invalidate()
+            raise
+
+
+def _driver(connection: Connection):
+    """The connection's psycopg connection, or None if SQLAlchemy has already dropped it."""
+    return None if connection.invalidated else connection.connection.driver_connection
 
 
 @dataclass(frozen=True)
@@ -727,6 +859,7 @@ def _send_one(
     except TemporaryFailure as error:
         log.warning("delivery %s deferred: %s", delivery.id, error)
         return _retry_or_fail(session, settings, delivery, now, str(error))
+    marks.took(delivery.id, now)
     # Only an enrollment with no step left can complete. Its next step cannot
     # become empty meanwhile: only the due-scan empties it, and the due-scan
     # leaves alone an enrollment with an email on its way, like this one.

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from nurture import ROOT
 from nurture.config import Settings, load_settings
@@ -178,6 +180,47 @@ def smtp() -> Iterator[SMTPServer]:
 def _fresh_postgres(base_url: str) -> tuple[str, Callable[[], None]]:
     """A new, empty database on the PostgreSQL server; and how to drop it."""
     return scratch_database(base_url, "nurture_test")
+
+
+def drop_every_connection(database_url: str, *, keep_out: bool = False) -> int:
+    """What a database restart does to our pooled connections; how many it ended.
+
+    With `keep_out` the database also refuses new connections, as one that has not
+    come back yet does, until `let_connections_in`.
+    """
+    name = make_url(database_url).database
+    with _server() as server:
+        if keep_out:
+            server.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        return server.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = :name"
+            ),
+            {"name": name},
+        )
+
+
+def let_connections_in(database_url: str) -> None:
+    """The database accepts connections again (after `drop_every_connection(keep_out=True)`)."""
+    with _server() as server:
+        name = make_url(database_url).database
+        server.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+
+
+@contextlib.contextmanager
+def _server() -> Iterator:
+    """A connection to the PostgreSQL server's base database, outside any test's own."""
+    engine = create_engine(
+        normalize_url(require(POSTGRES_URL, "PostgreSQL")),
+        poolclass=NullPool,
+        isolation_level="AUTOCOMMIT",
+    )
+    try:
+        with engine.connect() as connection:
+            yield connection
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture

@@ -15,18 +15,29 @@ import shutil
 import socket
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from email.header import decode_header, make_header
 from email.utils import parsedate_to_datetime
 
+import psycopg
 import pytest
-from conftest import BOTH_DATABASES, free_port
+from conftest import BOTH_DATABASES, drop_every_connection, free_port, let_connections_in
 from sqlalchemy import select, text, update
+from sqlalchemy.exc import OperationalError
 
 from nurture import tokens
 from nurture.config import Settings
 from nurture.db import session_scope
-from nurture.delivery import _CLAIM, _RECIPIENT, Claimed, _Recipient, claim_many, send_batch
+from nurture.delivery import (
+    _CLAIM,
+    _RECIPIENT,
+    Claimed,
+    _Recipient,
+    _SentMarks,
+    claim_many,
+    send_batch,
+)
 from nurture.mailer import (
     OutgoingEmail,
     PermanentFailure,
@@ -415,6 +426,180 @@ def test_an_unreachable_server_loses_nothing(stack, settings, smtp):
     assert {m["Message-ID"] for m in smtp.messages} == {
         delivery(settings, i).message_id for i in ids
     }
+
+
+# --- The database going away mid-batch ---------------------------------------------
+
+ON_POSTGRESQL = pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+
+
+def restart_database_during(
+    smtp, settings: Settings, nth: int, *, before=None, keep_out: bool = False
+) -> list[int]:
+    """While the SMTP server takes the `nth` email (before its 250), end every database
+    connection of ours, as a restart or failover does; the list gets how many it ended.
+
+    `before` runs first; with `keep_out` the database then refuses new connections.
+    """
+    taken, ended = [], []
+
+    def on_message(message) -> None:
+        taken.append(message)
+        if len(taken) == nth:
+            if before is not None:
+                before()
+            ended.append(drop_every_connection(settings.database_url, keep_out=keep_out))
+
+    smtp.handler.on_message = on_message
+    return ended
+
+
+def received_by(smtp) -> Counter:
+    """How many emails each address got, as the SMTP server saw them."""
+    return Counter(message["To"].addresses[0].addr_spec for message in smtp.messages)
+
+
+@ON_POSTGRESQL
+def test_a_batch_the_database_cut_short_gives_back_what_it_did_not_send(settings, smtp):
+    readers = [f"reader{n}@example.com" for n in range(5)]
+    for email in readers:
+        enroll(settings, email)
+    ids = hand_out(settings, T0)
+    ended = restart_database_during(smtp, settings, 2)
+
+    with pytest.raises(psycopg.OperationalError):
+        send(settings, ids, T0)
+
+    assert ended[0] >= 1
+    first, second, *rest = (delivery(settings, i) for i in ids)
+    # The second's mark rode with the third's check and went with the connection; it
+    # is committed afterwards, for given back the second would go out twice.
+    for row in (first, second):
+        assert (row.status, row.sent_at, row.lease_until) == (DeliveryStatus.SENT, T0, None)
+    # The rest are queued again at once, as if never handed out, no attempt counted.
+    for row in rest:
+        assert row.status == DeliveryStatus.QUEUED
+        assert (row.lease_until, row.enqueued_at, row.attempts) == (None, None, 0)
+
+    # The next due-scan hands out just those, and every reader gets one email.
+    smtp.handler.on_message = None
+    later = T0 + timedelta(minutes=1)
+    assert sorted(hand_out(settings, later)) == sorted(row.id for row in rest)
+    assert send(settings, [row.id for row in rest], later).sent == len(rest)
+    assert received_by(smtp) == Counter(readers)
+    assert {delivery(settings, i).status for i in ids} == {DeliveryStatus.SENT}
+
+
+@ON_POSTGRESQL
+def test_a_batch_the_database_cut_short_leaves_alone_what_another_worker_took_over(settings, smtp):
+    for n in range(3):
+        enroll(settings, f"reader{n}@example.com")
+    first, second, third = hand_out(settings, T0)
+    lease = timedelta(seconds=settings.lease_seconds)
+
+    def taken_over() -> None:
+        """Meanwhile the sweep gave the third to another worker, whose claim it now is."""
+        with session_scope(settings.database_url) as other:
+            other.execute(
+                update(Delivery).where(Delivery.id == third).values(lease_until=T0 + lease * 9)
+            )
+
+    restart_database_during(smtp, settings, 1, before=taken_over)
+    with pytest.raises(psycopg.OperationalError):
+        send(settings, [first, second, third], T0)
+
+    assert delivery(settings, first).status == DeliveryStatus.SENT
+    assert delivery(settings, second).status == DeliveryStatus.QUEUED
+    row = delivery(settings, third)
+    assert (row.status, row.lease_until, row.attempts) == (
+        DeliveryStatus.SENDING,
+        T0 + lease * 9,
+        1,
+    ), "the other worker's claim, untouched"
+
+
+@ON_POSTGRESQL
+def test_a_batch_the_database_cut_short_after_renewing_its_claim_gives_back_the_rest(
+    settings, smtp
+):
+    for n in range(4):
+        enroll(settings, f"reader{n}@example.com")
+    ids = hand_out(settings, T0)
+    lease = timedelta(seconds=settings.lease_seconds)
+    ticks = iter(T0 + i * lease * 0.4 for i in range(100))  # renewed before the third
+    restart_database_during(smtp, settings, 3)
+
+    with (
+        pytest.raises(psycopg.OperationalError),
+        session_scope(settings.database_url) as session,
+    ):
+        send_batch(session, settings, sequences(settings), ids, clock=lambda: next(ticks))
+
+    *sent, last = (delivery(settings, i) for i in ids)
+    assert [row.status for row in sent] == [DeliveryStatus.SENT] * 3
+    assert (last.status, last.lease_until, last.attempts) == (DeliveryStatus.QUEUED, None, 0)
+
+
+@ON_POSTGRESQL
+def test_a_batch_whose_database_stays_down_leaves_its_claims_to_their_lease(settings, smtp, caplog):
+    readers = [f"reader{n}@example.com" for n in range(3)]
+    for email in readers:
+        enroll(settings, email)
+    ids = hand_out(settings, T0)
+    restart_database_during(smtp, settings, 1, keep_out=True)
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            send(settings, ids, T0)
+    finally:
+        let_connections_in(settings.database_url)
+
+    assert "could not give back" in caplog.text
+    lease = timedelta(seconds=settings.lease_seconds)
+    for delivery_id in ids:
+        row = delivery(settings, delivery_id)
+        assert (row.status, row.lease_until) == (DeliveryStatus.SENDING, T0 + lease)
+
+    # As for a worker that died: when the lease runs out they go out, nothing lost; the
+    # first, whose mark went with the connection, twice (the at-least-once window).
+    first = received_by(smtp)
+    assert first.total() == 1
+    smtp.handler.on_message = None
+    later = T0 + lease + timedelta(seconds=1)
+    assert sorted(hand_out(settings, later)) == sorted(ids)
+    assert send(settings, ids, later).sent == len(ids)
+    assert received_by(smtp) == Counter(readers) + first
+
+
+@BOTH_DATABASES
+def test_any_database_error_mid_batch_gives_back_what_was_not_sent(settings, smtp, monkeypatch):
+    """An error of the database's other than a lost connection (SQLite's "database is
+    locked" past its busy timeout, say) settles the batch the same way."""
+    for n in range(3):
+        enroll(settings, f"reader{n}@example.com")
+    ids = hand_out(settings, T0)
+    check = _SentMarks.recipient
+    checks = []
+
+    def failing_second(marks, delivery):
+        checks.append(delivery.id)
+        if len(checks) == 2:
+            raise OperationalError("the check", {}, Exception("database is locked"))
+        return check(marks, delivery)
+
+    monkeypatch.setattr(_SentMarks, "recipient", failing_second)
+    with pytest.raises(OperationalError):
+        send(settings, ids, T0)
+
+    assert [delivery(settings, i).status for i in ids] == [
+        DeliveryStatus.SENT,
+        DeliveryStatus.QUEUED,
+        DeliveryStatus.QUEUED,
+    ]
+    monkeypatch.undo()
+    later = T0 + timedelta(minutes=1)
+    assert sorted(hand_out(settings, later)) == sorted(ids[1:])
+    assert send(settings, ids[1:], later).sent == 2
+    assert len(smtp.messages) == 3
 
 
 @BOTH_DATABASES

@@ -17,13 +17,12 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from conftest import BOTH_DATABASES, csrf_token, free_port
-from sqlalchemy import create_engine, func, select, text, update
-from sqlalchemy.pool import NullPool
+from conftest import BOTH_DATABASES, csrf_token, drop_every_connection, free_port
+from sqlalchemy import func, select, update
 
 from nurture import ROOT
 from nurture.app import MAX_BODY, create_app
-from nurture.db import normalize_url, session_scope
+from nurture.db import session_scope
 from nurture.models import (
     CONFIRMATION_STEP,
     Consent,
@@ -784,20 +783,6 @@ def test_publishing_to_redis_keeps_one_client_per_pool(stack):
         assert [m["headers"]["kwargsrepr"] for m in bodies] == ["{}"] * 4
     finally:
         client.delete(queue)
-
-
-def drop_every_connection(database_url: str) -> int:
-    """What a database restart does to our pooled connections; how many it ended."""
-    engine = create_engine(normalize_url(database_url), poolclass=NullPool)
-    with engine.connect() as connection:
-        ended = connection.scalar(
-            text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        )
-    engine.dispose()
-    return ended
 
 
 @pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
