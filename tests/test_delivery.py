@@ -818,7 +818,7 @@ def test_parse_smtp_url_refuses_bad_urls(url):
         parse_smtp_url(url)
 
 
-def build(subject: str = "Hello", to_name: str = "Ann", html: str = "<p>Hi</p>", **overrides):
+def outgoing_email(subject="Hello", to_name="Ann", html="<p>Hi</p>", **overrides):
     values = dict(
         to_email="ann@example.com",
         to_name=to_name,
@@ -828,7 +828,12 @@ def build(subject: str = "Hello", to_name: str = "Ann", html: str = "<p>Hi</p>",
         date=T0,
     )
     values.update(overrides)
-    return build_message(RenderedEmail(subject, "pre", html, "Hi\n"), **values).message()
+    return build_message(RenderedEmail(subject, "pre", html, "Hi\n"), **values)
+
+
+def build(subject: str = "Hello", to_name: str = "Ann", html: str = "<p>Hi</p>", **overrides):
+    """The message `build_message` makes, parsed back."""
+    return outgoing_email(subject, to_name, html, **overrides).message()
 
 
 def test_build_message_is_well_formed():
@@ -875,15 +880,7 @@ def test_a_long_non_ascii_subject_and_list_name_are_encoded_on_one_line():
 
 def to_header(to_name: str) -> bytes:
     """The To line exactly as `build_message` writes it."""
-    raw = build_message(
-        RenderedEmail("Hello", "pre", "<p>Hi</p>", "Hi\n"),
-        to_email="ann@example.com",
-        to_name=to_name,
-        mail_from="Course Team <course@nurture.test>",
-        message_id="<abc@nurture.test>",
-        step_label=f"{SEQUENCE}/welcome",
-        date=T0,
-    ).data
+    raw = outgoing_email(to_name=to_name).data
     [line] = [line for line in raw.split(b"\r\n") if line.startswith(b"To: ")]
     return line
 
