@@ -322,9 +322,13 @@ class Composer:
     ):
         """A course email; with a `delivery_id` its links are tracked through /r/."""
         sequence = self.sequences.get(sequence_name)
-        step = sequence.step(step_key) if sequence else None
+        if sequence is None:
+            raise RenderError(
+                f"there is no sequence {sequence_name!r} (no folder with a valid sequence.toml)"
+            )
+        step = sequence.step(step_key)
         if step is None:
-            raise RenderError(f"step {sequence_name}/{step_key} no longer exists")
+            raise RenderError(f"sequence {sequence_name} has no step {step_key!r}")
         unsubscribe_url = self.unsubscribe_url(subscriber.id)
         rendered = self.renderer.render(
             f"{sequence.name}/{step.file}",

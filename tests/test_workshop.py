@@ -1144,8 +1144,8 @@ def test_cli_send_test_delivers_a_marked_copy(stack, smtp):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        ((PVP, "no-such-step", "--to", "you@example.com"), f"{PVP}/no-such-step"),
-        (("no-such-sequence", "welcome", "--to", "you@example.com"), "no-such-sequence/welcome"),
+        ((PVP, "no-such-step", "--to", "you@example.com"), f"{PVP} has no step 'no-such-step'"),
+        (("no-such-sequence", "welcome", "--to", "you@example.com"), "no sequence 'no-such-seq"),
         ((PVP, "overlap", "--to", "not-an-address"), "must have an @-sign"),
     ],
     ids=["unknown-step", "unknown-sequence", "bad-address"],
