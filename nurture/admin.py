@@ -27,9 +27,10 @@ from nurture.db import session_scope
 from nurture.mailer import PermanentFailure, TemporaryFailure
 from nurture.models import Consent, Enrollment, Subscriber, User, utcnow
 from nurture.preview import parts, preview_message, send_test
+from nurture.publishing import published_sequences
 from nurture.render import LAYOUT_HTML, LAYOUT_TEXT, RenderError
 from nurture.scheduler import hand_over, plan, zone
-from nurture.sequences import current_sequences
+from nurture.sequences import Sequence, current_sequences
 from nurture.tasks import publisher
 from nurture.timeline import timeline
 
@@ -142,14 +143,25 @@ def index():
     start, end = _date_range()
     since = datetime.combine(start, time(0), tzinfo=UTC)
     until = datetime.combine(end + timedelta(days=1), time(0), tzinfo=UTC)
-    sequences = state().sequences()
+    sequences = dict(state().sequences())
     with session_scope(state().settings.database_url) as db:
+        gone = sorted(stats.sequences_in_range(db, since, until) - set(sequences))
+        if gone:
+            recorded = published_sequences(db)
+            for name in gone:  # its last recorded version, or just its name
+                bare = Sequence(name, name, "", Path("."), ())
+                sequences[name] = recorded.get(name, (bare,))[0]
         report = {
             name: (stats.step_stats(db, seq, since, until), stats.funnel(db, seq, since, until))
             for name, seq in sequences.items()
         }
     return render_template(
-        "admin/index.html", sequences=sequences, report=report, start=start, end=end
+        "admin/index.html",
+        sequences=sequences,
+        gone=set(gone),
+        report=report,
+        start=start,
+        end=end,
     )
 
 

@@ -2,7 +2,8 @@
 
 Per step, for a date range: emails scheduled (delivery rows written), sent,
 failed, unique opens (an estimate), unique clicks, unsubscribes, bounces and
-conversions; events carry the delivery they answer, so each lands on a step.
+conversions; events carry the delivery they answer, so each lands on a step,
+also on a step since renamed or removed (its row is marked retired).
 The funnel follows the people who signed up in the range: confirmed, reached
 each step, converted.
 """
@@ -30,6 +31,7 @@ EVENT_COLUMNS = {
 @dataclass
 class StepStats:
     key: str
+    retired: bool = False  # no longer in the sequence's manifest: renamed or removed
     scheduled: int = 0
     sent: int = 0
     failed: int = 0
@@ -46,6 +48,18 @@ class Funnel:
     confirmed: int = 0
     steps: list[tuple[str, int]] = field(default_factory=list)
     converted: int = 0
+    retired: set[str] = field(default_factory=set)  # steps no longer in the manifest
+
+
+def _step_keys(sequence: Sequence, *counts: dict[str, int]) -> list[tuple[str, bool]]:
+    """The sequence's steps in order, then any other step the counts name, as (key, retired).
+
+    A step renamed or removed keeps its history: its emails and their events
+    are still in the tables under its old key, and still count.
+    """
+    current = [step.key for step in sequence.steps]
+    seen = {key for count in counts for key, value in count.items() if value}
+    return [(key, False) for key in current] + [(key, True) for key in sorted(seen - set(current))]
 
 
 def _by_step(session: Session, statement) -> dict[str, int]:
@@ -93,13 +107,14 @@ def step_stats(
         )
     return [
         StepStats(
-            key=step.key,
-            scheduled=scheduled.get(step.key, 0),
-            sent=sent.get(step.key, 0),
-            failed=failed.get(step.key, 0),
-            **{column: counts.get(step.key, 0) for column, counts in events.items()},
+            key=key,
+            retired=retired,
+            scheduled=scheduled.get(key, 0),
+            sent=sent.get(key, 0),
+            failed=failed.get(key, 0),
+            **{column: counts.get(key, 0) for column, counts in events.items()},
         )
-        for step in sequence.steps
+        for key, retired in _step_keys(sequence, scheduled, sent, failed, *events.values())
     ]
 
 
@@ -124,12 +139,25 @@ def funnel(session: Session, sequence: Sequence, start: datetime, end: datetime)
         .where(cohort, Delivery.status == DeliveryStatus.SENT)
         .group_by(Delivery.step),
     )
+    keys = _step_keys(sequence, reached)
     return Funnel(
         signed_up=signed_up,
         confirmed=confirmed,
-        steps=[(step.key, reached.get(step.key, 0)) for step in sequence.steps],
+        steps=[(key, reached.get(key, 0)) for key, _ in keys],
         converted=converted,
+        retired={key for key, retired in keys if retired},
     )
+
+
+def sequences_in_range(session: Session, start: datetime, end: datetime) -> set[str]:
+    """The sequences with an email written or sent in [start, end): the dashboard also
+    shows one whose folder is gone, so that its history does not vanish with it."""
+    written = select(Delivery.sequence).where(
+        Delivery.created_at >= start, Delivery.created_at < end
+    )
+    sent = select(Delivery.sequence).where(Delivery.sent_at >= start, Delivery.sent_at < end)
+    rows = session.scalars(written.union(sent))
+    return {name for name in rows if name}
 
 
 def service_counts(session: Session, now: datetime) -> dict[str, float]:

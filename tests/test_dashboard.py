@@ -8,11 +8,13 @@ dashboard are checked against counts taken straight from the tables with SQL.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import hmac
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time as clock
@@ -205,7 +207,7 @@ def dashboard_table(html: str) -> dict[str, dict[str, int]]:
     body = section.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
     rows = {}
     for row in re.findall(r"<tr>(.*?)</tr>", body, re.S):
-        key = re.search(r"<th scope=\"row\"><a [^>]*>([^<]+)</a></th>", row).group(1)
+        key = re.search(r"<th scope=\"row\">(?:<a [^>]*>)?([^<]+)", row).group(1).strip()
         cells = [int(v) for v in re.findall(r"<td>(\d+)</td>", row)]
         assert len(cells) == len(COLUMNS), row
         rows[key] = dict(zip(COLUMNS, cells, strict=True))
@@ -373,6 +375,48 @@ def test_dashboard_numbers_equal_sql_counts(history):
     assert wide["welcome"]["sent"] == expected["welcome"]["sent"] + 1
     html = page(client.get(f"/admin/?start={(OLD - timedelta(days=1)).date()}&end={TODAY}"))
     assert dashboard_table(html)["welcome"]["sent"] == wide["welcome"]["sent"]
+
+
+def test_a_renamed_step_and_a_removed_sequence_keep_their_history(history, tmp_path):
+    """Edits are safe: what went out under a step's old key, or from a folder since
+    removed, still counts, on a row of its own after the live steps."""
+    stack, app = history
+    settings = stack.settings
+    start = datetime.combine(T0.date(), time(0), tzinfo=UTC)
+    end = datetime.combine(TODAY + timedelta(days=2), time(0), tzinfo=UTC)
+    expected = sql_step_counts(settings, start, end)
+    live = sequences(settings)[SEQUENCE]
+    renamed = dataclasses.replace(
+        live,
+        steps=tuple(
+            dataclasses.replace(step, key="pm-role") if step.key == "product-manager" else step
+            for step in live.steps
+        ),
+    )
+    with session_scope(settings.database_url) as session:
+        rows = stats.step_stats(session, renamed, start, end)
+        funnel = stats.funnel(session, renamed, start, end)
+    by_key = {row.key: row for row in rows}
+    assert [row.key for row in rows if row.retired] == ["product-manager"] == [rows[-1].key]
+    assert {c: getattr(by_key["product-manager"], c) for c in COLUMNS} == (
+        expected["product-manager"]
+    )
+    assert not by_key["pm-role"].retired and by_key["pm-role"].sent == 0
+    assert funnel.retired == {"product-manager"}
+    assert dict(funnel.steps)["product-manager"] == 3  # a, b and c, who signed up in the range
+
+    # The whole folder gone: the dashboard shows the sequence's history, without links.
+    copy = tmp_path / "emails"
+    shutil.copytree(ROOT / "templates" / "emails", copy)
+    shutil.rmtree(copy / SEQUENCE)
+    without = create_app(stack.with_env(NURTURE_TEMPLATES=str(copy)).settings)
+    client = signed_in(without, settings, "viewer")
+    html = page(client.get(f"/admin/?start={start.date()}&end={(end - timedelta(days=1)).date()}"))
+    assert "no longer in <code>templates/emails/</code>" in html
+    shown = dashboard_table(html)
+    for key in ("welcome", "product-manager"):
+        assert shown[key] == expected[key]
+    assert f"/admin/preview/{SEQUENCE}/" not in html
 
 
 def test_dashboard_out_of_range_is_zero_and_bad_dates_are_400(history):
