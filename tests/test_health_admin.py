@@ -596,10 +596,13 @@ def test_the_catcher_stops_on_sigterm_as_a_containers_first_process(stack):
     catcher = subprocess.Popen(
         [*command, "--port", str(port)], env=stack.process_env(), stdout=subprocess.PIPE, text=True
     )
+    first = None
     try:
         assert catcher.stdout.readline().startswith("catching mail on")
         [first] = Path(f"/proc/{catcher.pid}/task/{catcher.pid}/children").read_text().split()
         os.kill(int(first), signal.SIGTERM)
         assert catcher.wait(timeout=10) == 0
     finally:
+        if first is not None and catcher.poll() is None:
+            os.kill(int(first), signal.SIGKILL)  # killing `unshare` alone would leave it
         catcher.kill()
