@@ -227,6 +227,8 @@ def _finish(session: Session, delivery, now, *, complete: bool = True, **values)
     queue) the enrollment, if nothing of it is left to send. The statements
     are built once per shape: this runs for every email sent.
     """
+    if values.get("status") == DeliveryStatus.FAILED:
+        values["failed_at"] = now  # the dashboard counts a failure on its day
     session.execute(_finish_statement(frozenset(values)), {"delivery_id": delivery.id, **values})
     if complete and values.get("status") != DeliveryStatus.QUEUED:
         complete_if_done(session, delivery.enrollment_id, now)

@@ -83,14 +83,15 @@ def step_stats(
         .where(in_sequence, Delivery.sent_at >= start, Delivery.sent_at < end)
         .group_by(Delivery.step),
     )
+    failed_at = func.coalesce(Delivery.failed_at, Delivery.created_at)  # no time before 0010
     failed = _by_step(
         session,
         select(Delivery.step, func.count())
         .where(
             in_sequence,
             Delivery.status == DeliveryStatus.FAILED,
-            Delivery.created_at >= start,
-            Delivery.created_at < end,
+            failed_at >= start,
+            failed_at < end,
         )
         .group_by(Delivery.step),
     )

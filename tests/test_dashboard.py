@@ -145,7 +145,8 @@ def sql_step_counts(settings, start: datetime, end: datetime) -> dict[str, dict[
         "sent": "SELECT step, COUNT(*) FROM deliveries WHERE sequence = :seq"
         " AND sent_at >= :a AND sent_at < :b GROUP BY step",
         "failed": "SELECT step, COUNT(*) FROM deliveries WHERE sequence = :seq"
-        " AND status = 'failed' AND created_at >= :a AND created_at < :b GROUP BY step",
+        " AND status = 'failed' AND COALESCE(failed_at, created_at) >= :a"
+        " AND COALESCE(failed_at, created_at) < :b GROUP BY step",
     }
     kinds = {
         "opens": "open",
@@ -417,6 +418,29 @@ def test_a_renamed_step_and_a_removed_sequence_keep_their_history(history, tmp_p
     for key in ("welcome", "product-manager"):
         assert shown[key] == expected[key]
     assert f"/admin/preview/{SEQUENCE}/" not in html
+
+
+@BOTH_DATABASES
+def test_a_failure_counts_on_the_day_it_failed(stack, smtp):
+    """Written late on one day, refused for good just after midnight: the next day's."""
+    settings = stack.settings
+    late = datetime.combine(T0.date(), time(23, 50), tzinfo=UTC)
+    person = sign_up(settings, "late@example.com", late)
+    deliver(settings, late)  # the confirmation email
+    confirm_at(settings, person, late)
+    [welcome] = tick(settings, late)
+    smtp.handler.refuse_with = "550 5.1.1 No such user"
+    after_midnight = late + timedelta(minutes=20)
+    assert send(settings, [welcome], after_midnight).failed == 1
+    seq = sequences(settings)[SEQUENCE]
+
+    def failed_on(day) -> int:
+        since = datetime.combine(day, time(0), tzinfo=UTC)
+        with session_scope(settings.database_url) as session:
+            rows = stats.step_stats(session, seq, since, since + timedelta(days=1))
+        return {row.key: row.failed for row in rows}["welcome"]
+
+    assert (failed_on(late.date()), failed_on(after_midnight.date())) == (0, 1)
 
 
 def test_dashboard_out_of_range_is_zero_and_bad_dates_are_400(history):

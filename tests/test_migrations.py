@@ -72,17 +72,27 @@ def test_a_key_goes_and_comes_back_with_sent_mail_in_place(
         course_id = session.execute(
             insert(Enrollment.__table__).values(subscriber_id=ann.id, sequence="product-vs-project")
         ).inserted_primary_key[0]
+        now = datetime.now(UTC)
         mail = [
-            Delivery(subscriber_id=ann.id, step="confirmation", message_id="<1@x>"),
-            Delivery(
-                subscriber_id=ann.id, enrollment_id=course_id, step="welcome", message_id="<2@x>"
-            ),
+            session.execute(
+                insert(Delivery.__table__).values(
+                    subscriber_id=ann.id,
+                    enrollment_id=enrollment_id,
+                    step=step,
+                    message_id=f"<{n}@x>",
+                    status="queued",
+                    attempts=0,
+                    not_before=now,
+                    created_at=now,
+                )
+            ).inserted_primary_key[0]
+            for n, (enrollment_id, step) in enumerate(
+                [(None, "confirmation"), (course_id, "welcome")], start=1
+            )
         ]
-        session.add_all(mail)
-        session.flush()
         session.add_all(
-            [Event(subscriber_id=ann.id, delivery_id=d.id, kind="open") for d in mail]
-            + [Event(subscriber_id=ann.id, delivery_id=mail[1].id, kind="click")]
+            [Event(subscriber_id=ann.id, delivery_id=d, kind="open") for d in mail]
+            + [Event(subscriber_id=ann.id, delivery_id=mail[1], kind="click")]
         )
     before = _sent_mail(empty_database)
     assert len(before) == 3
