@@ -30,7 +30,7 @@ from nurture.preview import parts, preview_message, send_test
 from nurture.publishing import published_sequences
 from nurture.render import LAYOUT_HTML, LAYOUT_TEXT, RenderError
 from nurture.scheduler import hand_over, plan, zone
-from nurture.sequences import Sequence, current_sequences
+from nurture.sequences import current_sequences
 from nurture.tasks import publisher
 from nurture.timeline import timeline
 
@@ -143,21 +143,22 @@ def index():
     start, end = _date_range()
     since = datetime.combine(start, time(0), tzinfo=UTC)
     until = datetime.combine(end + timedelta(days=1), time(0), tzinfo=UTC)
-    sequences = dict(state().sequences())
+    sequences = state().sequences()
     with session_scope(state().settings.database_url) as db:
-        gone = sorted(stats.sequences_in_range(db, since, until) - set(sequences))
-        if gone:
-            recorded = published_sequences(db)
-            for name in gone:  # its last recorded version, or just its name
-                bare = Sequence(name, name, "", Path("."), ())
-                sequences[name] = recorded.get(name, (bare,))[0]
+        # A sequence whose folder is gone, as the due-scan last ran it: its history stays.
+        gone = {
+            name: sequence
+            for name, (sequence, _) in published_sequences(db).items()
+            if name not in sequences
+        }
         report = {
             name: (stats.step_stats(db, seq, since, until), stats.funnel(db, seq, since, until))
-            for name, seq in sequences.items()
+            for name, seq in {**sequences, **gone}.items()
         }
+    shown = {**sequences, **{name: s for name, s in gone.items() if stats.any_count(*report[name])}}
     return render_template(
         "admin/index.html",
-        sequences=sequences,
+        sequences=shown,
         gone=set(gone),
         report=report,
         start=start,

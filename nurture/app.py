@@ -81,9 +81,10 @@ def _hold_streamed_body_to_limit() -> None:
     Werkzeug's server do for chunked requests): elsewhere Werkzeug reads none.
     """
     environ = request.environ
+    if "HTTP_TRANSFER_ENCODING" not in environ or "wsgi.input_terminated" not in environ:
+        return  # nearly every request: a body with a length, or none
     limit = request.max_content_length
-    streamed = "wsgi.input_terminated" in environ and "HTTP_TRANSFER_ENCODING" in environ
-    if limit is None or not streamed:
+    if limit is None:
         return
     stream, size = environ["wsgi.input"], 0
     body = SpooledTemporaryFile(max_size=MAX_BODY)  # noqa: SIM115 (the request's from here on)

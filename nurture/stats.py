@@ -10,7 +10,7 @@ each step, converted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 
 from sqlalchemy import and_, distinct, func, select
@@ -150,15 +150,10 @@ def funnel(session: Session, sequence: Sequence, start: datetime, end: datetime)
     )
 
 
-def sequences_in_range(session: Session, start: datetime, end: datetime) -> set[str]:
-    """The sequences with an email written or sent in [start, end): the dashboard also
-    shows one whose folder is gone, so that its history does not vanish with it."""
-    written = select(Delivery.sequence).where(
-        Delivery.created_at >= start, Delivery.created_at < end
-    )
-    sent = select(Delivery.sequence).where(Delivery.sent_at >= start, Delivery.sent_at < end)
-    rows = session.scalars(written.union(sent))
-    return {name for name in rows if name}
+def any_count(rows: list[StepStats], funnel: Funnel) -> bool:
+    """Whether a sequence has anything to show for the range: a signup, an email, an event."""
+    counted = [f.name for f in fields(StepStats) if f.type == "int"]
+    return funnel.signed_up > 0 or any(getattr(row, name) for row in rows for name in counted)
 
 
 def service_counts(session: Session, now: datetime) -> dict[str, float]:

@@ -38,6 +38,7 @@ from nurture.models import (
     User,
     utcnow,
 )
+from nurture.publishing import record_published
 from nurture.scheduler import dispatch
 from nurture.sequences import current_sequences, first_steps
 from nurture.subscribers import SignupRequest, confirm, signup
@@ -406,7 +407,12 @@ def test_a_renamed_step_and_a_removed_sequence_keep_their_history(history, tmp_p
     assert funnel.retired == {"product-manager"}
     assert dict(funnel.steps)["product-manager"] == 3  # a, b and c, who signed up in the range
 
-    # The whole folder gone: the dashboard shows the sequence's history, without links.
+    # The whole folder gone: the dashboard shows the sequence's history, as the due-scan
+    # last ran it, without links; a removed sequence with nothing in the range, not at all.
+    with session_scope(settings.database_url) as session:
+        record_published(session, current_sequences(ROOT / "templates" / "emails"), T0)
+        quiet = dataclasses.replace(live, name="retired-quietly", path=tmp_path)
+        record_published(session, {quiet.name: quiet}, T0)
     copy = tmp_path / "emails"
     shutil.copytree(ROOT / "templates" / "emails", copy)
     shutil.rmtree(copy / SEQUENCE)
@@ -418,6 +424,7 @@ def test_a_renamed_step_and_a_removed_sequence_keep_their_history(history, tmp_p
     for key in ("welcome", "product-manager"):
         assert shown[key] == expected[key]
     assert f"/admin/preview/{SEQUENCE}/" not in html
+    assert 'id="seq-retired-quietly"' not in html
 
 
 @BOTH_DATABASES
