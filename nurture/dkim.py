@@ -34,7 +34,7 @@ from pathlib import Path
 import dkim
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
-#: The headers the issue asks to sign, in the order they appear in h=. Only
+#: The headers we sign, in the order they appear in h=. Only
 #: those present are signed: the confirmation email has no List-Unsubscribe.
 SIGNED_HEADERS = (
     "From",
