@@ -528,7 +528,7 @@ def test_every_email_renders_with_and_without_a_name(settings, sequence, step):
         content_links = [u for u in HREF.findall(html) if u != unsubscribe]
         assert len(content_links) <= 1, content_links
         assert all(u == COURSE_URL for u in content_links), content_links
-        body = text.rpartition("\n--\n")[0]
+        body = text.rpartition("\n-- \n")[0]
         assert len(re.findall(r"https?://", body)) == len(content_links), body
         for pattern, what in MARKUP:
             found = pattern.search(text)
