@@ -219,3 +219,31 @@ def test_keyboard_reaches_the_form_in_order_and_enter_submits(page, server, sett
     page.keyboard.press("Enter")
     page.wait_for_selector("h1:has-text('Check your inbox')")
     assert subscriber(settings, "eve@example.com") is not None
+
+
+def _contrast(first: str, second: str) -> float:
+    """WCAG contrast ratio of two CSS colours given as `rgb(r, g, b)`."""
+
+    def luminance(css: str) -> float:
+        red, green, blue = (int(part) / 255 for part in css[css.index("(") + 1 : -1].split(",")[:3])
+        linear = [
+            c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (red, green, blue)
+        ]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    lighter, darker = sorted((luminance(first), luminance(second)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def test_focus_ring_stands_out_from_the_page(page, server):
+    """WCAG 1.4.11: the focus indicator needs 3:1 against the background it sits on."""
+    page.goto(f"{server}/")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    for selector in ("#email", "#first_name", "button[type=submit]"):
+        page.focus(selector)
+        style = page.eval_on_selector(
+            selector,
+            "e => { const s = getComputedStyle(e); return [s.outlineStyle, s.outlineColor]; }",
+        )
+        assert style[0] != "none", selector
+        assert _contrast(style[1], background) >= 3, (selector, style[1], background)
