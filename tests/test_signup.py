@@ -187,6 +187,14 @@ def test_invalid_form_shows_the_form_again_with_a_message(
     assert count(settings, Subscriber) == 0
 
 
+def test_a_course_form_is_titled_after_its_course(client):
+    """The browser tab and a screen reader's first words name the course being joined."""
+    joined = client.get("/join/career-switch-checklist").get_data(as_text=True)
+    assert "<title>Career switch checklist</title>" in joined
+    landing = client.get("/").get_data(as_text=True)
+    assert "<title>Product manager or project manager?</title>" in landing
+
+
 def test_form_with_unknown_time_zone_falls_back_to_default(client, settings):
     response = form_signup(client, "ann@example.com", timezone="Mars/Olympus_Mons")
 
