@@ -152,6 +152,15 @@ def test_confirmation_email_is_transactional(render_settings):
     assert POSTAL_ADDRESS in text
 
 
+def test_the_confirmation_email_names_no_one_course(render_settings):
+    """Every course's signups get this one email: it must not promise another course's lessons."""
+    _, text, html = render(render_settings, "confirmation")
+
+    for part in (text, html):
+        assert "product" not in part.lower()
+        assert "project" not in part.lower()
+
+
 # --- What subscribers type ---------------------------------------------------------
 
 
