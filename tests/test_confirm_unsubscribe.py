@@ -165,6 +165,21 @@ def test_confirm_link_activates_subscriber_and_enrollment(client, settings):
     assert snapshot(settings, subscriber_id) == before  # still one enrollment, one confirm
 
 
+def test_the_confirmed_page_promises_no_one_course_s_schedule(client, settings):
+    """A three-email course's subscriber is not told of "a week" of daily emails."""
+    email = "cs0@example.com"
+    body = {"email": email, "sequence": "career-switch-checklist"}
+    assert client.post("/api/v1/subscribers", json=body).status_code == 202
+    with session_scope(settings.database_url) as session:
+        subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == email))
+        consent_id = latest_consent(session, subscriber_id).id
+
+    page = client.get(f"/confirm/{confirm_token(settings, subscriber_id, consent_id)}")
+
+    assert page.status_code == 200
+    assert "week" not in page.get_data(as_text=True)
+
+
 def bad_confirm_tokens(settings, subscriber_id: int, consent_id: int) -> dict[str, str]:
     good = confirm_token(settings, subscriber_id, consent_id)
     return {
