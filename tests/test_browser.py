@@ -247,3 +247,27 @@ def test_focus_ring_stands_out_from_the_page(page, server):
         )
         assert style[0] != "none", selector
         assert _contrast(style[1], background) >= 3, (selector, style[1], background)
+
+
+def test_a_refused_form_says_so_in_its_title_and_focuses_the_field_to_fix(page, server):
+    """WCAG 3.3.1 and 2.4.3: after a 422 the keyboard and screen reader start at the error."""
+    page.goto(f"{server}/")
+    page.fill("#email", "ann@example.com")
+    page.fill("#first_name", "<Ann>")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#first-name-error")
+
+    assert page.title().startswith("Error: ")
+    assert page.evaluate("document.activeElement.id") == "first_name"
+
+    page.fill("#email", "")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#email-error")
+    assert page.evaluate("document.activeElement.id") == "email"
+
+    page.goto(f"{server}/confirm/not-a-token")
+    page.fill("#email", "not an address")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#email-error")
+    assert page.title().startswith("Error: ")
+    assert page.evaluate("document.activeElement.id") == "email"
