@@ -249,6 +249,19 @@ def test_focus_ring_stands_out_from_the_page(page, server):
         assert _contrast(style[1], background) >= 3, (selector, style[1], background)
 
 
+def test_text_boxes_are_outlined_clearly_enough_to_find(page, server):
+    """WCAG 1.4.11: a text box's border needs 3:1 against the page and against the box."""
+    page.goto(f"{server}/")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    for selector in ("#email", "#first_name"):
+        border, fill = page.eval_on_selector(
+            selector,
+            "e => { const s = getComputedStyle(e); return [s.borderTopColor, s.backgroundColor]; }",
+        )
+        assert _contrast(border, background) >= 3, (selector, border, background)
+        assert _contrast(border, fill) >= 3, (selector, border, fill)
+
+
 def test_a_refused_form_says_so_in_its_title_and_focuses_the_field_to_fix(page, server):
     """WCAG 3.3.1 and 2.4.3: after a 422 the keyboard and screen reader start at the error."""
     page.goto(f"{server}/")
