@@ -852,7 +852,9 @@ def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str
     subscriber = session.get(Subscriber, subscriber_id)
     if subscriber is None:
         return False
-    if subscriber.status == SubscriberStatus.UNSUBSCRIBED:
+    if subscriber.status in SubscriberStatus.SUPPRESSED:
+        # Already never mailed. A bounce, complaint or erasure must stay what it is:
+        # an unsubscribe is lifted by a new signup, they are not (or not as such).
         return True
     subscriber.status = SubscriberStatus.UNSUBSCRIBED
     subscriber.unsubscribed_at = now

@@ -926,3 +926,37 @@ def test_lint_passes_the_shipped_templates(stack):
     assert lint_templates(stack.settings) == []
     cli = run_nurture(stack, "lint")
     assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+@BOTH_DATABASES
+@pytest.mark.parametrize(
+    "status", [SubscriberStatus.BOUNCED, SubscriberStatus.COMPLAINED, SubscriberStatus.ERASED]
+)
+def test_an_old_unsubscribe_link_does_not_turn_a_suppression_into_an_unsubscribe(
+    app, client, settings, smtp, status
+):
+    """An unsubscribe may be lifted by a new signup; a bounce or complaint never is.
+
+    The unsubscribe link of an email sent before the bounce still works (mail
+    clients keep List-Unsubscribe): using it must not rewrite the bounce as an
+    unsubscribe, or the address could sign up and be mailed again.
+    """
+    email = "kept.out@example.com"
+    subscriber_id = join(client, settings, smtp, email)
+    with session_scope(settings.database_url) as session:
+        if status == SubscriberStatus.ERASED:
+            assert erase(session, subscriber_id, now=utcnow())
+        else:
+            session.execute(
+                update(Subscriber).where(Subscriber.id == subscriber_id).values(status=status)
+            )
+    token = make_unsubscribe_token(settings.secret_key, subscriber_id)
+
+    assert one_click(app, f"/unsubscribe/{token}").status_code == 200
+
+    assert subscriber(settings, subscriber_id).status == status
+    assert events(settings, subscriber_id, "unsubscribe") == []
+    if status != SubscriberStatus.ERASED:
+        total = count(settings, Delivery)
+        assert api_signup(client, email).status_code == 202
+        assert count(settings, Delivery) == total, "a suppressed address got a confirmation"
