@@ -59,7 +59,7 @@ from nurture.models import (
 )
 from nurture.render import Renderer, RenderError, add_open_pixel, rewrite_links
 from nurture.sequences import Sequence
-from nurture.subscribers import complete_if_done, latest_consent, stop_enrollments
+from nurture.subscribers import complete_if_done, latest_consent, stop_enrollments, suppress
 from nurture.throttle import Throttle
 
 log = logging.getLogger(__name__)
@@ -848,7 +848,7 @@ def _send_one(
             status=DeliveryStatus.FAILED,
             last_error=str(error),
         )
-        _suppress_bounced(session, subscriber.id, now, str(error), delivery.id)
+        _suppress_bounced(session, subscriber, now, str(error), delivery.id)
         return "failed"
     except SessionRefused as error:
         log.error(
@@ -899,12 +899,25 @@ def _retry_or_fail(session, settings: Settings, delivery, now, reason: str) -> s
     return "retry"
 
 
-def _suppress_bounced(session, subscriber_id: int, now, reason: str, delivery_id: int) -> None:
-    session.execute(
+def _suppress_bounced(session, subscriber, now, reason: str, delivery_id: int) -> None:
+    """Mark the recipient bounced, unless they were erased while the email was on its way.
+
+    An erasure cannot call back an email the SMTP server already has; its refusal
+    quotes the address ("550 5.1.1 <ann@...>"). Then the erased row stays erased,
+    the reason is kept nowhere, and the bounce outranks the erasure in the
+    suppression hash instead.
+    """
+    subscriber_id = subscriber.id
+    bounced = session.execute(
         update(Subscriber)
-        .where(Subscriber.id == subscriber_id)
+        .where(Subscriber.id == subscriber_id, Subscriber.status != SubscriberStatus.ERASED)
         .values(status=SubscriberStatus.BOUNCED)
-    )
+        .returning(Subscriber.id)
+    ).first()
+    if bounced is None:
+        session.execute(update(Delivery).where(Delivery.id == delivery_id).values(last_error=""))
+        suppress(session, subscriber.email, SubscriberStatus.BOUNCED, now)
+        reason = ""
     stop_enrollments(session, subscriber_id)
     session.add(
         Event(

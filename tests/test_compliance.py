@@ -28,6 +28,7 @@ from nurture.config import ConfigError, load_settings
 from nurture.db import session_scope
 from nurture.delivery import claim, send_batch
 from nurture.lint import lint_templates
+from nurture.mailer import PermanentFailure
 from nurture.models import (
     CONFIRMATION_STEP,
     Base,
@@ -960,3 +961,42 @@ def test_an_old_unsubscribe_link_does_not_turn_a_suppression_into_an_unsubscribe
         total = count(settings, Delivery)
         assert api_signup(client, email).status_code == 202
         assert count(settings, Delivery) == total, "a suppressed address got a confirmation"
+
+
+class _ErasedWhileSending:
+    """An SMTP connection during whose send the person is erased, and whose server then
+    refuses the address, quoting it, as servers do ("550 5.1.1 <ann@...>")."""
+
+    def __init__(self, settings, subscriber_id: int, email: str):
+        self.settings, self.subscriber_id, self.email = settings, subscriber_id, email
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def send(self, message, signer=None) -> None:
+        with session_scope(self.settings.database_url) as session:
+            assert erase(session, self.subscriber_id, now=utcnow())
+        raise PermanentFailure(f"550 5.1.1 <{self.email}>: Recipient address rejected")
+
+
+@BOTH_DATABASES
+def test_a_bounce_of_an_email_in_flight_at_erasure_brings_nothing_back(client, settings, smtp):
+    """Erasure cannot stop an email already handed to the SMTP server; its refusal,
+    which quotes the address, must not write the address back or undo the erasure."""
+    email, name = "in.flight@example.com", "Inflight"
+    subscriber_id = join(client, settings, smtp, email, first_name=name)
+    now = enrollment(settings, subscriber_id).next_due_at
+    ids = tick(settings, now)
+    with session_scope(settings.database_url) as session:
+        sequences = current_sequences(settings.templates_path)
+        connection = _ErasedWhileSending(settings, subscriber_id, email)
+        result = send_batch(
+            session, settings, sequences, ids, clock=lambda: now, connection=connection
+        )
+    assert result.failed == 1
+
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.ERASED
+    assert places_holding(settings, email, name) == [], "the bounce wrote the address back"
