@@ -60,11 +60,22 @@ def db_upgrade(revision: str) -> None:
 
 @db.command("downgrade")
 @click.argument("revision")
-def db_downgrade(revision: str) -> None:
-    """Migrate the database back to REVISION ("base" for an empty one)."""
+@click.option("--yes", is_flag=True, help="Do not ask before dropping data.")
+def db_downgrade(revision: str, yes: bool) -> None:
+    """Migrate the database back to REVISION ("base" for an empty one).
+
+    Says what each revision undone drops for good, and asks first (unless --yes).
+    """
     from nurture import migrate
 
     database_url = _settings().database_url
+    lost = migrate.data_lost(database_url, revision)
+    for undone, what in lost:
+        click.echo(f"undoing {undone} drops {what}", err=True)
+    if lost and not yes:
+        click.confirm(
+            "Downgrade and lose that data? Upgrading again does not bring it back", abort=True
+        )
     migrate.downgrade(database_url, revision)
     click.echo(f"database at revision {migrate.current(database_url)}")
 

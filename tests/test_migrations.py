@@ -212,3 +212,36 @@ def test_cli_upgrade_is_idempotent(tmp_path):
     assert {"subscribers", "consents", "enrollments", "deliveries", "events", "users"} <= set(
         tables
     )
+
+
+def test_cli_downgrade_says_what_it_drops_and_asks_first(tmp_path):
+    """Undoing 0005 makes every account an admin when upgraded again, 0003 forgets the
+    suppression list: the command says so, and goes on only when told to."""
+    stack = Stack(
+        {"NURTURE_INSTANCE": str(tmp_path), "DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}"}
+    )
+    url = stack.settings.database_url
+    migrate.upgrade(url)
+
+    def nurture(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "nurture", "db", "downgrade", *args],
+            cwd=ROOT,
+            env=stack.process_env(),
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    refused = nurture("0002")
+    assert refused.returncode != 0
+    assert "undoing 0005 drops every admin account's role" in refused.stderr
+    assert "undoing 0003 drops the suppression list" in refused.stderr
+    assert "0010" in refused.stderr and "0002 drops" not in refused.stderr
+    assert migrate.current(url) == "0010", "nothing changed without a yes"
+
+    assert nurture("0009", "--yes").returncode == 0
+    assert migrate.current(url) == "0009"
+    quiet = nurture("0008")  # 0009 drops nothing
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    assert migrate.current(url) == "0008"
