@@ -21,6 +21,7 @@ import pytest
 from conftest import BOTH_DATABASES, csrf_token
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from sqlalchemy import func, select, update
+from test_delivery import ScriptedServer
 
 import nurture
 from nurture.app import create_app
@@ -28,7 +29,7 @@ from nurture.config import ConfigError, load_settings
 from nurture.db import session_scope
 from nurture.delivery import claim, send_batch
 from nurture.lint import lint_templates
-from nurture.mailer import PermanentFailure
+from nurture.mailer import SMTPConnection, SMTPSettings
 from nurture.models import (
     CONFIRMATION_STEP,
     Base,
@@ -46,7 +47,7 @@ from nurture.models import (
 from nurture.privacy import erase, export_data
 from nurture.scheduler import dispatch
 from nurture.sequences import current_sequences
-from nurture.subscribers import CONSENT_TEXT, CONSENT_VERSION, latest_consent
+from nurture.subscribers import CONSENT_TEXT, CONSENT_VERSION, latest_consent, suppression_of
 from nurture.tokens import make_click_token, make_confirm_token, make_unsubscribe_token
 from nurture.users import add_user
 
@@ -963,23 +964,20 @@ def test_an_old_unsubscribe_link_does_not_turn_a_suppression_into_an_unsubscribe
         assert count(settings, Delivery) == total, "a suppressed address got a confirmation"
 
 
-class _ErasedWhileSending:
-    """An SMTP connection during whose send the person is erased, and whose server then
+class _ErasesAtRecipient(ScriptedServer):
+    """An SMTP server during whose conversation the person is erased, and which then
     refuses the address, quoting it, as servers do ("550 5.1.1 <ann@...>")."""
 
     def __init__(self, settings, subscriber_id: int, email: str):
         self.settings, self.subscriber_id, self.email = settings, subscriber_id, email
+        super().__init__()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        pass
-
-    def send(self, message, signer=None) -> None:
-        with session_scope(self.settings.database_url) as session:
-            assert erase(session, self.subscriber_id, now=utcnow())
-        raise PermanentFailure(f"550 5.1.1 <{self.email}>: Recipient address rejected")
+    def reply(self, command: str, number: int):
+        if command.startswith("RCPT"):
+            with session_scope(self.settings.database_url) as session:
+                assert erase(session, self.subscriber_id, now=utcnow())
+            return f"550 5.1.1 <{self.email}>: Recipient address rejected".encode()
+        return None
 
 
 @BOTH_DATABASES
@@ -992,11 +990,14 @@ def test_a_bounce_of_an_email_in_flight_at_erasure_brings_nothing_back(client, s
     ids = tick(settings, now)
     with session_scope(settings.database_url) as session:
         sequences = current_sequences(settings.templates_path)
-        connection = _ErasedWhileSending(settings, subscriber_id, email)
-        result = send_batch(
-            session, settings, sequences, ids, clock=lambda: now, connection=connection
-        )
+        server = _ErasesAtRecipient(settings, subscriber_id, email)
+        with SMTPConnection(SMTPSettings("127.0.0.1", server.port, timeout=5)) as connection:
+            result = send_batch(
+                session, settings, sequences, ids, clock=lambda: now, connection=connection
+            )
     assert result.failed == 1
 
     assert subscriber(settings, subscriber_id).status == SubscriberStatus.ERASED
     assert places_holding(settings, email, name) == [], "the bounce wrote the address back"
+    with session_scope(settings.database_url) as session:
+        assert suppression_of(session, email) == SubscriberStatus.BOUNCED, "kept out for good"
