@@ -287,7 +287,7 @@ def dkim(generate_path: str | None) -> None:
 
 @main.group()
 def subscribers() -> None:
-    """Subscribers: import and export, and each one's data (export-data, erase)."""
+    """Subscribers: import and export, each one's data (export-data, erase), suppress."""
 
 
 def _subscriber_id(session, email: str) -> int:
@@ -371,6 +371,35 @@ def subscribers_export_data(email: str) -> None:
     with session_scope(_settings().database_url) as session:
         data = export_data(session, _subscriber_id(session, email))
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@subscribers.command("suppress")
+@click.argument("email")
+@click.option(
+    "--reason",
+    type=click.Choice(["complained", "bounced"]),
+    default="complained",
+    show_default=True,
+    help="What the mail provider reported.",
+)
+def subscribers_suppress(email: str, reason: str) -> None:
+    """Never mail EMAIL again: a complaint or a late bounce reported after the send."""
+    from email_validator import EmailNotValidError
+
+    from nurture.db import session_scope
+    from nurture.models import utcnow
+    from nurture.subscribers import normalize_email, suppress_reported
+
+    try:
+        address = normalize_email(email)
+    except EmailNotValidError as error:
+        raise click.ClickException(f"{email} is not an email address: {error}") from None
+    with session_scope(_settings().database_url) as session:
+        known = suppress_reported(session, address, reason, now=utcnow(), source="cli")
+    if known:
+        click.echo(f"{email} is suppressed ({reason}); nothing more is sent to it")
+    else:
+        click.echo(f"no subscriber has {email}; its hash is kept, so it is never mailed")
 
 
 @subscribers.command("erase")

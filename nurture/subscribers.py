@@ -858,21 +858,62 @@ def unsubscribe(session: Session, subscriber_id: int, *, now: datetime, how: str
         return True
     subscriber.status = SubscriberStatus.UNSUBSCRIBED
     subscriber.unsubscribed_at = now
+    _stop_mailing(session, subscriber, "unsubscribe", how, now)
+    return True
+
+
+def _stop_mailing(session: Session, subscriber: Subscriber, kind: str, how: str, now) -> None:
+    """Stop every enrollment, cancel every email not yet sent, and record why (an event).
+
+    The event points at the last email sent, so the dashboard counts it on that step.
+    """
+    subscriber_id = subscriber.id
     stop_enrollments(session, subscriber_id)
     session.execute(
         update(Delivery)
         .where(Delivery.subscriber_id == subscriber_id, Delivery.status == DeliveryStatus.QUEUED)
-        .values(status=DeliveryStatus.CANCELLED, last_error=f"unsubscribed ({how})")
+        .values(status=DeliveryStatus.CANCELLED, last_error=f"{subscriber.status} ({how})")
     )
     session.add(
         Event(
             subscriber_id=subscriber_id,
             delivery_id=last_sent_delivery(session, subscriber_id),
-            kind="unsubscribe",
+            kind=kind,
             detail=how,
             created_at=now,
         )
     )
+
+
+#: What a report from outside the SMTP conversation may say of an address, and the
+#: event it is recorded as. Both keep the address out for good.
+REPORTS = {SubscriberStatus.COMPLAINED: "complaint", SubscriberStatus.BOUNCED: "bounce"}
+
+
+def suppress_reported(
+    session: Session, address: str, reason: str, *, now: datetime, source: str
+) -> bool:
+    """Keep an address out for good on a complaint or a late bounce; True if it is a subscriber's.
+
+    Complaints (a person pressing "spam", told by the provider's feedback loop)
+    and many bounces (a delivery report after the receiving server first took
+    the email) arrive after the send, so they come by webhook or by the CLI,
+    not in the SMTP conversation. A subscriber is stopped as an unsubscribe
+    stops them, but for good: a new signup does not lift it. An address that is
+    no subscriber's (never one, or erased) gets a suppression hash instead, so
+    no later signup can bring it back. `address` is in its stored form
+    (`normalize_email`).
+    """
+    if reason not in REPORTS:
+        raise ValueError(f"a reported address is {' or '.join(REPORTS)}, not {reason!r}")
+    subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == address))
+    if subscriber_id is None:
+        suppress(session, address, reason, now)
+        return False
+    subscriber = _locked(session, subscriber_id)
+    if subscriber.status not in REPORTS:  # a first bounce or complaint keeps its name
+        subscriber.status = reason
+    _stop_mailing(session, subscriber, REPORTS[reason], source, now)
     return True
 
 

@@ -1,9 +1,10 @@
-"""What subscribers do with the emails: link clicks, and conversions.
+"""What subscribers do with the emails: link clicks, conversions, complaints.
 
 `GET /r/<token>` records a click and redirects to the link the email really
 contained (the URL is inside the signed token). A click on the course link is
 a conversion. `POST /api/v1/conversions` lets the enrollment system report one,
-signed with WEBHOOK_SECRET.
+and `POST /api/v1/suppressions` the mail provider a complaint or a late bounce,
+both signed with WEBHOOK_SECRET.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 from email_validator import EmailNotValidError
 from flask import Blueprint, Response, jsonify, redirect, render_template, request
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from nurture import subscribers, tokens
 from nurture.app import csrf, json_object, not_a_json_object, state
@@ -114,28 +115,41 @@ def _signature_ok(secret: str, body: bytes, header: str) -> bool:
     return hmac.compare_digest(expected, header.strip())
 
 
+def _signed_report():
+    """The webhooks' shared front: (the JSON object, the address as stored), or an error reply.
+
+    The body must be signed with WEBHOOK_SECRET (header `X-Nurture-Signature:
+    sha256=<HMAC-SHA256 of the body>`) and hold an `email`; without the secret
+    set, the webhooks do not exist.
+    """
+    settings = state().settings
+    if not settings.webhook_secret:
+        return None, (jsonify({"errors": {"webhook": "Set WEBHOOK_SECRET to use webhooks."}}), 404)
+    body = request.get_data(cache=True)
+    if not _signature_ok(settings.webhook_secret, body, request.headers.get(SIGNATURE_HEADER, "")):
+        failure = jsonify({"errors": {"signature": f"Missing or wrong {SIGNATURE_HEADER}."}})
+        return None, (failure, 401)
+    data = json_object()
+    if data is None:
+        return None, not_a_json_object()
+    email = data.get("email")
+    if not isinstance(email, str) or not email.strip():
+        return None, (jsonify({"errors": {"email": 'Send {"email": ...}.'}}), 422)
+    try:
+        return (data, subscribers.normalize_email(email)), None  # as signup stored it
+    except EmailNotValidError as error:
+        return None, (jsonify({"errors": {"email": str(error)}}), 422)
+
+
 @bp.post("/api/v1/conversions")
 @csrf.exempt
 def conversion_webhook():
-    """`{"email": ...}`, signed: header `X-Nurture-Signature: sha256=<HMAC-SHA256 of body>`."""
-    app_state = state()
-    settings = app_state.settings
-    if not settings.webhook_secret:
-        return jsonify({"errors": {"webhook": "Set WEBHOOK_SECRET to accept conversions."}}), 404
-    body = request.get_data(cache=True)
-    if not _signature_ok(settings.webhook_secret, body, request.headers.get(SIGNATURE_HEADER, "")):
-        return jsonify({"errors": {"signature": f"Missing or wrong {SIGNATURE_HEADER}."}}), 401
-    data = json_object()
-    if data is None:
-        return not_a_json_object()
-    email = data.get("email")
-    if not isinstance(email, str) or not email.strip():
-        return jsonify({"errors": {"email": 'Send {"email": ...}.'}}), 422
-    try:
-        address = subscribers.normalize_email(email)  # as signup stored it
-    except EmailNotValidError as error:
-        return jsonify({"errors": {"email": str(error)}}), 422
-    with session_scope(settings.database_url) as session:
+    """`{"email": ...}`, signed: the enrollment system reports that someone took the course."""
+    report, failure = _signed_report()
+    if failure:
+        return failure
+    _, address = report
+    with session_scope(state().settings.database_url) as session:
         subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == address))
         if subscriber_id is None:
             return jsonify({"errors": {"email": "No subscriber has this address."}}), 404
@@ -144,6 +158,37 @@ def conversion_webhook():
             subscriber_id,
             now=utcnow(),
             source="webhook",
-            sales_steps=sales_steps(app_state.sequences()),
+            sales_steps=sales_steps(state().sequences()),
         )
     return jsonify({"status": "converted", "enrollments": converted}), 200
+
+
+@bp.post("/api/v1/suppressions")
+@csrf.exempt
+def suppression_webhook():
+    """`{"email": ..., "reason": "complained" | "bounced"}`, signed: keep an address out for good.
+
+    For what the mail provider reports after the send: a complaint from its
+    feedback loop, or a bounce that came as a delivery report. An address that
+    is no subscriber's is suppressed all the same (it may have been erased).
+    """
+    report, failure = _signed_report()
+    if failure:
+        return failure
+    data, address = report
+    reason = data.get("reason")
+    if reason not in subscribers.REPORTS:
+        choices = " or ".join(f'"{r}"' for r in subscribers.REPORTS)
+        return jsonify({"errors": {"reason": f"Send a reason: {choices}."}}), 422
+    try:
+        known = _suppress_reported(address, reason)
+    except IntegrityError:  # the same report at the same moment wrote its hash first
+        known = _suppress_reported(address, reason)
+    return jsonify({"status": "suppressed", "reason": reason, "subscriber": known}), 200
+
+
+def _suppress_reported(address: str, reason: str) -> bool:
+    with session_scope(state().settings.database_url) as session:
+        return subscribers.suppress_reported(
+            session, address, reason, now=utcnow(), source="webhook"
+        )

@@ -22,6 +22,7 @@ from conftest import BOTH_DATABASES, csrf_token
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from sqlalchemy import func, select, update
 from test_delivery import ScriptedServer
+from test_engine import signed
 
 import nurture
 from nurture.app import create_app
@@ -519,6 +520,100 @@ def test_complained_address_signing_up_again_gets_no_email(client, settings, smt
     assert count(settings, Delivery) == total + 1  # only the new address's confirmation
     assert len(deliveries(settings, subscriber_id, CONFIRMATION_STEP)) == 1
     assert subscriber(settings, subscriber_id).status == SubscriberStatus.COMPLAINED
+
+
+def report(hooked, body: dict):
+    raw = json.dumps(body).encode()
+    return hooked.post("/api/v1/suppressions", data=raw, headers=signed(raw))
+
+
+@BOTH_DATABASES
+def test_a_complaint_reported_by_webhook_stops_the_course_for_good(stack, client, settings, smtp):
+    """A provider's feedback loop tells of the "spam" button after the send: by webhook."""
+    email = "pressed.spam@example.com"
+    subscriber_id = join(client, settings, smtp, email)
+    now = enrollment(settings, subscriber_id).next_due_at
+    handed_out = tick(settings, now)  # the first lesson is in a worker's queue
+    assert len(handed_out) == 1
+    hooked = create_app(stack.with_env(WEBHOOK_SECRET="s3cret").settings).test_client()
+    complaint = {"email": email.upper(), "reason": "complained"}
+
+    raw = json.dumps(complaint).encode()
+    unsigned = hooked.post("/api/v1/suppressions", data=raw, headers=signed(raw, "wrong"))
+    assert unsigned.status_code == 401
+    unknown_reason = report(hooked, {"email": email, "reason": "annoyed"})
+    assert unknown_reason.status_code == 422
+    assert "reason" in unknown_reason.get_json()["errors"]
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.ACTIVE
+
+    response = report(hooked, complaint)
+
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "status": "suppressed",
+        "reason": "complained",
+        "subscriber": True,
+    }
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.COMPLAINED
+    assert enrollment(settings, subscriber_id).status == EnrollmentStatus.STOPPED
+    [queued] = [d for d in deliveries(settings, subscriber_id) if d.id in handed_out]
+    assert (queued.status, queued.last_error) == (DeliveryStatus.CANCELLED, "complained (webhook)")
+    [event] = events(settings, subscriber_id, "complaint")
+    assert event.detail == "webhook"
+    assert send(settings, handed_out, now).sent == 0
+    assert course_steps(smtp, email) == []
+
+    # Reported again, as a bounce this time: still the complaint, and still nothing sent.
+    assert report(hooked, {"email": email, "reason": "bounced"}).status_code == 200
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.COMPLAINED
+    total = count(settings, Delivery)
+    assert api_signup(client, email).status_code == 202
+    assert count(settings, Delivery) == total, "a complained address got a confirmation"
+
+
+@BOTH_DATABASES
+def test_a_bounce_reported_for_an_address_with_no_subscriber_keeps_it_out(stack, client, settings):
+    """A late bounce may name an address erased since: its hash is kept all the same."""
+    hooked = create_app(stack.with_env(WEBHOOK_SECRET="s3cret").settings).test_client()
+
+    response = report(hooked, {"email": "Gone.Away@Example.com", "reason": "bounced"})
+
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "suppressed", "reason": "bounced", "subscriber": False}
+    with session_scope(settings.database_url) as session:
+        assert suppression_of(session, "gone.away@example.com") == SubscriberStatus.BOUNCED
+    total = count(settings, Delivery)
+    assert api_signup(client, "gone.away@example.com").status_code == 202
+    assert count(settings, Delivery) == total, "a bounced address got a confirmation"
+
+
+def test_the_cli_suppresses_a_complaint_read_from_a_feedback_loop(stack, client, settings, smtp):
+    email = "fbl@example.com"
+    subscriber_id = join(client, settings, smtp, email)
+
+    done = run_nurture(stack, "subscribers", "suppress", "FBL@example.com")
+
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout.strip()
+        == "FBL@example.com is suppressed (complained); nothing more is sent to it"
+    )
+    assert subscriber(settings, subscriber_id).status == SubscriberStatus.COMPLAINED
+    assert enrollment(settings, subscriber_id).status == EnrollmentStatus.STOPPED
+    [event] = events(settings, subscriber_id, "complaint")
+    assert event.detail == "cli"
+
+    nobody = run_nurture(
+        stack, "subscribers", "suppress", "nobody@example.com", "--reason", "bounced"
+    )
+    assert nobody.returncode == 0, nobody.stderr
+    assert "no subscriber has nobody@example.com" in nobody.stdout
+    with session_scope(settings.database_url) as session:
+        assert suppression_of(session, "nobody@example.com") == SubscriberStatus.BOUNCED
+
+    typo = run_nurture(stack, "subscribers", "suppress", "not an address")
+    assert typo.returncode == 1
+    assert typo.stderr.count("\n") == 1 and "not an email address" in typo.stderr
 
 
 @BOTH_DATABASES
