@@ -275,6 +275,34 @@ def test_a_control_character_in_the_login_email_matches_no_account(client, setti
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+def test_an_unknown_login_address_costs_as_much_hashing_as_a_known_one(
+    client, settings, monkeypatch
+):
+    """Refusing an unknown address must not take longer than a wrong password:
+    it used to hash a fresh dummy password first (two key derivations, not one),
+    so timing the login told which admin accounts exist."""
+    import hashlib
+
+    with session_scope(settings.database_url) as session:
+        add_user(session, ADMIN, PASSWORD)
+    derivations = []
+    real_scrypt = hashlib.scrypt
+
+    def counting_scrypt(*args, **kwargs):
+        derivations.append(1)
+        return real_scrypt(*args, **kwargs)
+
+    def hashing_for(email: str) -> int:
+        derivations.clear()
+        assert login(client, email=email, password="wrong password").status_code == 401
+        return len(derivations)
+
+    monkeypatch.setattr(hashlib, "scrypt", counting_scrypt)
+    hashing_for("nobody@example.com")  # the first one may make what later ones reuse
+
+    assert hashing_for("someone@example.com") == hashing_for(ADMIN) == 1
+
+
 def test_cli_refuses_a_short_password(stack, settings):
     result = nurture(stack, "users", "add", ADMIN, "--password-stdin", stdin="short\n")
 
