@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from datetime import UTC, date, datetime, time, timedelta
 from functools import wraps
 from pathlib import Path
@@ -38,12 +39,20 @@ bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 
 def _role() -> str | None:
-    """The signed-in user's role, read each request so a change applies at once."""
+    """The signed-in user's role, read each request so a change applies at once.
+
+    None, as for no sign-in, when the session was made before the account's
+    password last changed (see `users.session_key`).
+    """
     if "role" not in g:
+        settings = state().settings
         user_id = session.get("user_id")
-        with session_scope(state().settings.database_url) as db:
+        with session_scope(settings.database_url) as db:
             user = db.get(User, user_id) if user_id else None
-            g.role = user.role if user else None
+            valid = user is not None and hmac.compare_digest(
+                str(session.get("key", "")), users.session_key(settings.secret_key, user)
+            )
+            g.role = user.role if valid else None
     return g.role
 
 
@@ -103,9 +112,11 @@ def login():
                 db, request.form.get("email", ""), request.form.get("password", "")
             )
             user_id = user.id if user else None
+            key = users.session_key(settings.secret_key, user) if user else None
         if user_id is not None:
             session.clear()
             session["user_id"] = user_id
+            session["key"] = key
             return redirect(_safe_next(request.args.get("next")), code=303)
         error = "That email and password do not match an account."
     return render_template("admin/login.html", error=error), 401 if error else 200

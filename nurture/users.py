@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select
@@ -60,6 +62,16 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
         check_password_hash(_dummy_hash(), password)
         return None
     return user if check_password_hash(user.password_hash, password) else None
+
+
+def session_key(secret: str, user: User) -> str:
+    """What a signed-in session holds to stay valid: a MAC of the account's password hash.
+
+    Setting a new password changes it, so every session signed in with the old
+    one (a stolen cookie, a shared computer) stops working at once. The cookie
+    is signed but readable, hence a MAC under the secret key, not the hash.
+    """
+    return hmac.new(secret.encode(), user.password_hash.encode(), hashlib.sha256).hexdigest()
 
 
 def can(role: str | None, needed: str) -> bool:

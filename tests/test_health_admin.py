@@ -303,6 +303,26 @@ def test_an_unknown_login_address_costs_as_much_hashing_as_a_known_one(
     assert hashing_for("someone@example.com") == hashing_for(ADMIN) == 1
 
 
+def test_a_new_password_ends_the_sessions_signed_in_with_the_old_one(client, settings, app):
+    """A stolen session cookie must not outlive a password reset."""
+    signed_in(client, settings)
+    stolen = client.get_cookie("session").value
+    thief = app.test_client()
+    thief.set_cookie("session", stolen)
+    assert thief.get("/admin/users").status_code == 200
+
+    token = csrf_token(client, "/admin/users")
+    new = {"csrf_token": token, "email": ADMIN, "password": "a brand new password", "role": "admin"}
+    assert client.post("/admin/users", data=new).status_code == 200
+
+    refused = thief.get("/admin/users")
+    assert refused.status_code == 302
+    assert urlsplit(refused.headers["Location"]).path == "/admin/login"
+    fresh = app.test_client()
+    assert login(fresh, password="a brand new password").status_code == 303
+    assert fresh.get("/admin/users").status_code == 200
+
+
 def test_cli_refuses_a_short_password(stack, settings):
     result = nurture(stack, "users", "add", ADMIN, "--password-stdin", stdin="short\n")
 
