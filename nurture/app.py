@@ -142,6 +142,21 @@ def create_app(settings: Settings, celery: Celery | None = None) -> Flask:
             request.max_content_length = MAX_UPLOAD
         _hold_streamed_body_to_limit()
 
+    @app.after_request
+    def _security_headers(response):
+        """No page may be framed (clickjacking of the admin's and unsubscribe page's
+        buttons), sniffed into another type, or send its path (the tokens in
+        /confirm/ and /unsubscribe/ links) to another site; admin pages, which
+        show subscribers' data, are not kept in any cache."""
+        headers = response.headers
+        headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+        headers.setdefault("X-Frame-Options", "DENY")
+        headers.setdefault("X-Content-Type-Options", "nosniff")
+        headers.setdefault("Referrer-Policy", "same-origin")
+        if request.path.startswith("/admin"):
+            headers["Cache-Control"] = "no-store"
+        return response
+
     celery = celery or make_celery(settings)
     app.extensions["nurture"] = AppState(
         settings, celery, Handover(settings, celery), RateLimiter(settings.rate_limit_storage)

@@ -31,6 +31,7 @@ from nurture.catcher import start_catcher
 from nurture.config import PRODUCTION_REQUIRED
 from nurture.db import get_engine, session_scope
 from nurture.models import CONFIRMATION_STEP, Delivery, DeliveryStatus, Subscriber, User
+from nurture.tokens import make_unsubscribe_token
 from nurture.users import add_user
 
 NURTURE = str(ROOT / ".venv" / "bin" / "nurture")
@@ -321,6 +322,22 @@ def test_a_new_password_ends_the_sessions_signed_in_with_the_old_one(client, set
     fresh = app.test_client()
     assert login(fresh, password="a brand new password").status_code == 303
     assert fresh.get("/admin/users").status_code == 200
+
+
+def test_pages_cannot_be_framed_or_sniffed_and_admin_pages_are_not_cached(client, settings):
+    """Clickjacking: a page of another site must not frame the admin's buttons
+    (unsubscribe, erase) or the public unsubscribe page."""
+    signed_in(client, settings)
+    unsubscribe = "/unsubscribe/" + make_unsubscribe_token(settings.secret_key, 1)
+
+    for path in ("/", unsubscribe, "/admin/login", "/admin/subscribers", "/admin/users"):
+        headers = client.get(path).headers
+        assert headers["X-Frame-Options"] == "DENY", path
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["Referrer-Policy"] == "same-origin", path
+    for path in ("/admin/login", "/admin/subscribers", "/admin/subscribers/export.csv"):
+        assert client.get(path).headers["Cache-Control"] == "no-store", path
 
 
 def test_cli_refuses_a_short_password(stack, settings):
