@@ -54,7 +54,8 @@ def metrics():
     token = state().settings.metrics_token
     if token:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given, token):
+        # As bytes: compare_digest raises TypeError for a str that is not ASCII (a 500).
+        if not hmac.compare_digest(given.encode(), token.encode()):
             abort(401)
     with session_scope(state().settings.database_url) as session:
         counts = service_counts(session, utcnow())

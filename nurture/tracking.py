@@ -112,7 +112,8 @@ def open_pixel(token: str):
 
 def _signature_ok(secret: str, body: bytes, header: str) -> bool:
     expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, header.strip())
+    # As bytes: compare_digest raises TypeError for a str that is not ASCII (a 500).
+    return hmac.compare_digest(expected.encode(), header.strip().encode())
 
 
 def _signed_report():

@@ -1014,3 +1014,21 @@ def test_metrics_token(stack):
     ok = client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
     assert ok.status_code == 200
     assert "nurture_signups" in page(ok)
+
+
+def test_a_secret_with_characters_beyond_ascii_is_refused_not_a_500(stack, caplog):
+    """`hmac.compare_digest` raises TypeError for a non-ASCII str: a forged
+    Authorization or signature header must get a 401, not a logged 500."""
+    settings = stack.with_env(METRICS_TOKEN="scrape-me", WEBHOOK_SECRET="s3cret").settings
+    client = create_app(settings).test_client()
+
+    metrics = client.get("/metrics", headers={"Authorization": "Bearer scrape-m\u00e9"})
+    webhook = client.post(
+        "/api/v1/conversions",
+        data=b'{"email": "ann@example.com"}',
+        headers={"X-Nurture-Signature": "sha256=\u00e9", "Content-Type": "application/json"},
+    )
+
+    assert metrics.status_code == 401
+    assert webhook.status_code == 401
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
