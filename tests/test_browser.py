@@ -147,6 +147,9 @@ def test_admin_login_dashboard_preview_and_subscriber(page, server, settings):
 
     page.goto(f"{server}/admin/preview/product-vs-project/welcome")
     assert page.locator("iframe[title='HTML part']").count() == 1
+    # The email itself shows in its frame (the pages' frame-ancestors policy is for others).
+    preview = page.frame_locator("iframe[title='HTML part']")
+    assert "Hi Alex" in preview.locator("body").inner_text()
     shot(page, "preview")
 
     page.goto(f"{server}/admin/subscribers/{bob.id}")
