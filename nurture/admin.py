@@ -42,7 +42,7 @@ def _role() -> str | None:
     """The signed-in user's role, read each request so a change applies at once.
 
     None, as for no sign-in, when the session was made before the account's
-    password last changed (see `users.session_key`).
+    password last changed, or before it last signed out (see `users.session_key`).
     """
     if "role" not in g:
         settings = state().settings
@@ -124,6 +124,14 @@ def login():
 
 @bp.post("/logout")
 def logout():
+    """Sign out here and everywhere else: every session of the account stops working.
+
+    Clearing this browser's cookie alone would leave a copy of it (another
+    device, a stolen cookie) signed in until it expired.
+    """
+    if _role() is not None:
+        with session_scope(state().settings.database_url) as db:
+            users.end_sessions(db, session["user_id"])
     session.clear()
     return redirect(url_for("admin.login"), code=303)
 
@@ -310,14 +318,16 @@ def calendar(name: str):
 
 
 @bp.get("/outbox")
-@login_required
+@requires("editor")
 def outbox():
+    """The dev catcher's mail, for editors: it holds working confirmation and unsubscribe
+    links of whoever signed up, which a viewer must not be able to use."""
     messages = catcher.list_outbox(state().settings.outbox_path)
     return render_template("admin/outbox.html", messages=messages)
 
 
 @bp.get("/outbox/<name>")
-@login_required
+@requires("editor")
 def outbox_message(name: str):
     try:
         message = catcher.read_message(state().settings.outbox_path, name)

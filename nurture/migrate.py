@@ -48,6 +48,7 @@ def upgrade(database_url: str, revision: str = "head") -> None:
 #: What undoing each revision drops for good, when it drops more than an empty column
 #: or something the next upgrade rebuilds (0008's time zones are copied again).
 DOWNGRADE_LOSES = {
+    "0011": "which admin sessions signing out ended (their cookies work again until they expire)",
     "0010": "when each failed delivery failed (deliveries.failed_at); the dashboard "
     "then counts those failures by when they were written",
     "0005": "every admin account's role (upgrading again makes every account an admin) "

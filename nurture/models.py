@@ -235,6 +235,8 @@ class User(Base):
     #: "admin" manages users and data; "editor" previews and sends tests; "viewer" reads.
     role: Mapped[str] = mapped_column(String(20), default="admin")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    #: Raised by signing out: every session made before it stops working (`users.session_key`).
+    session_epoch: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class Heartbeat(Base):

@@ -7,7 +7,7 @@ import hashlib
 import hmac
 
 from email_validator import EmailNotValidError, validate_email
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -67,11 +67,21 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
 def session_key(secret: str, user: User) -> str:
     """What a signed-in session holds to stay valid: a MAC of the account's password hash.
 
-    Setting a new password changes it, so every session signed in with the old
-    one (a stolen cookie, a shared computer) stops working at once. The cookie
-    is signed but readable, hence a MAC under the secret key, not the hash.
+    Setting a new password changes it, and so does signing out (which raises
+    the account's `session_epoch`), so every session made before (a stolen
+    cookie, a shared computer) stops working at once: a session is a signed
+    cookie, which the server cannot delete. The cookie is signed but readable,
+    hence a MAC under the secret key, not the hash.
     """
-    return hmac.new(secret.encode(), user.password_hash.encode(), hashlib.sha256).hexdigest()
+    held = f"{user.session_epoch}:{user.password_hash}".encode()
+    return hmac.new(secret.encode(), held, hashlib.sha256).hexdigest()
+
+
+def end_sessions(session: Session, user_id: int) -> None:
+    """Make every session of the account stop working (signing out)."""
+    session.execute(
+        update(User).where(User.id == user_id).values(session_epoch=User.session_epoch + 1)
+    )
 
 
 def can(role: str | None, needed: str) -> bool:

@@ -538,8 +538,16 @@ def test_viewer_reads_but_cannot_act(stack, app):
     subscriber_id = sign_up(settings, "ann@example.com", T0)
     viewer = signed_in(app, settings, "viewer")
 
-    for path in ("/admin/", "/admin/subscribers", f"/admin/subscribers/{subscriber_id}"):
+    readable = (
+        "/admin/",
+        "/admin/subscribers",
+        f"/admin/subscribers/{subscriber_id}",
+        f"/admin/sequences/{SEQUENCE}",
+        f"/admin/preview/{SEQUENCE}/welcome",  # the course as written, for a sample reader
+    )
+    for path in readable:
         assert viewer.get(path).status_code == 200, path
+    assert "/admin/outbox" not in viewer.get("/admin/").get_data(as_text=True)
     token = csrf_token(viewer, "/admin/subscribers")
     forbidden_posts = [
         f"/admin/preview/{SEQUENCE}/welcome/send-test",
@@ -554,8 +562,11 @@ def test_viewer_reads_but_cannot_act(stack, app):
     for path in forbidden_posts:
         response = viewer.post(path, data={"csrf_token": token, "confirm": "erase"})
         assert response.status_code == 403, path
-    for path in ("/admin/subscribers/export.csv", "/admin/subscribers/import", "/admin/users"):
+    # The dev outbox holds working confirmation and unsubscribe links of real signups.
+    forbidden_pages = ("/admin/outbox", "/admin/outbox/any.eml")
+    for path in (*forbidden_pages, "/admin/subscribers/export.csv", "/admin/subscribers/import"):
         assert viewer.get(path).status_code == 403, path
+    assert viewer.get("/admin/users").status_code == 403
     with session_scope(settings.database_url) as session:
         assert session.get(Subscriber, subscriber_id).status == "pending"
 

@@ -324,6 +324,25 @@ def test_a_new_password_ends_the_sessions_signed_in_with_the_old_one(client, set
     assert fresh.get("/admin/users").status_code == 200
 
 
+def test_signing_out_ends_every_session_of_the_account(client, settings, app):
+    """A session is a signed cookie: a copy of it must not outlive signing out."""
+    signed_in(client, settings)
+    copied = app.test_client()
+    copied.set_cookie("session", client.get_cookie("session").value)
+    assert copied.get("/admin/users").status_code == 200
+
+    token = csrf_token(client, "/admin/users")
+    assert client.post("/admin/logout", data={"csrf_token": token}).status_code == 303
+
+    for browser in (client, copied):
+        refused = browser.get("/admin/users")
+        assert refused.status_code == 302
+        assert urlsplit(refused.headers["Location"]).path == "/admin/login"
+    again = app.test_client()
+    assert login(again).status_code == 303
+    assert again.get("/admin/users").status_code == 200, "signing in again works"
+
+
 def test_pages_cannot_be_framed_or_sniffed_and_admin_pages_are_not_cached(client, settings):
     """Clickjacking: a page of another site must not frame the admin's buttons
     (unsubscribe, erase) or the public unsubscribe page."""

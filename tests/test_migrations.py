@@ -237,8 +237,9 @@ def test_cli_downgrade_says_what_it_drops_and_asks_first(tmp_path):
     assert refused.returncode != 0
     assert "undoing 0005 drops every admin account's role" in refused.stderr
     assert "undoing 0003 drops the suppression list" in refused.stderr
-    assert "0010" in refused.stderr and "0002 drops" not in refused.stderr
-    assert migrate.current(url) == "0010", "nothing changed without a yes"
+    assert "0010" in refused.stderr and "0011" in refused.stderr
+    assert "0002 drops" not in refused.stderr
+    assert migrate.current(url) == "0011", "nothing changed without a yes"
 
     assert nurture("0009", "--yes").returncode == 0
     assert migrate.current(url) == "0009"
