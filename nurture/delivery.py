@@ -290,22 +290,31 @@ class Composer:
         )
 
     def confirmation(self, subscriber: Subscriber, consent_id: int, message_id: str, now):
+        """The opt-in email, which carries nothing the signup form was given but the address.
+
+        Whoever fills in the form chooses the name, and the confirmation goes to an
+        address that has not yet said yes: a name like "WIN $500 at https://..."
+        would have us mail their words to anyone. So the template gets no first
+        name (`{{ first_name or "there" }}` greets "there") and the To header no
+        display name; the course, once confirmed, uses the name.
+        """
         token = tokens.make_confirm_token(self.settings.secret_key, subscriber.id, consent_id)
         rendered = self.renderer.render(
             "confirmation.md",
-            {
-                "first_name": subscriber.first_name,
-                "confirm_days": self.settings.confirm_max_age // 86400,
-            },
+            {"first_name": "", "confirm_days": self.settings.confirm_max_age // 86400},
             links={"confirm_url": f"{self.settings.base_url}/confirm/{token}"},
         )
-        return self._message(rendered, subscriber, message_id, now, step_label=CONFIRMATION_STEP)
+        return self._message(
+            rendered, subscriber, message_id, now, to_name="", step_label=CONFIRMATION_STEP
+        )
 
-    def _message(self, rendered, subscriber: Subscriber, message_id: str, now, **headers):
+    def _message(
+        self, rendered, subscriber: Subscriber, message_id: str, now, to_name=None, **headers
+    ):
         return build_message(
             rendered,
             to_email=subscriber.email,
-            to_name=subscriber.first_name,
+            to_name=subscriber.first_name if to_name is None else to_name,
             mail_from=self.settings.mail_from,
             message_id=message_id,
             date=now,

@@ -881,6 +881,26 @@ def test_signups_are_rate_limited_per_address(stack):
     assert count(settings, Delivery) == 5
 
 
+@BOTH_DATABASES
+def test_the_confirmation_carries_no_words_of_whoever_filled_in_the_form(client, settings, smtp):
+    """Anyone can type any address and any name into the form; until the address says
+    yes, we must not mail it the name's words (a spam line, a link)."""
+    email, payload = "victim@example.com", "WIN 500 now at https://evil.example/claim"
+    assert api_signup(client, email, first_name=payload).status_code == 202
+
+    message = send_confirmation(settings, smtp, email)
+
+    everything = message.as_string()
+    assert "evil.example" not in everything and "WIN 500" not in everything
+    assert message["To"] == email
+    assert text_part(message).startswith("Hi there,")
+    # Once the address has confirmed, the course uses the name the person gave.
+    fresh = client.application.test_client()
+    assert fresh.get(path_of(link_in(message, "/confirm/"))).status_code == 200
+    subscriber_id = subscriber_id_of(settings, email)
+    assert subscriber(settings, subscriber_id).first_name == payload
+
+
 def test_honeypot_gets_the_same_answer_and_creates_nothing(client, settings):
     landing = client.get("/").get_data(as_text=True)
     hidden = r'<div class="honeypot" aria-hidden="true">(?:(?!</div>).)*name="website"'
