@@ -6,7 +6,7 @@ import time
 import uuid
 
 import pytest
-from conftest import REDIS_URL, require
+from conftest import BOTH_DATABASES, REDIS_URL, require
 
 from nurture.config import ConfigError, load_settings
 from nurture.throttle import Throttle, parse_domain_rates
@@ -112,3 +112,64 @@ def test_a_delivery_over_the_limit_goes_back_to_the_queue(tmp_path, smtp, databa
     assert len(waiting) == 2
     assert all(row.last_error == "rate limited" and row.attempts == 0 for row in waiting)
     assert all(row.enqueued_at is None and row.not_before > now for row in waiting)
+
+
+@BOTH_DATABASES
+def test_an_unsubscribe_while_waiting_for_a_slot_stops_the_email(tmp_path, smtp, database_url):
+    """The check before sending comes before the wait for a send-rate slot, which may last
+    seconds: an unsubscribe in that time must still stop the email."""
+    from sqlalchemy import select
+
+    from nurture.db import session_scope
+    from nurture.delivery import composer_for, send_batch
+    from nurture.models import Delivery, Subscriber, utcnow
+    from nurture.scheduler import dispatch
+    from nurture.sequences import first_steps, load_sequences
+    from nurture.subscribers import SignupRequest, confirm, signup, unsubscribe
+
+    settings = redis_settings(
+        tmp_path,
+        DATABASE_URL=database_url,
+        SMTP_URL=smtp.url,
+        DOUBLE_OPT_IN="0",
+        SEND_RATE_PER_DOMAIN=f"{uuid.uuid4().hex[:8]}.example=1",
+    )
+    domain = next(iter(settings.send_rate_per_domain))
+    sequences = load_sequences(settings.templates_path)
+    now = utcnow()
+    with session_scope(settings.database_url) as session:
+        for name in ("ann", "bob"):
+            request = SignupRequest(f"{name}@{domain}", "", "UTC", "product-vs-project", "api")
+            signup(session, settings, request, first_steps=first_steps(sequences), now=now)
+        session.commit()
+        people = dict(session.execute(select(Subscriber.email, Subscriber.id)).all())
+        for subscriber_id in people.values():
+            confirm(session, subscriber_id, now=now, first_steps=first_steps(sequences))
+        session.commit()
+        ids: list[int] = []
+        dispatch(session, settings, sequences, now=now, publish=ids.extend)
+    assert len(ids) == 2
+    throttle = composer_for(settings, sequences).throttle
+    throttle.max_wait = 3.0
+    waited, sleep = [], throttle.sleep
+
+    def the_waiting_one_unsubscribes_meanwhile(seconds: float) -> None:
+        if not waited:
+            [first] = [message["To"] for message in smtp.messages]
+            [second] = set(people) - {first}
+            waited.append(second)
+            with session_scope(settings.database_url) as other:
+                assert unsubscribe(other, people[second], now=utcnow(), how="link")
+        sleep(seconds)
+
+    throttle.sleep = the_waiting_one_unsubscribes_meanwhile
+    time.sleep(1 - time.time() % 1)  # both in one second: the second waits for the next
+    with session_scope(settings.database_url) as session:
+        result = send_batch(session, settings, sequences, ids)
+        rows = {row.subscriber_id: row for row in session.scalars(select(Delivery))}
+
+    assert waited, "the second email waited for a slot"
+    assert (result.sent, result.skipped) == (1, 1)
+    assert len(smtp.messages) == 1
+    stopped = rows[people[waited[0]]]
+    assert (stopped.status, stopped.last_error) == ("cancelled", "subscriber is unsubscribed")
