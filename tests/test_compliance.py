@@ -45,7 +45,7 @@ from nurture.models import (
     Suppression,
     utcnow,
 )
-from nurture.privacy import erase, export_data
+from nurture.privacy import EXPORTED, NOT_EXPORTED, erase, export_data
 from nurture.scheduler import dispatch
 from nurture.sequences import current_sequences
 from nurture.subscribers import CONSENT_TEXT, CONSENT_VERSION, latest_consent, suppression_of
@@ -794,6 +794,21 @@ def test_consent_evidence_is_kept_exported_shown_and_erasable(stack, app, client
 
 
 # --- 7. Confirmation links expire --------------------------------------------------
+
+
+def test_the_export_shows_every_column_held_about_the_person_or_says_why_not():
+    """A column added later must be exported or named as machinery, not forgotten."""
+    for model, exported in EXPORTED.items():
+        columns = {column.name for column in model.__table__.columns}
+        missing = columns - set(exported) - set(NOT_EXPORTED)
+        assert not missing, f"{model.__tablename__}: {sorted(missing)} neither exported nor excused"
+        assert set(exported) <= columns, model.__tablename__
+    person = {
+        table.name
+        for table in Base.metadata.sorted_tables
+        if "subscriber_id" in table.columns or table.name == "subscribers"
+    }
+    assert person == {model.__tablename__ for model in EXPORTED}, "a table about the person"
 
 
 def expired_confirm_token(secret: str, subscriber_id: int, consent_id: int, age: int) -> str:
