@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from sqlalchemy import select
@@ -23,6 +23,7 @@ from nurture.models import Enrollment, Subscriber, SubscriberStatus
 from nurture.sequences import Sequence, first_steps
 from nurture.subscribers import (
     DEFAULT_SEQUENCE,
+    IMPORT_VOUCHED,
     SignupRequest,
     consent_text,
     signup,
@@ -171,27 +172,38 @@ def _why_not(session: Session, email: str) -> str | None:
 
 
 def _import_one(session, settings, clean, row, title, starts, now, confirmed, note) -> int | None:
-    """Sign one person up; the id of their confirmation email to hand over, if any."""
+    """Sign one person up; the id of their confirmation email to hand over, if any.
+
+    Someone who will confirm by email agrees to the course's consent text, as a
+    form signup does. Someone imported as already consenting saw none of our
+    text: their record holds the operator's word for it (the note, and the row's
+    source) under the version `IMPORT_VOUCHED`, so it never reads as a form's.
+    """
     source = row.get("consent_source", "").strip()[:200]
-    text = consent_text(title)
-    if source or note:
-        text += f" [imported: {' / '.join(p for p in (source, note.strip()) if p)}]"
     request = SignupRequest(
         email=clean["email"],
         first_name=clean.get("first_name", ""),
         timezone=clean["timezone"],
         sequence=clean["sequence"],
         source="import",
-        consent_text=text,
     )
     if confirmed:
-        return signup(session, _without_opt_in(settings), request, first_steps=starts, now=now)
-    return signup(session, settings, request, first_steps=starts, now=now)
+        said = f"Imported as already consenting, on the operator's word: {note.strip()}"
+        vouched = replace(
+            request,
+            consent_text=said + (f" (source: {source})" if source else ""),
+            consent_version=IMPORT_VOUCHED,
+        )
+        return signup(session, _without_opt_in(settings), vouched, first_steps=starts, now=now)
+    text = consent_text(title)
+    if source or note.strip():
+        text += f" [imported: {' / '.join(p for p in (source, note.strip()) if p)}]"
+    return signup(
+        session, settings, replace(request, consent_text=text), first_steps=starts, now=now
+    )
 
 
 def _without_opt_in(settings: Settings) -> Settings:
-    from dataclasses import replace
-
     return replace(settings, double_opt_in=False)
 
 

@@ -67,6 +67,9 @@ def consent_text(sequence_title: str) -> str:
 CONSENT_TEXT = consent_text("Product manager or project manager?")
 #: Change the version whenever the consent text changes: each consent record keeps both.
 CONSENT_VERSION = "2026-11-25"
+#: The consent version of people imported as already consenting: their record holds the
+#: operator's word for it, not a text of ours they agreed to.
+IMPORT_VOUCHED = "import"
 RESEND_CONFIRMATION_AFTER = timedelta(minutes=10)
 MAX_EMAIL = 254
 MAX_NAME = 100
@@ -83,10 +86,13 @@ class SignupRequest:
     first_name: str
     timezone: str  # "" when none was given: see validate_signup
     sequence: str
-    source: str  # "form" or "api"
+    source: str  # "form", "api" or "import"
     consent_text: str = CONSENT_TEXT
     ip: str = ""
     user_agent: str = ""
+    #: The version of the text the person agreed to (`IMPORT_VOUCHED` for people an
+    #: operator imported as already consenting, who saw none of ours).
+    consent_version: str = CONSENT_VERSION
 
 
 def _text(value: object) -> str:
@@ -511,7 +517,7 @@ def _consent(subscriber_id: int, request: SignupRequest, now: datetime, confirme
         "subscriber_id": subscriber_id,
         "source": request.source,
         "consent_text": request.consent_text,
-        "consent_version": CONSENT_VERSION,
+        "consent_version": request.consent_version,
         "ip": request.ip[:45],
         "user_agent": request.user_agent[:512],
         "created_at": now,

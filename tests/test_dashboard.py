@@ -898,7 +898,11 @@ def test_confirmed_needs_a_note_and_stores_it(stack, tmp_path):
             )
             assert (enrollment.sequence, enrollment.status) == (SEQUENCE, "active")
             consent = session.scalar(select(Consent).where(Consent.subscriber_id == person.id))
-            assert "webinar list" in consent.consent_text
+            # The operator's word, never a form's text the person did not see.
+            assert consent.consent_text == (
+                "Imported as already consenting, on the operator's word: webinar list"
+            )
+            assert (consent.source, consent.consent_version) == ("import", "import")
         # No confirmation email is queued for people vouched for.
         assert session.scalar(text("SELECT COUNT(*) FROM deliveries")) == 0
 
