@@ -194,26 +194,44 @@ def send_test(sequence: str, step: str, to: str, first_name: str) -> None:
     click.echo(f"sent {sequence}/{step} to {to}")
 
 
+def _now(now_text: str | None) -> datetime | None:
+    """`--now` as an aware time (UTC unless it says otherwise); None for the real now."""
+    if not now_text:
+        return None
+    try:
+        now = datetime.fromisoformat(now_text)
+    except ValueError:
+        raise click.BadParameter("use ISO-8601, e.g. 2026-03-01T09:00:00+00:00") from None
+    return now if now.tzinfo else now.replace(tzinfo=UTC)
+
+
 @main.command()
 @click.option("--now", "now_text", help="Scan as of this ISO-8601 time (default: now).")
 def dispatch(now_text: str | None) -> None:
     """Run one due-scan: write due deliveries and hand them to the workers."""
     from nurture.tasks import make_celery, run_dispatch
 
-    now = None
-    if now_text:
-        try:
-            now = datetime.fromisoformat(now_text)
-        except ValueError:
-            raise click.BadParameter("use ISO-8601, e.g. 2026-03-01T09:00:00+00:00") from None
-        now = now if now.tzinfo else now.replace(tzinfo=UTC)
-    result = run_dispatch(make_celery(_settings()), now)
+    result = run_dispatch(make_celery(_settings()), _now(now_text))
     click.echo(
         f"created {result.created}, handed to workers {result.enqueued}, "
         f"released {result.released}, broker failures {result.publish_failed}"
     )
     if result.publish_failed:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--now", "now_text", help="Prune as of this ISO-8601 time (default: now).")
+def prune(now_text: str | None) -> None:
+    """Erase signups never confirmed within UNCONFIRMED_RETENTION_DAYS (beat does it hourly)."""
+    from nurture.tasks import make_celery, run_prune
+
+    settings = _settings()
+    if not settings.unconfirmed_retention:
+        click.echo("UNCONFIRMED_RETENTION_DAYS is 0: unconfirmed signups are kept")
+        return
+    pruned = run_prune(make_celery(settings), _now(now_text))
+    click.echo(f"erased {pruned} signups never confirmed")
 
 
 @main.command("plan")

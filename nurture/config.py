@@ -49,6 +49,8 @@ class Settings:
     default_timezone: str = "UTC"
     min_gap_hours: float = 20.0
     confirm_max_age: int = 7 * 86400
+    #: Seconds a signup that was never confirmed is kept; 0 keeps it for good.
+    unconfirmed_retention: int = 30 * 86400
     #: Deliveries per task: one claim, one SMTP connection (docs/decisions.md).
     batch_size: int = 100
     outbox_path: Path = field(default=Path("instance/outbox"))
@@ -124,7 +126,7 @@ def _positive_int(value: str, name: str) -> int:
     try:
         number = int(value)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number of seconds, not {value!r}") from None
+        raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
     if number < 1:
         raise ConfigError(f"{name} must be at least 1, not {number}")
     return number
@@ -282,6 +284,10 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         webhook_secret=get("WEBHOOK_SECRET"),
         confirm_max_age=_positive_int(get("CONFIRM_MAX_AGE_DAYS", "7"), "CONFIRM_MAX_AGE_DAYS")
         * 86400,
+        unconfirmed_retention=_count(
+            get("UNCONFIRMED_RETENTION_DAYS", "30"), "UNCONFIRMED_RETENTION_DAYS"
+        )
+        * 86400,
         unsubscribe_mailto=_mailto(get("UNSUBSCRIBE_MAILTO")),
         signup_rate_limit=_rate_limit(
             get("SIGNUP_RATE_LIMIT", "10 per minute;200 per day"), "SIGNUP_RATE_LIMIT"
@@ -294,6 +300,11 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         send_rate_per_domain=_domain_rates(get("SEND_RATE_PER_DOMAIN")),
         **_dkim(get("DKIM_PRIVATE_KEY"), get("DKIM_SELECTOR")),
     )
+    if 0 < settings.unconfirmed_retention < settings.confirm_max_age:
+        raise ConfigError(
+            "UNCONFIRMED_RETENTION_DAYS must be 0 (keep them) or at least CONFIRM_MAX_AGE_DAYS: "
+            "a confirmation link must not outlive the signup it confirms"
+        )
     if settings.dkim_private_key:
         from nurture.dkim import DKIMError, dkim_signer
 

@@ -8,12 +8,13 @@ refuse it at signup or import, not enough to mail it.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from nurture.models import (
+    CONFIRMATION_STEP,
     Consent,
     Delivery,
     DeliveryStatus,
@@ -110,11 +111,15 @@ def export_data(session: Session, subscriber_id: int) -> dict | None:
     }
 
 
-def erase(session: Session, subscriber_id: int, *, now: datetime) -> bool:
+def erase(
+    session: Session, subscriber_id: int, *, now: datetime, why: str = "", keep_out: bool = True
+) -> bool:
     """Remove a subscriber's personal data; keep the suppression hash and anonymous counts.
 
     The row stays, renamed to an address that cannot receive mail, so the
     deliveries and events that point at it still count in the statistics.
+    `keep_out=False` keeps no hash either: for a signup never confirmed, whose
+    address never asked for anything (`prune_unconfirmed`).
     """
     subscriber = session.get(Subscriber, subscriber_id)
     if subscriber is None or subscriber.status == SubscriberStatus.ERASED:
@@ -124,7 +129,8 @@ def erase(session: Session, subscriber_id: int, *, now: datetime) -> bool:
         if subscriber.status in SubscriberStatus.SUPPRESSED
         else SubscriberStatus.ERASED
     )
-    suppress(session, subscriber.email, reason, now)
+    if keep_out:
+        suppress(session, subscriber.email, reason, now)
     stop_enrollments(session, subscriber_id)
     # SMTP replies quote the address ("550 5.1.1 <ann@example.com>: ..."): drop them.
     session.execute(
@@ -146,5 +152,47 @@ def erase(session: Session, subscriber_id: int, *, now: datetime) -> bool:
     subscriber.email = f"erased-{subscriber_id}@erased.invalid"
     subscriber.first_name = ""
     subscriber.status = SubscriberStatus.ERASED
-    session.add(Event(subscriber_id=subscriber_id, kind="erase", created_at=now))
+    session.add(Event(subscriber_id=subscriber_id, kind="erase", detail=why, created_at=now))
     return True
+
+
+#: Signups pruned per transaction, so a first run on a large backlog holds no lock for long.
+PRUNE_BATCH = 500
+
+
+def prune_unconfirmed(session: Session, *, now: datetime, keep: timedelta) -> int:
+    """Erase the personal data of signups never confirmed within `keep`; how many.
+
+    Someone who never clicked the confirmation link never agreed to anything,
+    and their address, IP and user agent may be someone else's typing: kept no
+    longer than needed (the GDPR's storage limitation). A signup counts from its
+    newest confirmation email, so asking for a fresh link starts the time again.
+    The rows stay, anonymous, so the dashboard's signup counts stay true, and
+    no hash is kept: the address may sign up again.
+    """
+    cutoff = now - keep
+    newest = (
+        select(func.max(Delivery.created_at))
+        .where(Delivery.subscriber_id == Subscriber.id, Delivery.step == CONFIRMATION_STEP)
+        .scalar_subquery()
+    )
+    pruned = 0
+    while True:
+        ids = session.scalars(
+            select(Subscriber.id)
+            .where(
+                Subscriber.status == SubscriberStatus.PENDING,
+                Subscriber.confirmed_at.is_(None),  # back after an unsubscribe: kept
+                Subscriber.created_at < cutoff,
+                func.coalesce(newest, Subscriber.created_at) < cutoff,
+            )
+            .order_by(Subscriber.id)
+            .limit(PRUNE_BATCH)
+            .with_for_update(skip_locked=True)  # a second beat's prune takes other rows
+        ).all()
+        for subscriber_id in ids:
+            erase(session, subscriber_id, now=now, why="never confirmed", keep_out=False)
+        session.commit()
+        pruned += len(ids)
+        if len(ids) < PRUNE_BATCH:
+            return pruned

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from celery import Celery, shared_task
 from celery.signals import worker_process_init
@@ -23,10 +23,15 @@ from nurture import delivery, scheduler
 from nurture.config import Settings
 from nurture.db import dispose_all, insert_for, session_scope
 from nurture.models import Heartbeat, utcnow
+from nurture.privacy import prune_unconfirmed
 from nurture.publishing import record_published
 from nurture.sequences import current_sequences
 
 log = logging.getLogger(__name__)
+
+#: Seconds between runs of `prune_unconfirmed`: a signup outlives its retention by at
+#: most this.
+PRUNE_INTERVAL = 3600
 
 
 #: Seconds a command to a Redis broker may wait for its reply. Without it, a
@@ -114,7 +119,12 @@ def make_celery(settings: Settings) -> Celery:
                 "schedule": float(settings.dispatch_interval),
                 # A tick nobody ran in time is worthless; the next one does its work.
                 "options": {"expires": settings.dispatch_interval},
-            }
+            },
+            "prune": {
+                "task": "nurture.prune",
+                "schedule": float(PRUNE_INTERVAL),
+                "options": {"expires": PRUNE_INTERVAL},
+            },
         },
         beat_schedule_filename=str(settings.instance_path / "celerybeat-schedule"),
         timezone="UTC",
@@ -195,6 +205,27 @@ def dispatch_task(self) -> None:
     result = run_dispatch(self.app)
     if result.created or result.enqueued or result.released or result.publish_failed:
         log.info("dispatch: %s", result)
+
+
+def run_prune(app: Celery, now: datetime | None = None) -> int:
+    """Erase signups never confirmed within UNCONFIRMED_RETENTION_DAYS; how many."""
+    settings: Settings = app.nurture_settings
+    if not settings.unconfirmed_retention:
+        return 0
+    now = now or utcnow()
+    started = time.perf_counter()
+    with session_scope(settings.database_url) as session:
+        keep = timedelta(seconds=settings.unconfirmed_retention)
+        pruned = prune_unconfirmed(session, now=now, keep=keep)
+        beat(session, "prune", now, time.perf_counter() - started)
+    return pruned
+
+
+@shared_task(name="nurture.prune", bind=True)
+def prune_task(self) -> None:
+    pruned = run_prune(self.app)
+    if pruned:
+        log.info("prune: erased %d signups never confirmed", pruned)
 
 
 @shared_task(name="nurture.send_batch", bind=True)

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import pytest
@@ -45,10 +45,20 @@ from nurture.models import (
     Suppression,
     utcnow,
 )
-from nurture.privacy import EXPORTED, NOT_EXPORTED, erase, export_data
+from nurture.privacy import EXPORTED, NOT_EXPORTED, erase, export_data, prune_unconfirmed
 from nurture.scheduler import dispatch
-from nurture.sequences import current_sequences
-from nurture.subscribers import CONSENT_TEXT, CONSENT_VERSION, latest_consent, suppression_of
+from nurture.sequences import current_sequences, first_steps
+from nurture.subscribers import (
+    CONSENT_TEXT,
+    CONSENT_VERSION,
+    SignupRequest,
+    confirm,
+    latest_consent,
+    resend_confirmation_to,
+    signup,
+    suppression_of,
+)
+from nurture.tasks import make_celery
 from nurture.tokens import make_click_token, make_confirm_token, make_unsubscribe_token
 from nurture.users import add_user
 
@@ -809,6 +819,80 @@ def test_the_export_shows_every_column_held_about_the_person_or_says_why_not():
         if "subscriber_id" in table.columns or table.name == "subscribers"
     }
     assert person == {model.__tablename__ for model in EXPORTED}, "a table about the person"
+
+
+def signed_up(settings, email: str, now: datetime) -> int:
+    """A form signup at `now`, waiting for its confirmation; the subscriber's id."""
+    request = SignupRequest(email, "Pat", "UTC", SEQUENCE, "form", ip="198.51.100.7")
+    sequences = current_sequences(settings.templates_path)
+    with session_scope(settings.database_url) as session:
+        signup(session, settings, request, first_steps=first_steps(sequences), now=now)
+    return subscriber_id_of(settings, email)
+
+
+@BOTH_DATABASES
+def test_signups_never_confirmed_are_erased_after_their_retention(client, settings, smtp):
+    t0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    keep = timedelta(days=30)
+    never = signed_up(settings, "never.clicked@example.com", t0)
+    confirmed = signed_up(settings, "did.click@example.com", t0)
+    with session_scope(settings.database_url) as session:
+        starts = first_steps(current_sequences(settings.templates_path))
+        assert confirm(session, confirmed, now=t0, first_steps=starts)
+    fresh_link = signed_up(settings, "asked.again@example.com", t0)
+    with session_scope(settings.database_url) as session:
+        later = t0 + timedelta(days=20)
+        assert resend_confirmation_to(session, settings, "asked.again@example.com", now=later)
+    recent = signed_up(settings, "signed.up.lately@example.com", t0 + timedelta(days=25))
+    kept = {i: subscriber(settings, i).status for i in (confirmed, fresh_link, recent)}
+
+    with session_scope(settings.database_url) as session:
+        assert prune_unconfirmed(session, now=t0 + keep - timedelta(minutes=1), keep=keep) == 0
+        assert prune_unconfirmed(session, now=t0 + keep + timedelta(minutes=1), keep=keep) == 1
+
+    assert subscriber(settings, never).status == SubscriberStatus.ERASED
+    assert places_holding(settings, "never.clicked", "Pat") == ["subscribers.first_name"] * 3
+    assert places_holding(settings, "198.51.100.7") == ["consents.ip"] * 3, "the kept ones'"
+    assert count(settings, Consent, Consent.subscriber_id == never) == 0
+    [erased] = events(settings, never, "erase")
+    assert erased.detail == "never confirmed"
+    assert [d.status for d in deliveries(settings, never)] == [DeliveryStatus.CANCELLED]
+    assert {i: subscriber(settings, i).status for i in kept} == kept
+    with session_scope(settings.database_url) as session:
+        assert suppression_of(session, "never.clicked@example.com") is None
+    # The address never asked for anything, so nothing keeps it out.
+    assert api_signup(client, "never.clicked@example.com").status_code == 202
+    again = subscriber_id_of(settings, "never.clicked@example.com")
+    assert again != never and len(deliveries(settings, again, CONFIRMATION_STEP)) == 1
+
+
+def test_prune_runs_from_the_cli_and_the_beat(stack, settings):
+    t0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    never = signed_up(settings, "never.clicked@example.com", t0)
+    assert "nurture.prune" in {
+        entry["task"] for entry in make_celery(settings).conf.beat_schedule.values()
+    }
+
+    early = run_nurture(stack, "prune", "--now", (t0 + timedelta(days=29)).isoformat())
+    assert (early.returncode, early.stdout) == (0, "erased 0 signups never confirmed\n")
+    done = run_nurture(stack, "prune", "--now", (t0 + timedelta(days=31)).isoformat())
+    assert (done.returncode, done.stdout) == (0, "erased 1 signups never confirmed\n")
+    assert subscriber(settings, never).status == SubscriberStatus.ERASED
+
+    kept_for_good = stack.with_env(UNCONFIRMED_RETENTION_DAYS="0")
+    off = run_nurture(kept_for_good, "prune")
+    assert off.stdout == "UNCONFIRMED_RETENTION_DAYS is 0: unconfirmed signups are kept\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("3", "at least CONFIRM_MAX_AGE_DAYS"), ("a month", "must be a whole number")],
+)
+def test_a_retention_shorter_than_a_confirmation_link_is_a_config_error(tmp_path, value, problem):
+    environ = {"NURTURE_INSTANCE": str(tmp_path), "UNCONFIRMED_RETENTION_DAYS": value}
+    with pytest.raises(ConfigError, match=problem):
+        load_settings(environ)
+    assert load_settings({**environ, "UNCONFIRMED_RETENTION_DAYS": "0"}).unconfirmed_retention == 0
 
 
 def expired_confirm_token(secret: str, subscriber_id: int, consent_id: int, age: int) -> str:
