@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 
 import pytest
 from conftest import BOTH_DATABASES, REDIS_URL, require
+from sqlalchemy import select
 
-from nurture.config import ConfigError, load_settings
+from nurture.config import ConfigError, Settings, load_settings
+from nurture.db import session_scope
+from nurture.delivery import composer_for, send_batch
+from nurture.models import Delivery, Subscriber, utcnow
+from nurture.scheduler import dispatch
+from nurture.sequences import first_steps, load_sequences
+from nurture.subscribers import SignupRequest, confirm, signup, unsubscribe
 from nurture.throttle import Throttle, parse_domain_rates
 
 
@@ -70,17 +79,18 @@ def test_a_busy_domain_waits_and_others_do_not(tmp_path):
     assert all(throttle.acquire(f"x{i}@example.org") for i in range(50)), "others go on"
 
 
-def test_a_delivery_over_the_limit_goes_back_to_the_queue(tmp_path, smtp, database_url):
-    """Through send_batch: the first email to a busy domain goes, the rest wait for a tick."""
-    from sqlalchemy import select
+@dataclass
+class BusyDomain:
+    """Course emails due now for people at one domain that takes one email a second."""
 
-    from nurture.db import session_scope
-    from nurture.delivery import composer_for, send_batch
-    from nurture.models import Delivery, Subscriber, utcnow
-    from nurture.scheduler import dispatch
-    from nurture.sequences import first_steps, load_sequences
-    from nurture.subscribers import SignupRequest, confirm, signup
+    settings: Settings
+    sequences: dict
+    people: dict[str, int]  # address -> subscriber id
+    ids: list[int]  # the due deliveries, handed out
+    now: datetime
 
+
+def due_at_a_busy_domain(tmp_path, smtp, database_url, names: tuple[str, ...]) -> BusyDomain:
     settings = redis_settings(
         tmp_path,
         DATABASE_URL=database_url,
@@ -92,53 +102,7 @@ def test_a_delivery_over_the_limit_goes_back_to_the_queue(tmp_path, smtp, databa
     sequences = load_sequences(settings.templates_path)
     now = utcnow()
     with session_scope(settings.database_url) as session:
-        for name in ("ann", "bob", "cy"):
-            request = SignupRequest(f"{name}@{domain}", "", "UTC", "product-vs-project", "api")
-            signup(session, settings, request, first_steps=first_steps(sequences), now=now)
-        session.commit()
-        for subscriber_id in session.scalars(select(Subscriber.id)):
-            confirm(session, subscriber_id, now=now, first_steps=first_steps(sequences))
-        session.commit()
-        ids: list[int] = []
-        dispatch(session, settings, sequences, now=now, publish=ids.extend)
-        composer_for(settings, sequences).throttle.max_wait = 0.1
-        time.sleep(1 - time.time() % 1)  # all three in one second
-        result = send_batch(session, settings, sequences, ids)
-        rows = session.scalars(select(Delivery).where(Delivery.id.in_(ids))).all()
-
-    assert (result.sent, result.retry) == (1, 2)
-    assert len(smtp.messages) == 1
-    waiting = [row for row in rows if row.status == "queued"]
-    assert len(waiting) == 2
-    assert all(row.last_error == "rate limited" and row.attempts == 0 for row in waiting)
-    assert all(row.enqueued_at is None and row.not_before > now for row in waiting)
-
-
-@BOTH_DATABASES
-def test_an_unsubscribe_while_waiting_for_a_slot_stops_the_email(tmp_path, smtp, database_url):
-    """The check before sending comes before the wait for a send-rate slot, which may last
-    seconds: an unsubscribe in that time must still stop the email."""
-    from sqlalchemy import select
-
-    from nurture.db import session_scope
-    from nurture.delivery import composer_for, send_batch
-    from nurture.models import Delivery, Subscriber, utcnow
-    from nurture.scheduler import dispatch
-    from nurture.sequences import first_steps, load_sequences
-    from nurture.subscribers import SignupRequest, confirm, signup, unsubscribe
-
-    settings = redis_settings(
-        tmp_path,
-        DATABASE_URL=database_url,
-        SMTP_URL=smtp.url,
-        DOUBLE_OPT_IN="0",
-        SEND_RATE_PER_DOMAIN=f"{uuid.uuid4().hex[:8]}.example=1",
-    )
-    domain = next(iter(settings.send_rate_per_domain))
-    sequences = load_sequences(settings.templates_path)
-    now = utcnow()
-    with session_scope(settings.database_url) as session:
-        for name in ("ann", "bob"):
+        for name in names:
             request = SignupRequest(f"{name}@{domain}", "", "UTC", "product-vs-project", "api")
             signup(session, settings, request, first_steps=first_steps(sequences), now=now)
         session.commit()
@@ -148,28 +112,53 @@ def test_an_unsubscribe_while_waiting_for_a_slot_stops_the_email(tmp_path, smtp,
         session.commit()
         ids: list[int] = []
         dispatch(session, settings, sequences, now=now, publish=ids.extend)
-    assert len(ids) == 2
-    throttle = composer_for(settings, sequences).throttle
+    assert len(ids) == len(names)
+    return BusyDomain(settings, sequences, people, ids, now)
+
+
+def test_a_delivery_over_the_limit_goes_back_to_the_queue(tmp_path, smtp, database_url):
+    """Through send_batch: the first email to a busy domain goes, the rest wait for a tick."""
+    busy = due_at_a_busy_domain(tmp_path, smtp, database_url, ("ann", "bob", "cy"))
+    composer_for(busy.settings, busy.sequences).throttle.max_wait = 0.1
+    time.sleep(1 - time.time() % 1)  # all three in one second
+    with session_scope(busy.settings.database_url) as session:
+        result = send_batch(session, busy.settings, busy.sequences, busy.ids)
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(busy.ids))).all()
+
+    assert (result.sent, result.retry) == (1, 2)
+    assert len(smtp.messages) == 1
+    waiting = [row for row in rows if row.status == "queued"]
+    assert len(waiting) == 2
+    assert all(row.last_error == "rate limited" and row.attempts == 0 for row in waiting)
+    assert all(row.enqueued_at is None and row.not_before > busy.now for row in waiting)
+
+
+@BOTH_DATABASES
+def test_an_unsubscribe_while_waiting_for_a_slot_stops_the_email(tmp_path, smtp, database_url):
+    """The check before sending comes before the wait for a send-rate slot, which may last
+    seconds: an unsubscribe in that time must still stop the email."""
+    busy = due_at_a_busy_domain(tmp_path, smtp, database_url, ("ann", "bob"))
+    throttle = composer_for(busy.settings, busy.sequences).throttle
     throttle.max_wait = 3.0
     waited, sleep = [], throttle.sleep
 
     def the_waiting_one_unsubscribes_meanwhile(seconds: float) -> None:
         if not waited:
             [first] = [message["To"] for message in smtp.messages]
-            [second] = set(people) - {first}
+            [second] = set(busy.people) - {first}
             waited.append(second)
-            with session_scope(settings.database_url) as other:
-                assert unsubscribe(other, people[second], now=utcnow(), how="link")
+            with session_scope(busy.settings.database_url) as other:
+                assert unsubscribe(other, busy.people[second], now=utcnow(), how="link")
         sleep(seconds)
 
     throttle.sleep = the_waiting_one_unsubscribes_meanwhile
     time.sleep(1 - time.time() % 1)  # both in one second: the second waits for the next
-    with session_scope(settings.database_url) as session:
-        result = send_batch(session, settings, sequences, ids)
+    with session_scope(busy.settings.database_url) as session:
+        result = send_batch(session, busy.settings, busy.sequences, busy.ids)
         rows = {row.subscriber_id: row for row in session.scalars(select(Delivery))}
 
     assert waited, "the second email waited for a slot"
     assert (result.sent, result.skipped) == (1, 1)
     assert len(smtp.messages) == 1
-    stopped = rows[people[waited[0]]]
+    stopped = rows[busy.people[waited[0]]]
     assert (stopped.status, stopped.last_error) == ("cancelled", "subscriber is unsubscribed")
