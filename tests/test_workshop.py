@@ -578,7 +578,7 @@ def test_button_quote_and_snippet_render_in_html_and_read_naturally_in_text(stac
     assert f"Book a call: {COURSE_URL}" in lines
     assert "THE SIX-MONTH COURSE" in lines
     assert f"See the course and how to join: {COURSE_URL}" in lines
-    assert "- Work one-on-one with a mentor for the whole six months." in lines
+    assert "- Get one-on-one mentoring along the way." in lines
     for pattern, what in MARKUP:
         found = pattern.search(text)
         assert found is None, f"{what} in the text part: {found.group(0)!r}"
