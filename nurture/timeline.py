@@ -93,11 +93,13 @@ def format_timeline(line: Timeline) -> str:
         )
         out.append(f"  {enrollment.sequence}: {enrollment.status}{converted}")
     out.append("")
-    for entry in line.entries:
-        local = line.local(entry.at)
+    emails = [f"{entry.sequence}/{entry.step}" for entry in line.entries]
+    times = [f"{line.local(entry.at):%a %Y-%m-%d %H:%M %Z}" for entry in line.entries]
+    email_width = max(map(len, emails), default=0)
+    time_width = max(map(len, times), default=0)  # zone names differ in length (CET, CEST, +05)
+    for entry, email, local in zip(line.entries, emails, times, strict=True):
         out.append(
-            f"  {entry.status:<10} {entry.sequence}/{entry.step:<20} "
-            f"{local:%a %Y-%m-%d %H:%M %Z}  ({entry.at:%Y-%m-%d %H:%M} UTC)"
-            + (f"  {entry.detail}" if entry.detail else "")
+            f"  {entry.status:<10} {email:<{email_width}}  {local:<{time_width}}"
+            f"  ({entry.at:%Y-%m-%d %H:%M} UTC)" + (f"  {entry.detail}" if entry.detail else "")
         )
     return "\n".join(out)

@@ -496,6 +496,12 @@ def test_plan_and_timeline_for_a_subscriber_in_paris(stack, settings, smtp):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert email in out
+    columns = {
+        match.start()
+        for entry in out.splitlines()
+        if (match := re.search(r"\(\d{4}-\d\d-\d\d \d\d:\d\d UTC\)", entry))
+    }
+    assert len(columns) == 1, f"the UTC column lines up:\n{out}"  # CET and CEST, two steps
     assert re.search(
         rf"sent\s+{SEQUENCE}/welcome\s+.*\b(CET|CEST)\s+\({start:%Y-%m-%d %H:%M} UTC\)", out
     ), out
