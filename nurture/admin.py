@@ -459,8 +459,11 @@ def subscriber_export(subscriber_id: int):
 def subscriber_erase(subscriber_id: int):
     if request.form.get("confirm") != "erase":
         abort(400, "Type erase to confirm.")
-    with session_scope(state().settings.database_url) as db:
-        if not privacy.erase(db, subscriber_id, now=utcnow()):
+    settings = state().settings
+    with session_scope(settings.database_url) as db:
+        if not privacy.erase_on_request(
+            db, subscriber_id, now=utcnow(), outbox=settings.outbox_path
+        ):
             abort(404)
     return redirect(url_for("admin.subscriber", subscriber_id=subscriber_id), code=303)
 

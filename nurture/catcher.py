@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
+from email.utils import getaddresses
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
@@ -75,6 +76,25 @@ def _header_text(message: EmailMessage, name: str) -> str:
         raw = (value for key, value in message.raw_items() if key.lower() == name.lower())
         return next(raw, "")
     return "" if value is None else str(value)
+
+
+def forget(outbox: Path, address: str) -> int:
+    """Delete every caught message to `address`; how many.
+
+    An erasure reaches the caught mail too: in development and in the compose
+    setup, the outbox holds the person's name, address and working links.
+    """
+    if not outbox.is_dir():
+        return 0
+    wanted = address.lower()
+    forgotten = 0
+    for path in outbox.glob("*.eml"):
+        message = message_from_bytes(path.read_bytes(), policy=policy.default)
+        recipients = getaddresses([_header_text(message, "To")])
+        if any(email.lower() == wanted for _, email in recipients):
+            path.unlink(missing_ok=True)
+            forgotten += 1
+    return forgotten
 
 
 #: The longest file name common file systems (ext4, XFS, APFS) take, in bytes.

@@ -427,12 +427,14 @@ def subscribers_erase(email: str, yes: bool) -> None:
     """Remove EMAIL's personal data; keep only a hash that stops mail to it."""
     from nurture.db import session_scope
     from nurture.models import utcnow
-    from nurture.privacy import erase
+    from nurture.privacy import erase_on_request
 
     if not yes:
         click.confirm(f"Erase all personal data of {email}? This cannot be undone", abort=True)
-    with session_scope(_settings().database_url) as session:
-        erase(session, _subscriber_id(session, email), now=utcnow())
+    settings = _settings()
+    with session_scope(settings.database_url) as session:
+        subscriber_id = _subscriber_id(session, email)
+        erase_on_request(session, subscriber_id, now=utcnow(), outbox=settings.outbox_path)
     click.echo(f"erased {email}; the address stays suppressed as a hash")
 
 

@@ -9,6 +9,7 @@ refuse it at signup or import, not enough to mail it.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -153,6 +154,23 @@ def erase(
     subscriber.first_name = ""
     subscriber.status = SubscriberStatus.ERASED
     session.add(Event(subscriber_id=subscriber_id, kind="erase", detail=why, created_at=now))
+    return True
+
+
+def erase_on_request(session: Session, subscriber_id: int, *, now: datetime, outbox: Path) -> bool:
+    """`erase`, as the person asked it of us: their caught mail in `outbox` goes too.
+
+    The outbox is the dev catcher's (`nurture dev`, the compose setup); a
+    production setup, which sends through a real server, has none.
+    """
+    from nurture import catcher  # the dev catcher's module; a worker never needs it
+
+    subscriber = session.get(Subscriber, subscriber_id)
+    address = subscriber.email if subscriber is not None else None
+    if not erase(session, subscriber_id, now=now):
+        return False
+    if address is not None:
+        catcher.forget(outbox, address)
     return True
 
 

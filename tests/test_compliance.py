@@ -11,14 +11,16 @@ import hashlib
 import json
 import re
 import shutil
+import smtplib
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import BOTH_DATABASES, csrf_token
+from conftest import BOTH_DATABASES, csrf_token, free_port
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from sqlalchemy import func, select, update
 from test_delivery import ScriptedServer
@@ -26,6 +28,7 @@ from test_engine import signed
 
 import nurture
 from nurture.app import create_app
+from nurture.catcher import start_catcher
 from nurture.config import ConfigError, load_settings
 from nurture.db import session_scope
 from nurture.delivery import claim, send_batch
@@ -893,6 +896,41 @@ def test_a_retention_shorter_than_a_confirmation_link_is_a_config_error(tmp_path
     with pytest.raises(ConfigError, match=problem):
         load_settings(environ)
     assert load_settings({**environ, "UNCONFIRMED_RETENTION_DAYS": "0"}).unconfirmed_retention == 0
+
+
+def catch(outbox, *recipients: str) -> None:
+    """One message to each recipient through the real dev catcher, which files it in `outbox`."""
+    port = free_port()
+    controller = start_catcher(outbox, "127.0.0.1", port)
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as connection:
+            for recipient in recipients:
+                message = EmailMessage()
+                message["From"], message["To"] = "course@nurture.test", recipient
+                message["Subject"] = "Day 1"
+                message.set_content(f"Hi, {recipient}")
+                connection.send_message(message)
+    finally:
+        controller.stop()
+
+
+def test_erasure_reaches_the_dev_outbox(stack, app, client, settings, smtp):
+    """In development and the compose setup, the catcher holds the person's emails."""
+    ann = join(client, settings, smtp, "ann@example.com")
+    bob = join(client, settings, smtp, "bob@example.com")
+    catch(settings.outbox_path, "Ann <ANN@example.com>", "bob@example.com", "ann@example.com")
+    assert len(list(settings.outbox_path.glob("*.eml"))) == 3
+
+    admin = signed_in_admin(app, settings)
+    token = csrf_token(admin, f"/admin/subscribers/{ann}")
+    erase_path = f"/admin/subscribers/{ann}/erase"
+    assert admin.post(erase_path, data={"csrf_token": token, "confirm": "erase"}).status_code == 303
+
+    left = [path.read_text() for path in settings.outbox_path.glob("*.eml")]
+    assert len(left) == 1 and "bob@example.com" in left[0]
+    assert run_nurture(stack, "subscribers", "erase", "bob@example.com", "--yes").returncode == 0
+    assert list(settings.outbox_path.glob("*.eml")) == []
+    assert subscriber(settings, bob).status == SubscriberStatus.ERASED
 
 
 def expired_confirm_token(secret: str, subscriber_id: int, consent_id: int, age: int) -> str:
