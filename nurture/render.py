@@ -99,7 +99,7 @@ def split_front_matter(source: str, filename: str = "<email>") -> tuple[dict[str
     return fields, "\n" * (end + 1) + "\n".join(lines[end + 1 :])
 
 
-def _template_location(error: TemplateError) -> tuple[str | None, int | None]:
+def _template_location(error: Exception) -> tuple[str | None, int | None]:
     """Where in a template an error happened.
 
     Syntax errors carry their file and line. Errors while rendering (an
@@ -383,8 +383,8 @@ class Renderer:
         try:
             if self._plain_uses(stamp, set(values)):
                 shape = _Shape.make(self, name, values, unsubscribing, list_title)
-        except (OSError, TemplateError, RenderError):
-            shape = None  # rendering in full reports the problem
+        except Exception:
+            shape = None  # whatever it is, rendering in full reports it
         self._shapes[key] = (stamp, shape)
         return shape
 
@@ -477,9 +477,15 @@ class Renderer:
             body_html = self._markdown().reset().convert(body_markdown)
             page = self._layout_env.get_template(LAYOUT_HTML).render(layout, body=Markup(body_html))
             text = self._layout_env.get_template(LAYOUT_TEXT).render(layout, body=body_text)
-        except TemplateError as error:
+        except Exception as error:
             where, line = _template_location(error)
-            raise RenderError(f"{where or name}:{line or 1}: {error.message or error}") from error
+            if isinstance(error, TemplateError):
+                message = error.message or str(error)
+            elif where is not None:  # a template's expression failed ({{ 1 / 0 }}, a huge range)
+                message = f"{type(error).__name__}: {error}"
+            else:
+                raise  # not raised by a template's code: ours, with its traceback
+            raise RenderError(f"{where or name}:{line or 1}: {message}") from error
         inlined = css_inline.inline(page)
         if len(inlined.encode()) > MAX_HTML_BYTES:
             raise RenderError(

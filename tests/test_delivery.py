@@ -700,8 +700,9 @@ def test_an_email_that_waited_long_for_its_turn_is_dated_when_it_goes(settings, 
 
 
 @BOTH_DATABASES
-def test_an_email_that_cannot_be_composed_fails_in_its_turn(settings, smtp, tmp_path):
-    """Whatever breaks composing one email, the emails before it in the batch still go."""
+def test_an_email_that_cannot_be_composed_is_held_in_its_turn(settings, smtp, tmp_path):
+    """A template that fails for one subscriber's values holds that email, with the
+    template's file and line, and the others in the batch go."""
     templates = tmp_path / "emails"
     shutil.copytree(settings.templates_path, templates)
     welcome = templates / SEQUENCE / "01-welcome.md"
@@ -716,12 +717,15 @@ def test_an_email_that_cannot_be_composed_fails_in_its_turn(settings, smtp, tmp_
     by_subscriber = {delivery(settings, i).subscriber_id: i for i in hand_out(settings, T0)}
     ids = [by_subscriber[subscriber_id] for subscriber_id in people]
 
-    with pytest.raises(ZeroDivisionError):
-        send(settings, ids, T0)
+    result = send(settings, ids, T0)
 
+    assert (result.sent, result.retry) == (2, 1)
     assert [message["To"].addresses[0].username for message in smtp.messages] == ["ann", "cy"]
     statuses = [delivery(settings, i).status for i in ids]
-    assert statuses == [DeliveryStatus.SENT, DeliveryStatus.SENT, DeliveryStatus.SENDING]
+    assert statuses == [DeliveryStatus.SENT, DeliveryStatus.SENT, DeliveryStatus.QUEUED]
+    held = delivery(settings, ids[2]).last_error
+    assert held.startswith(f"template error: {welcome}:"), held
+    assert held.endswith("ZeroDivisionError: integer division or modulo by zero"), held
 
 
 @BOTH_DATABASES

@@ -1163,7 +1163,17 @@ def test_cli_send_test_refuses_clearly(stack, smtp, args, expected):
 # === 8. A template error at send time ===================================================
 
 
-def test_a_broken_step_is_held_reported_and_sent_once_fixed(stack, smtp, tmp_path):
+@pytest.mark.parametrize(
+    ("broken", "problem"),
+    [
+        ("Thanks for confirming, {{ nickname }}.", "'nickname' is undefined"),
+        # Expressions that fail as Python, not as Jinja: held and reported all the same.
+        ("Thanks for confirming, {{ 1 / 0 }}.", "ZeroDivisionError: division by zero"),
+        ("{% for i in range(10 ** 9) %}{% endfor %}", "OverflowError: Range too big."),
+    ],
+    ids=["undefined", "division-by-zero", "huge-range"],
+)
+def test_a_broken_step_is_held_reported_and_sent_once_fixed(stack, smtp, tmp_path, broken, problem):
     copy = copy_templates(tmp_path)
     live = stack.with_env(NURTURE_TEMPLATES=str(copy))
     settings = live.settings
@@ -1171,7 +1181,9 @@ def test_a_broken_step_is_held_reported_and_sent_once_fixed(stack, smtp, tmp_pat
     bob = enroll(settings, "bob@example.com", now=T0, sequence=CSC)
     welcome = copy / PVP / "01-welcome.md"
     original = welcome.read_text(encoding="utf-8")
-    set_line(welcome, 7, "Thanks for confirming, {{ nickname }}.")
+    set_line(welcome, 7, broken)
+    lint = [str(found) for found in lint_templates(settings)]
+    assert any(found.startswith(f"{welcome}:7: {problem}") for found in lint), lint
     health = create_app(settings).test_client()
 
     ids = tick(settings, T0)
@@ -1182,7 +1194,7 @@ def test_a_broken_step_is_held_reported_and_sent_once_fixed(stack, smtp, tmp_pat
     assert received(smtp, "bob@example.com", CSC) == ["welcome"]  # same batch, other sequence
     [held] = deliveries_of(settings, alice)
     assert (held.step, held.status) == ("welcome", DeliveryStatus.QUEUED)
-    assert held.last_error == f"template error: {welcome}:7: 'nickname' is undefined"
+    assert held.last_error.startswith(f"template error: {welcome}:7: {problem}")
     assert held.not_before > T0
     body = health.get("/healthz")
     assert body.status_code == 200
