@@ -913,10 +913,10 @@ def suppress_reported(
     if reason not in REPORTS:
         raise ValueError(f"a reported address is {' or '.join(REPORTS)}, not {reason!r}")
     subscriber_id = session.scalar(select(Subscriber.id).where(Subscriber.email == address))
-    if subscriber_id is None:
+    subscriber = _locked(session, subscriber_id) if subscriber_id is not None else None
+    if subscriber is None or subscriber.email != address:  # none, or erased since the look-up
         suppress(session, address, reason, now)
         return False
-    subscriber = _locked(session, subscriber_id)
     if subscriber.status not in REPORTS:  # a first bounce or complaint keeps its name
         subscriber.status = reason
     _stop_mailing(session, subscriber, REPORTS[reason], source, now)
