@@ -542,16 +542,27 @@ def signup(
     the caller has the confirmation published after commit (the web's hand-over
     thread), so its row is written already marked as handed over.
     """
-    found = session.execute(
-        _LOOKUP, {"email": request.email, "email_hash": email_hash(request.email)}
-    ).one()
-    if found.id is None:
+
+    def look_up() -> tuple[Row, Subscriber | None]:
+        found = session.execute(
+            _LOOKUP, {"email": request.email, "email_hash": email_hash(request.email)}
+        ).one()
+        return found, _locked(session, found.id) if found.id is not None else None
+
+    found, subscriber = look_up()
+    if subscriber is not None and subscriber.email != request.email:
+        # Erased since the look-up (on request, or by the prune while we waited for its
+        # lock): the address is no longer that row's. Look again, as a new signup would.
+        found, subscriber = look_up()
+        if subscriber is not None and subscriber.email != request.email:
+            return None
+    if subscriber is None:
         if found.suppressed not in (None, *SubscriberStatus.REVERSIBLE):
             return None  # bounced or complained before the record was erased
         subscriber_id = _new_subscriber(session, settings, request, now)
     else:
-        subscriber_id = found.id
-        if not _signs_up_again(session, settings, request, found, first_steps, now):
+        subscriber_id = subscriber.id
+        if not _signs_up_again(session, settings, request, subscriber, first_steps, now):
             return None
     _insert(session, Consent, **_consent(subscriber_id, request, now))
     _insert(session, Event, subscriber_id=subscriber_id, kind="signup", created_at=now)
@@ -594,11 +605,11 @@ def _signs_up_again(
     session: Session,
     settings: Settings,
     request: SignupRequest,
-    found: Row,
+    subscriber: Subscriber,
     first_steps: Mapping[str, str],
     now: datetime,
 ) -> bool:
-    """A known address signs up again; True if it must confirm (again).
+    """A known address signs up again (its row locked); True if it must confirm (again).
 
     Bounced and complained addresses stay suppressed. A pending one gets at most
     one new confirmation per RESEND_CONFIRMATION_AFTER, so within that window
@@ -607,9 +618,6 @@ def _signs_up_again(
     unsubscribed one coming back must confirm again. A signup without a time
     zone keeps the one stored.
     """
-    subscriber = _locked(session, found.id)
-    if subscriber.email != request.email:
-        return False  # erased since the look-up: the address is no longer this row's
     if subscriber.status in (SubscriberStatus.BOUNCED, SubscriberStatus.COMPLAINED):
         return False
     if subscriber.status == SubscriberStatus.PENDING and _confirmed_lately(

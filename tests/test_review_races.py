@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from test_compliance import (
+    CONFIRMATION_STEP,
+    SEQUENCE,
+    deliveries,
     signed_up,
     subscriber,
+    subscriber_id_of,
 )
 
-from nurture import subscribers
+from nurture import privacy, subscribers
 from nurture.db import session_scope
 from nurture.models import SubscriberStatus, utcnow
-from nurture.privacy import erase
-from nurture.subscribers import suppress_reported, suppression_of
+from nurture.privacy import erase, prune_unconfirmed
+from nurture.sequences import current_sequences, first_steps
+from nurture.subscribers import SignupRequest, signup, suppress_reported, suppression_of
 
 POSTGRES = pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
 
@@ -37,3 +46,46 @@ def test_a_complaint_that_meets_an_erasure_keeps_the_address_out(settings, monke
     assert subscriber(settings, subscriber_id).status == SubscriberStatus.ERASED
     with session_scope(settings.database_url) as session:
         assert suppression_of(session, email) == SubscriberStatus.COMPLAINED
+
+
+@POSTGRES
+def test_a_signup_again_while_the_prune_erases_the_old_row_is_not_lost(settings, monkeypatch):
+    t0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    email = "tries.again@example.com"
+    old = signed_up(settings, email, t0)
+    now = t0 + timedelta(days=31)
+    erased, go = threading.Event(), threading.Event()
+    original = privacy.erase
+
+    def slow_erase(*args, **kwargs):
+        done = original(*args, **kwargs)
+        erased.set()
+        go.wait(10)
+        return done
+
+    monkeypatch.setattr(privacy, "erase", slow_erase)
+
+    def prune():
+        with session_scope(settings.database_url) as session:
+            prune_unconfirmed(session, now=now, keep=timedelta(days=30))
+
+    def sign_up_again():
+        request = SignupRequest(email, "Pat", "UTC", SEQUENCE, "form")
+        starts = first_steps(current_sequences(settings.templates_path))
+        with session_scope(settings.database_url) as session:
+            signup(session, settings, request, first_steps=starts, now=now)
+
+    pruner = threading.Thread(target=prune)
+    pruner.start()
+    assert erased.wait(10)
+    signer = threading.Thread(target=sign_up_again)
+    signer.start()
+    time.sleep(1)  # the signup now waits for the prune's lock on the old row
+    go.set()
+    pruner.join(10)
+    signer.join(10)
+
+    assert subscriber(settings, old).status == SubscriberStatus.ERASED
+    again = subscriber_id_of(settings, email)
+    assert again is not None, "the signup made during the prune was dropped"
+    assert len(deliveries(settings, again, CONFIRMATION_STEP)) == 1
