@@ -186,7 +186,9 @@ def prune_unconfirmed(session: Session, *, now: datetime, keep: timedelta) -> in
     longer than needed (the GDPR's storage limitation). A signup counts from its
     newest confirmation email, so asking for a fresh link starts the time again.
     The rows stay, anonymous, so the dashboard's signup counts stay true, and
-    no hash is kept: the address may sign up again.
+    no hash is kept: the address may sign up again. A signup stopped before it
+    confirmed (its confirmation bounced, a complaint) is erased too, keeping the
+    hash that keeps it out.
     """
     cutoff = now - keep
     newest = (
@@ -196,10 +198,11 @@ def prune_unconfirmed(session: Session, *, now: datetime, keep: timedelta) -> in
     )
     pruned = 0
     while True:
-        ids = session.scalars(
-            select(Subscriber.id)
+        rows = session.execute(
+            select(Subscriber.id, Subscriber.status)
             .where(
-                Subscriber.status == SubscriberStatus.PENDING,
+                # Pending, or stopped before confirming: a typo's confirmation bounces.
+                Subscriber.status.not_in([SubscriberStatus.ACTIVE, SubscriberStatus.ERASED]),
                 Subscriber.confirmed_at.is_(None),  # back after an unsubscribe: kept
                 Subscriber.created_at < cutoff,
                 func.coalesce(newest, Subscriber.created_at) < cutoff,
@@ -208,9 +211,11 @@ def prune_unconfirmed(session: Session, *, now: datetime, keep: timedelta) -> in
             .limit(PRUNE_BATCH)
             .with_for_update(skip_locked=True)  # a second beat's prune takes other rows
         ).all()
-        for subscriber_id in ids:
-            erase(session, subscriber_id, now=now, why="never confirmed", keep_out=False)
+        for subscriber_id, status in rows:
+            # A bounce, complaint or unsubscribe keeps its hash, as any erasure keeps it.
+            keep_out = status != SubscriberStatus.PENDING
+            erase(session, subscriber_id, now=now, why="never confirmed", keep_out=keep_out)
         session.commit()
-        pruned += len(ids)
-        if len(ids) < PRUNE_BATCH:
+        pruned += len(rows)
+        if len(rows) < PRUNE_BATCH:
             return pruned

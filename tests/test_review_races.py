@@ -7,10 +7,12 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import update
 from test_compliance import (
     CONFIRMATION_STEP,
     SEQUENCE,
     deliveries,
+    places_holding,
     signed_up,
     subscriber,
     subscriber_id_of,
@@ -18,7 +20,8 @@ from test_compliance import (
 
 from nurture import privacy, subscribers
 from nurture.db import session_scope
-from nurture.models import SubscriberStatus, utcnow
+from nurture.delivery import send_batch
+from nurture.models import Delivery, SubscriberStatus, utcnow
 from nurture.privacy import erase, prune_unconfirmed
 from nurture.sequences import current_sequences, first_steps
 from nurture.subscribers import SignupRequest, signup, suppress_reported, suppression_of
@@ -89,3 +92,28 @@ def test_a_signup_again_while_the_prune_erases_the_old_row_is_not_lost(settings,
     again = subscriber_id_of(settings, email)
     assert again is not None, "the signup made during the prune was dropped"
     assert len(deliveries(settings, again, CONFIRMATION_STEP)) == 1
+
+
+def test_a_signup_whose_confirmation_bounced_is_erased_too(settings, smtp):
+    """A typo's confirmation bounces: a signup never confirmed all the same, kept out by hash."""
+    t0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    email = "typo@exmaple.com"
+    never = signed_up(settings, email, t0)
+    [confirmation] = deliveries(settings, never, CONFIRMATION_STEP)
+    smtp.handler.refuse_recipients_with = "550 5.1.1 <typo@exmaple.com>: no such user"
+    with session_scope(settings.database_url) as session:
+        sequences = current_sequences(settings.templates_path)
+        session.execute(update(Delivery).values(enqueued_at=t0))  # handed to a worker
+        session.commit()
+        result = send_batch(session, settings, sequences, [confirmation.id], clock=lambda: t0)
+    assert result.failed == 1, result
+    assert subscriber(settings, never).status == SubscriberStatus.BOUNCED
+
+    with session_scope(settings.database_url) as session:
+        keep = timedelta(days=30)
+        assert prune_unconfirmed(session, now=t0 + keep + timedelta(minutes=1), keep=keep) == 1
+
+    assert subscriber(settings, never).status == SubscriberStatus.ERASED
+    assert places_holding(settings, "typo@exmaple", "Pat", "198.51.100.7") == []
+    with session_scope(settings.database_url) as session:
+        assert suppression_of(session, email) == SubscriberStatus.BOUNCED
