@@ -169,6 +169,7 @@ def erase_on_request(session: Session, subscriber_id: int, *, now: datetime, out
     address = subscriber.email if subscriber is not None else None
     if not erase(session, subscriber_id, now=now):
         return False
+    session.commit()  # the data first: mail deleted for an erasure that failed is lost
     if address is not None:
         catcher.forget(outbox, address)
     return True

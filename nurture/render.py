@@ -112,7 +112,8 @@ def _template_location(error: Exception) -> tuple[str | None, int | None]:
     traceback = error.__traceback__
     while traceback is not None:
         filename = traceback.tb_frame.f_code.co_filename
-        if not filename.endswith(".py"):
+        # Not Python's own code either: "<string>" (generated), "<frozen importlib...>".
+        if not filename.endswith(".py") and not filename.startswith("<"):
             where, line = filename, traceback.tb_lineno
         traceback = traceback.tb_next
     return where, line
@@ -481,7 +482,8 @@ class Renderer:
             where, line = _template_location(error)
             if isinstance(error, TemplateError):
                 message = error.message or str(error)
-            elif where is not None:  # a template's expression failed ({{ 1 / 0 }}, a huge range)
+            elif where and Path(where).resolve().is_relative_to(self.templates_path.resolve()):
+                # A template's expression failed as Python ({{ 1 / 0 }}, a huge range).
                 message = f"{type(error).__name__}: {error}"
             else:
                 raise  # not raised by a template's code: ours, with its traceback

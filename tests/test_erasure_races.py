@@ -1,4 +1,4 @@
-"""Races found in review: a report or a signup that meets an erasure of the same row."""
+"""A report, a signup or the prune that meets an erasure of the same row, and the prune's reach."""
 
 from __future__ import annotations
 
