@@ -91,6 +91,9 @@ def healthz():
     elif held is None:
         templates = "ok"
     else:
-        templates = f"error: {held.sequence}/{held.step} is held: {held.last_error}"
+        # Files named within the templates folder: the page is public, the server's layout not.
+        folder = f"{app_state.settings.templates_path.resolve()}/"
+        reason = (held.last_error or "").replace(folder, "")
+        templates = f"error: {held.sequence}/{held.step} is held: {reason}"
     status = "unavailable" if down else ("ok" if templates == "ok" else "degraded")
     return jsonify({"status": status, **checks, "templates": templates}), 503 if down else 200

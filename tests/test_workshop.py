@@ -1200,7 +1200,9 @@ def test_a_broken_step_is_held_reported_and_sent_once_fixed(stack, smtp, tmp_pat
     assert body.status_code == 200
     assert body.get_json()["status"] == "degraded"
     assert body.get_json()["templates"].startswith(f"error: {PVP}/welcome is held: ")
-    assert f"{welcome}:7:" in body.get_json()["templates"]
+    shown = body.get_json()["templates"]
+    assert f"template error: {PVP}/01-welcome.md:7: {problem}" in shown, shown
+    assert str(copy) not in shown, "a public page names no server path"
 
     # Still broken at Alice's next due time: retried and held again, and nothing overtakes it.
     pm_due = enrollment_of(settings, alice).next_due_at
