@@ -855,6 +855,8 @@ def _send_one(
         return "retry"
     if time.monotonic() - asked > THROTTLE_RECHECK:
         # It waited for a slot (up to MAX_WAIT): an unsubscribe may have come meanwhile.
+        # (The check stays before the wait: it carries the last email's sent mark, which
+        # must not wait uncommitted for a slot.)
         subscriber, reason = _may_send(marks, delivery, composer.sequences)
         if subscriber is None:
             _finish(session, delivery, now, status=DeliveryStatus.CANCELLED, last_error=reason)

@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import text, update
 from test_compliance import (
     CONFIRMATION_STEP,
     SEQUENCE,
@@ -51,6 +51,21 @@ def test_a_complaint_that_meets_an_erasure_keeps_the_address_out(settings, monke
         assert suppression_of(session, email) == SubscriberStatus.COMPLAINED
 
 
+def waits_for_a_lock(settings, timeout: float = 10.0) -> bool:
+    """True once a session of this database waits for a row lock (within `timeout`)."""
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(settings.database_url) as session:
+            if session.scalar(waiting):
+                return True
+        time.sleep(0.01)
+    return False
+
+
 @POSTGRES
 def test_a_signup_again_while_the_prune_erases_the_old_row_is_not_lost(settings, monkeypatch):
     t0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
@@ -83,7 +98,8 @@ def test_a_signup_again_while_the_prune_erases_the_old_row_is_not_lost(settings,
     assert erased.wait(10)
     signer = threading.Thread(target=sign_up_again)
     signer.start()
-    time.sleep(1)  # the signup now waits for the prune's lock on the old row
+    # Go on only once the signup waits for the prune's lock on the old row: the race itself.
+    assert waits_for_a_lock(settings), "the signup never met the prune's lock"
     go.set()
     pruner.join(10)
     signer.join(10)
