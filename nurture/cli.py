@@ -403,7 +403,6 @@ def subscribers_export_data(email: str) -> None:
 def subscribers_suppress(email: str, reason: str) -> None:
     """Never mail EMAIL again: a complaint or a late bounce reported after the send."""
     from email_validator import EmailNotValidError
-    from sqlalchemy.exc import IntegrityError
 
     from nurture.db import session_scope
     from nurture.models import utcnow
@@ -414,14 +413,8 @@ def subscribers_suppress(email: str, reason: str) -> None:
     except EmailNotValidError as error:
         raise click.ClickException(f"{email} is not an email address: {error}") from None
 
-    def report() -> bool:
-        with session_scope(_settings().database_url) as session:
-            return suppress_reported(session, address, reason, now=utcnow(), source="cli")
-
-    try:
-        known = report()
-    except IntegrityError:  # the same report by webhook at the same moment wrote its hash first
-        known = report()
+    with session_scope(_settings().database_url) as session:
+        known = suppress_reported(session, address, reason, now=utcnow(), source="cli")
     if known:
         click.echo(f"{email} is suppressed ({reason}); nothing more is sent to it")
     else:

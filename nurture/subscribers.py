@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from nurture.config import Settings
-from nurture.db import for_psycopg, require_aware
+from nurture.db import for_psycopg, insert_for, require_aware
 from nurture.models import (
     CONFIRMATION_STEP,
     Base,
@@ -219,11 +219,22 @@ def suppression_of(session: Session, email: str) -> str | None:
 
 
 def suppress(session: Session, email: str, reason: str, now: datetime) -> None:
-    row = session.get(Suppression, email_hash(email))
-    if row is None:
-        session.add(Suppression(email_hash=email_hash(email), reason=reason, created_at=now))
-    elif row.reason in SubscriberStatus.REVERSIBLE:
-        row.reason = reason  # a bounce or complaint outranks an unsubscribe
+    """Keep the address's hash with `reason`; a bounce or complaint outranks an unsubscribe.
+
+    One upsert, so the same address suppressed twice at once (a provider's
+    report and an erasure, say) does not fail on the second insert.
+    """
+    table = Suppression.__table__
+    statement = insert_for(session)(table).values(
+        email_hash=email_hash(email), reason=reason, created_at=now
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[table.c.email_hash],
+            set_={"reason": statement.excluded.reason},
+            where=table.c.reason.in_(SubscriberStatus.REVERSIBLE),
+        )
+    )
 
 
 def lift_reversible(session: Session, email: str) -> None:

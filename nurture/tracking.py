@@ -16,7 +16,7 @@ import logging
 from email_validator import EmailNotValidError
 from flask import Blueprint, Response, jsonify, redirect, render_template, request
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 from nurture import subscribers, tokens
 from nurture.app import csrf, json_object, not_a_json_object, state
@@ -181,15 +181,8 @@ def suppression_webhook():
     if reason not in subscribers.REPORTS:
         choices = " or ".join(f'"{r}"' for r in subscribers.REPORTS)
         return jsonify({"errors": {"reason": f"Send a reason: {choices}."}}), 422
-    try:
-        known = _suppress_reported(address, reason)
-    except IntegrityError:  # the same report at the same moment wrote its hash first
-        known = _suppress_reported(address, reason)
-    return jsonify({"status": "suppressed", "reason": reason, "subscriber": known}), 200
-
-
-def _suppress_reported(address: str, reason: str) -> bool:
     with session_scope(state().settings.database_url) as session:
-        return subscribers.suppress_reported(
+        known = subscribers.suppress_reported(
             session, address, reason, now=utcnow(), source="webhook"
         )
+    return jsonify({"status": "suppressed", "reason": reason, "subscriber": known}), 200

@@ -133,3 +133,28 @@ def test_a_signup_whose_confirmation_bounced_is_erased_too(settings, smtp):
     assert places_holding(settings, "typo@exmaple", "Pat", "198.51.100.7") == []
     with session_scope(settings.database_url) as session:
         assert suppression_of(session, email) == SubscriberStatus.BOUNCED
+
+
+@POSTGRES
+def test_two_reports_of_one_address_at_once_both_succeed(settings):
+    """A provider's webhook and an operator's CLI report the same address together."""
+    email = "reported.twice@example.com"
+    errors: list[Exception] = []
+
+    def second_report() -> None:
+        try:
+            with session_scope(settings.database_url) as session:
+                suppress_reported(session, email, "bounced", now=utcnow(), source="cli")
+        except Exception as error:  # the assertion below names it
+            errors.append(error)
+
+    with session_scope(settings.database_url) as first:
+        assert not suppress_reported(first, email, "complained", now=utcnow(), source="webhook")
+        other = threading.Thread(target=second_report)
+        other.start()
+        assert waits_for_a_lock(settings), "the second report never met the first's row"
+    other.join(10)
+
+    assert errors == []
+    with session_scope(settings.database_url) as session:
+        assert suppression_of(session, email) == SubscriberStatus.COMPLAINED, "the first kept"
