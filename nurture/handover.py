@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a batch gathers before it is published. A person waits longer than
 #: this for their mail provider; under load it puts dozens of confirmations in
-#: one broker message instead of one each.
-LINGER = 0.05
+#: one broker message instead of one each (at a fifth of this, publishing cost
+#: a signup 5% more CPU: docs/decisions.md).
+LINGER = 0.25
 #: Notes held at most while the broker is slow; beyond this the due-scan
 #: catches up.
 MAX_PENDING = 10_000

@@ -16,8 +16,10 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 from urllib.parse import urlencode
 
+import flask
 import pytest
 from conftest import BOTH_DATABASES, csrf_token, drop_every_connection, free_port
+from flask.sessions import NullSession
 from sqlalchemy import func, select, update
 
 from nurture import ROOT
@@ -335,6 +337,17 @@ def test_api_signup_is_accepted(client, settings, smtp):
         assert latest_consent(session, sub.id).source == "api"
     assert len(confirmation_deliveries(settings, sub.id)) == 1
     assert smtp.messages == []
+
+
+def test_the_api_opens_no_session_and_pages_do(app):
+    """API calls never sign anyone in, so their requests skip the cookie session
+    (a twentieth of a signup's CPU); the pages, whose forms keep their CSRF token
+    there, still have it."""
+    with app.test_request_context(API, method="POST"):
+        assert isinstance(flask.session, NullSession)
+    with app.test_request_context("/"):
+        assert not isinstance(flask.session, NullSession)
+        flask.session["kept"] = True  # a page's session takes values
 
 
 @pytest.mark.parametrize(
