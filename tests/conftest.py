@@ -189,7 +189,7 @@ def drop_every_connection(database_url: str, *, keep_out: bool = False) -> int:
     come back yet does, until `let_connections_in`.
     """
     name = make_url(database_url).database
-    with _server() as server:
+    with server_connection() as server:
         if keep_out:
             server.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
         return server.scalar(
@@ -203,13 +203,13 @@ def drop_every_connection(database_url: str, *, keep_out: bool = False) -> int:
 
 def let_connections_in(database_url: str) -> None:
     """The database accepts connections again (after `drop_every_connection(keep_out=True)`)."""
-    with _server() as server:
+    with server_connection() as server:
         name = make_url(database_url).database
         server.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
 
 
 @contextlib.contextmanager
-def _server() -> Iterator:
+def server_connection() -> Iterator:
     """A connection to the PostgreSQL server's base database, outside any test's own."""
     engine = create_engine(
         normalize_url(require(POSTGRES_URL, "PostgreSQL")),

@@ -18,9 +18,16 @@ from urllib.parse import urlencode
 
 import flask
 import pytest
-from conftest import BOTH_DATABASES, csrf_token, drop_every_connection, free_port
+from conftest import (
+    BOTH_DATABASES,
+    csrf_token,
+    drop_every_connection,
+    free_port,
+    server_connection,
+)
 from flask.sessions import NullSession
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
+from sqlalchemy.engine import make_url
 
 from nurture import ROOT
 from nurture.app import MAX_BODY, create_app
@@ -592,12 +599,13 @@ def test_the_same_address_at_the_same_moment_gets_the_same_answer(client, settin
         if first_path == "transaction":
             signup(session, settings, first, first_steps=steps, now=utcnow())
         else:
-            assert first_signup(connection, settings, first, now=utcnow()) is not None
+            driver = connection.connection.driver_connection
+            assert first_signup(driver, settings, first, now=utcnow()) is not None
         second = pool.submit(api_signup, client, email)
         with pytest.raises(TimeoutError):
             second.result(timeout=1)  # blocked on the first request's row
         session.commit()
-        connection.commit()
+        connection.connection.driver_connection.commit()
         response = second.result(timeout=10)
 
     assert response.status_code == 202, response.get_data(as_text=True)
@@ -703,8 +711,9 @@ def test_the_one_statement_signup_writes_what_the_general_path_writes(settings):
             now=now,
             publishing=True,
         )
-    with get_engine(settings.database_url).connect() as connection:
-        connection.execution_options(isolation_level="AUTOCOMMIT")
+    with get_engine(settings.database_url).connect() as pooled:
+        pooled.execution_options(isolation_level="AUTOCOMMIT")
+        connection = pooled.connection.driver_connection  # as `run_autocommit` gives it
         one = first_signup(
             connection, settings, request("one@example.com"), now=now, enqueued_at=now
         )
@@ -808,15 +817,44 @@ def test_publishing_to_redis_keeps_one_client_per_pool(stack):
 
 @pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
 def test_a_signup_lands_on_the_first_try_after_the_database_restarted(client, settings):
-    """A first-time signup's connection is not pinged first; a dead one is replaced, once."""
+    """A first-time signup's connection is not pinged first; a dead one is replaced,
+    once, and the others the restart ended go with it (the retry does not take one)."""
+    from nurture.db import autocommit_engine
+
     assert api_signup(client, "before@example.com").status_code == 202
-    assert drop_every_connection(settings.database_url) >= 1
+    engine = autocommit_engine(settings.database_url)
+    held = [engine.raw_connection() for _ in range(3)]  # three in the pool, as under load
+    for pooled in held:
+        pooled.close()
+    assert drop_every_connection(settings.database_url) >= 3
 
     response = api_signup(client, "after@example.com")
 
     assert response.status_code == 202, response.get_data(as_text=True)
     assert subscriber(settings, "after@example.com").status == SubscriberStatus.PENDING
     assert count(settings, Delivery) == 2
+
+
+@pytest.mark.parametrize("empty_database", ["postgresql"], indirect=True)
+def test_a_database_that_refuses_the_signup_statement_gets_the_503_answer(client, settings, caplog):
+    """The first-time signup runs on psycopg's connection; an error there is still
+    the database's answer (a 503 and a log line, as for any statement), not a 500.
+    Here the server has become read-only, as a replica does after a failover."""
+    name = make_url(settings.database_url).database
+    with server_connection() as server:
+        server.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+    try:
+        drop_every_connection(settings.database_url)  # new connections take the setting
+        response = api_signup(client, "readonly@example.com")
+    finally:
+        with server_connection() as server:
+            server.execute(text(f'ALTER DATABASE "{name}" RESET default_transaction_read_only'))
+        drop_every_connection(settings.database_url)
+
+    assert response.status_code == 503, response.get_data(as_text=True)
+    assert "database is unavailable" in response.get_json()["errors"]["service"]
+    assert "read-only transaction" in caplog.text
+    assert subscriber(settings, "readonly@example.com") is None
 
 
 def test_a_driver_statement_keeps_only_its_constants():
