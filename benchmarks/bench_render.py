@@ -17,7 +17,8 @@ Full pipeline: the same, through a Composer whose renderer's `render` is
 the layouts and css-inline, as an email whose values cannot be filled in does.
 
 Baseline: `jinja2.Environment().from_string(body)` of the same step's body (front
-matter removed, compiled once), rendered with the same first name: no sandbox,
+matter removed, compiled once; the environment loads the same snippets and has the
+same helpers, such as `button()`), rendered with the same first name: no sandbox,
 layout, Markdown, inlining or MIME.
 
 Figures are emails per CPU-second of this one single-threaded process, i.e.
@@ -63,7 +64,7 @@ from nurture.config import load_settings  # noqa: E402
 from nurture.delivery import Composer  # noqa: E402
 from nurture.models import Subscriber  # noqa: E402
 from nurture.preview import preview_email  # noqa: E402
-from nurture.render import split_front_matter  # noqa: E402
+from nurture.render import SNIPPET_FUNCTIONS, split_front_matter  # noqa: E402
 from nurture.sequences import current_sequences  # noqa: E402
 
 SEQUENCE = "product-vs-project"
@@ -157,11 +158,13 @@ def main() -> None:
     ]
 
     # Baseline: the same bodies, compiled once with a plain Environment.
+    bare_environment = jinja2.Environment(loader=jinja2.FileSystemLoader(settings.templates_path))
+    bare_environment.globals.update(SNIPPET_FUNCTIONS)  # what a body may call, e.g. button()
     bare_templates = {}
     for step in steps:
         source = (settings.templates_path / sequence.name / step.file).read_text(encoding="utf-8")
         _, body = split_front_matter(source)
-        bare_templates[step.key] = jinja2.Environment().from_string(body)
+        bare_templates[step.key] = bare_environment.from_string(body)
     bare_jobs = [
         (bare_templates[steps[i % len(steps)].key], FIRST_NAMES[i % len(FIRST_NAMES)])
         for i in range(len(steps) * len(FIRST_NAMES))

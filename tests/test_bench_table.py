@@ -3,6 +3,8 @@
 import copy
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,21 @@ def test_a_readme_without_markers_is_an_error_and_is_left_as_it_was(tmp_path):
     with pytest.raises(SystemExit, match="markers"):
         table.update_readme(readme, RESULTS)
     assert readme.read_text() == "# Title\n"
+
+
+def test_the_render_benchmark_runs_on_the_course_as_it_is(tmp_path):
+    """The render benchmark reads the course's own files, which marketers change
+    (a body that calls `button()` once broke its bare-Jinja baseline): its quick
+    mode must still run through every step and write its figures."""
+    output = tmp_path / "bench_render.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_render.py"), "--quick"]
+        + ["--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(output.read_text())
+    assert figures["benchmark"] == "bench_render"
