@@ -121,6 +121,19 @@ def test_buttons_are_styled_inline(render_settings, step):
     assert "<style" not in html
 
 
+@pytest.mark.parametrize("step", ["confirmation", *COURSE_KEYS])
+def test_emails_claim_no_dark_mode_they_do_not_style(render_settings, step):
+    """The sent HTML has no <style> block (styles are inlined), so no dark-mode
+    rules: declaring "light dark" would tell Apple Mail the email styles its own
+    dark mode, and it would then darken what has no colour of its own."""
+    _, _, html = render(render_settings, step)
+    declared = re.findall(
+        r'<meta name="(?:color-scheme|supported-color-schemes)" content="([^"]*)"', html
+    )
+    assert declared == ["light", "light"]
+    assert "prefers-color-scheme" not in html
+
+
 @pytest.mark.parametrize("step", COURSE_KEYS)
 def test_course_email_footer_has_address_and_unsubscribe_link(render_settings, step):
     message, text, html = render(render_settings, step)
