@@ -291,7 +291,7 @@ def unsubscribe(token: str):
         return render_template("unsubscribe_invalid.html"), 400
     one_click = request.form.get("List-Unsubscribe") == "One-Click"
     action = request.form.get("action", "")
-    if not one_click and action not in ("unsubscribe", "pause"):
+    if not one_click and action not in ("unsubscribe", "pause", "resume"):
         return render_template("unsubscribe.html", token=token, missing_body=True), 400
     settings = state().settings
     with session_scope(settings.database_url) as session:
@@ -300,6 +300,9 @@ def unsubscribe(token: str):
                 session, subscriber_id, now=utcnow(), days_scale=settings.day_scale
             )
             return render_template("paused.html", paused=paused, token=token)
+        if action == "resume" and not one_click:
+            resumed = subscribers.resume_own_pause(session, subscriber_id, now=utcnow())
+            return render_template("resumed.html", resumed=resumed, token=token)
         subscribers.unsubscribe(
             session, subscriber_id, now=utcnow(), how="one-click" if one_click else "page"
         )

@@ -834,6 +834,22 @@ def resume(session: Session, subscriber_id: int, *, now: datetime) -> bool:
     return bool(enrollments)
 
 
+def resume_own_pause(session: Session, subscriber_id: int, *, now: datetime) -> bool:
+    """The subscriber's "resume now" on the paused page: ends a pause that is on.
+
+    Unlike an editor's `resume`, it leaves a course that is not paused alone
+    (the pause ran out, or it was resumed already): the link is the
+    subscriber's, and must not pull their next email forward. True if it resumed.
+    """
+    last = session.scalar(
+        select(Event.kind)
+        .where(Event.subscriber_id == subscriber_id, Event.kind.in_(("pause", "resume")))
+        .order_by(Event.created_at.desc(), Event.id.desc())
+        .limit(1)
+    )
+    return last == "pause" and resume(session, subscriber_id, now=now)
+
+
 def resend_confirmation(
     session: Session, settings: Settings, subscriber_id: int, now: datetime
 ) -> int | None:

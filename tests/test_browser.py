@@ -209,6 +209,34 @@ def test_no_serious_accessibility_violations(page, server, settings):
     assert {name: [v["id"] for v in vs] for name, vs in found.items() if vs} == {}
 
 
+def test_a_subscriber_pauses_and_resumes_from_the_footer_link(page, server, settings):
+    """The footer link's page, then the paused page's "resume now": both work by
+    their buttons in a real browser and pass axe's serious checks."""
+    page.goto(f"{server}/")
+    page.fill("#email", "eve@example.com")
+    page.click("button[type=submit]")
+    page.wait_for_selector("h1:has-text('Check your inbox')")
+    eve = subscriber(settings, "eve@example.com")
+    with session_scope(settings.database_url) as session:
+        consent_id = session.scalar(select(Consent.id).where(Consent.subscriber_id == eve.id))
+    page.goto(f"{server}/confirm/{make_confirm_token(settings.secret_key, eve.id, consent_id)}")
+    assert page.locator("h1").inner_text() == "You are in"
+
+    page.goto(f"{server}/unsubscribe/{make_unsubscribe_token(settings.secret_key, eve.id)}")
+    page.click("button[value=pause]")
+    page.wait_for_selector("h1:has-text('Your course is paused')")
+    shot(page, "paused")
+    found = {"paused": serious_violations(page)}
+    page.click("button[value=resume]")
+    page.wait_for_selector("h1:has-text('Your course continues')")
+    shot(page, "resumed")
+    found["resumed"] = serious_violations(page)
+
+    assert page.title().startswith("Course resumed")
+    assert {name: [v["id"] for v in vs] for name, vs in found.items() if vs} == {}
+    assert subscriber(settings, "eve@example.com").status == "active"
+
+
 def test_keyboard_reaches_the_form_in_order_and_enter_submits(page, server, settings):
     page.goto(f"{server}/")
     order = []

@@ -459,6 +459,44 @@ def test_footer_link_offers_a_pause_that_holds_the_course_without_skipping(
     assert enrollment(settings, subscriber_id).status == EnrollmentStatus.COMPLETED
 
 
+@BOTH_DATABASES
+def test_a_paused_course_can_be_resumed_by_its_subscriber_and_only_a_paused_one(
+    app, client, settings, smtp
+):
+    """The paused page offers "resume now"; it ends the pause, once, and leaves a
+    course that is not paused alone (it must not pull the next email forward)."""
+    email = "ben@example.com"
+    subscriber_id = join(client, settings, smtp, email)
+    send_due(settings, subscriber_id)
+    [welcome] = messages_to(smtp, email)
+    path = path_of(link_in(welcome, "/unsubscribe/"))
+    due = enrollment(settings, subscriber_id).next_due_at
+    web = app.test_client()
+
+    def post(action: str) -> str:
+        response = web.post(path, data={"action": action}, content_type=FORM)
+        assert response.status_code == 200
+        return response.get_data(as_text=True)
+
+    assert "Nothing to resume" in post("resume")
+    assert enrollment(settings, subscriber_id).next_due_at == due, "not paused: left alone"
+
+    paused_page = post("pause")
+    assert f'<form method="post" action="{path}">' in paused_page
+    assert 'name="action" value="resume"' in paused_page
+    assert enrollment(settings, subscriber_id).next_due_at > due + timedelta(days=10)
+    resumed_at = utcnow()
+
+    assert "Your course continues" in post("resume")
+
+    assert resumed_at <= enrollment(settings, subscriber_id).next_due_at <= utcnow()
+    assert "Nothing to resume" in post("resume"), "a second click changes nothing"
+    assert len(events(settings, subscriber_id, "resume")) == 1
+    result = send(settings, tick(settings, due), due)
+    assert result.sent == 1
+    assert course_steps(smtp, email) == ["welcome", "product-manager"], "on its old day"
+
+
 # --- 4. Suppression and erasure ----------------------------------------------------
 
 
