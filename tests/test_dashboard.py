@@ -21,7 +21,7 @@ import time as clock
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
-from conftest import BOTH_DATABASES, csrf_token
+from conftest import BOTH_DATABASES, csrf_token, free_port
 from itsdangerous import URLSafeSerializer
 from sqlalchemy import func, select, text
 
@@ -1020,6 +1020,29 @@ def test_metrics(stack, smtp, client):
     assert metric(text_, "nurture_dispatch_duration_seconds") > 0
     assert 0 <= metric(text_, "nurture_dispatch_age_seconds") < 60
     assert metric(text_, "nurture_emails_queued") == 1
+
+
+def test_metrics_show_emails_held_back_by_a_dead_smtp_server(stack, smtp, client):
+    """While the SMTP server is down each email is put back for a later try, so the
+    due lag stays small: these two gauges are what shows the outage."""
+    settings = stack.settings
+    sign_up(settings, "ann@example.com", T0)
+    text_ = page(client.get("/metrics"))
+    assert metric(text_, "nurture_emails_retrying") == 0
+    assert metric(text_, "nurture_retry_age_seconds") == 0
+
+    dead = stack.with_env(SMTP_URL=f"smtp://127.0.0.1:{free_port()}?timeout=2").settings
+    assert deliver(dead, T0).retry == 1
+    waited = (datetime.now(UTC) - T0).total_seconds()  # the confirmation was written at T0
+
+    text_ = page(client.get("/metrics"))
+    assert metric(text_, "nurture_emails_retrying") == 1
+    assert waited - 1 <= metric(text_, "nurture_retry_age_seconds") <= waited + 60
+
+    assert deliver(settings, T0 + timedelta(hours=1)).sent == 1  # the server is back
+    text_ = page(client.get("/metrics"))
+    assert metric(text_, "nurture_emails_retrying") == 0
+    assert metric(text_, "nurture_retry_age_seconds") == 0
 
 
 def test_metrics_token(stack):
