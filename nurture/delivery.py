@@ -580,7 +580,7 @@ def send_batch(
                     )
                     if outcome == "unreachable":
                         # No point trying the rest now: they wait for a later tick.
-                        reason = "SMTP server unreachable or refusing our session (see the log)"
+                        reason = f"{SMTP_DOWN}unreachable or refusing our session (see the log)"
                         _defer(session, settings, claimed, now, reason)
                         result.retry += 1 + len(claimed)
                         claimed = []
@@ -615,6 +615,11 @@ def _defer(session: Session, settings: Settings, claimed: list, now, reason: str
     )
     session.commit()
 
+
+#: How `last_error` starts for an email put back because the SMTP server could not be
+#: reached or refused our session: an outage, which /metrics counts apart from one
+#: recipient's deferral (a greylisting, a full mailbox) or the send rate's wait.
+SMTP_DOWN = "SMTP server down: "
 
 #: Errors of the database: through SQLAlchemy, or straight from psycopg's cursor,
 #: which runs the per-email statements on PostgreSQL (`_SentMarks`).
@@ -881,11 +886,11 @@ def _send_one(
             "until SMTP_URL (user, password, tls) or MAIL_FROM fits the server",
             error,
         )
-        _retry_or_fail(session, settings, delivery, now, f"session refused: {error}")
+        _retry_or_fail(session, settings, delivery, now, f"{SMTP_DOWN}session refused: {error}")
         return "unreachable"
     except ServerUnreachable as error:
         log.error("the SMTP server cannot be reached (%s); the batch waits for a later tick", error)
-        _retry_or_fail(session, settings, delivery, now, str(error))
+        _retry_or_fail(session, settings, delivery, now, f"{SMTP_DOWN}{error}")
         return "unreachable"
     except TemporaryFailure as error:
         log.warning("delivery %s deferred: %s", delivery.id, error)

@@ -40,14 +40,14 @@ class _Snapshot:
             "nurture_due_lag_seconds", "Now minus the oldest due step", c["lag_seconds"]
         )
         yield GaugeMetricFamily(
-            "nurture_emails_retrying",
-            "Emails put back after a failed try (SMTP server down or refusing, template held)",
-            c["retrying"],
+            "nurture_emails_waiting_for_smtp",
+            "Emails put back because the SMTP server is down or refuses our session",
+            c["smtp_waiting"],
         )
         yield GaugeMetricFamily(
-            "nurture_retry_age_seconds",
-            "Age of the oldest email put back after a failed try (0: none)",
-            c["retry_age_seconds"],
+            "nurture_smtp_wait_seconds",
+            "Age of the oldest email put back because the SMTP server is down (0: none)",
+            c["smtp_wait_seconds"],
         )
         yield GaugeMetricFamily(
             "nurture_dispatch_duration_seconds", "Last due-scan's duration", c["dispatch_seconds"]

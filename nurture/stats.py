@@ -16,6 +16,7 @@ from datetime import datetime
 from sqlalchemy import and_, distinct, func, select
 from sqlalchemy.orm import Session
 
+from nurture.delivery import SMTP_DOWN
 from nurture.models import Delivery, DeliveryStatus, Enrollment, Event, Heartbeat, Subscriber
 from nurture.sequences import Sequence
 
@@ -158,7 +159,7 @@ def any_count(rows: list[StepStats], funnel: Funnel) -> bool:
 
 def service_counts(session: Session, now: datetime) -> dict[str, float]:
     """Totals for /metrics: counters since the start, the due-queue lag, and the
-    emails waiting to be tried again."""
+    emails waiting for the SMTP server to come back."""
     signups = session.scalar(select(func.count()).select_from(Subscriber))
     confirmations = session.scalar(select(func.count(Subscriber.confirmed_at)))
     statuses = {
@@ -178,11 +179,12 @@ def service_counts(session: Session, now: datetime) -> dict[str, float]:
         )
     )
     oldest = min((t for t in (oldest_due, oldest_queued) if t is not None), default=None)
-    # Emails put back after a failed try. While the SMTP server is down each one
-    # waits for its next try, so the due lag stays small: these show the outage.
-    retrying, oldest_retry = session.execute(
+    # Emails put back because the SMTP server is down or refuses us. Each waits only
+    # for its next try, so the due lag shows an outage late: these show it at once.
+    waiting, oldest_waiting = session.execute(
         select(func.count(), func.min(Delivery.created_at)).where(
-            Delivery.status == DeliveryStatus.QUEUED, Delivery.last_error.is_not(None)
+            Delivery.status == DeliveryStatus.QUEUED,
+            Delivery.last_error.startswith(SMTP_DOWN, autoescape=True),
         )
     ).one()
     dispatch = session.get(Heartbeat, "dispatch")
@@ -193,8 +195,8 @@ def service_counts(session: Session, now: datetime) -> dict[str, float]:
         "failed": statuses.get(DeliveryStatus.FAILED, 0),
         "queued": statuses.get(DeliveryStatus.QUEUED, 0) + statuses.get(DeliveryStatus.SENDING, 0),
         "lag_seconds": (now - oldest).total_seconds() if oldest else 0.0,
-        "retrying": retrying,
-        "retry_age_seconds": (now - oldest_retry).total_seconds() if oldest_retry else 0.0,
+        "smtp_waiting": waiting,
+        "smtp_wait_seconds": (now - oldest_waiting).total_seconds() if oldest_waiting else 0.0,
         "dispatch_seconds": dispatch.seconds if dispatch else 0.0,
         "dispatch_age_seconds": (now - dispatch.at).total_seconds() if dispatch else -1.0,
     }

@@ -1024,25 +1024,31 @@ def test_metrics(stack, smtp, client):
 
 def test_metrics_show_emails_held_back_by_a_dead_smtp_server(stack, smtp, client):
     """While the SMTP server is down each email is put back for a later try, so the
-    due lag stays small: these two gauges are what shows the outage."""
+    due lag shows it late: these two gauges show it at once. One recipient's
+    server deferring an email (greylisting, a full mailbox) is no outage and
+    is not counted."""
     settings = stack.settings
     sign_up(settings, "ann@example.com", T0)
+    sign_up(settings, "bob@example.com", T0 + timedelta(minutes=1))
+    smtp.handler.refuse_recipients_with = "451 4.7.1 Greylisted, try again later"
+    assert deliver(settings, T0 + timedelta(minutes=1)).retry == 2
     text_ = page(client.get("/metrics"))
-    assert metric(text_, "nurture_emails_retrying") == 0
-    assert metric(text_, "nurture_retry_age_seconds") == 0
+    assert metric(text_, "nurture_emails_waiting_for_smtp") == 0
+    assert metric(text_, "nurture_smtp_wait_seconds") == 0
 
     dead = stack.with_env(SMTP_URL=f"smtp://127.0.0.1:{free_port()}?timeout=2").settings
-    assert deliver(dead, T0).retry == 1
-    waited = (datetime.now(UTC) - T0).total_seconds()  # the confirmation was written at T0
+    assert deliver(dead, T0 + timedelta(hours=1)).retry == 2
+    waited = (datetime.now(UTC) - T0).total_seconds()  # the first was written at T0
 
     text_ = page(client.get("/metrics"))
-    assert metric(text_, "nurture_emails_retrying") == 1
-    assert waited - 1 <= metric(text_, "nurture_retry_age_seconds") <= waited + 60
+    assert metric(text_, "nurture_emails_waiting_for_smtp") == 2
+    assert waited - 1 <= metric(text_, "nurture_smtp_wait_seconds") <= waited + 60
 
-    assert deliver(settings, T0 + timedelta(hours=1)).sent == 1  # the server is back
+    smtp.handler.refuse_recipients_with = None  # the server is back, and takes them
+    assert deliver(settings, T0 + timedelta(hours=2)).sent == 2
     text_ = page(client.get("/metrics"))
-    assert metric(text_, "nurture_emails_retrying") == 0
-    assert metric(text_, "nurture_retry_age_seconds") == 0
+    assert metric(text_, "nurture_emails_waiting_for_smtp") == 0
+    assert metric(text_, "nurture_smtp_wait_seconds") == 0
 
 
 def test_metrics_token(stack):
