@@ -834,20 +834,25 @@ def resume(session: Session, subscriber_id: int, *, now: datetime) -> bool:
     return bool(enrollments)
 
 
-def resume_own_pause(session: Session, subscriber_id: int, *, now: datetime) -> bool:
+def resume_own_pause(
+    session: Session, subscriber_id: int, *, now: datetime, days_scale: float = 1.0
+) -> bool:
     """The subscriber's "resume now" on the paused page: ends a pause that is on.
 
-    Unlike an editor's `resume`, it leaves a course that is not paused alone
-    (the pause ran out, or it was resumed already): the link is the
-    subscriber's, and must not pull their next email forward. True if it resumed.
+    Unlike an editor's `resume`, it leaves a course that is not paused alone (the
+    pause ran out, or it was resumed already): the page stays in the browser's
+    history and its link never expires, and it must not pull the next email
+    forward. True if it resumed.
     """
-    last = session.scalar(
-        select(Event.kind)
+    last = session.execute(
+        select(Event.kind, Event.created_at)
         .where(Event.subscriber_id == subscriber_id, Event.kind.in_(("pause", "resume")))
         .order_by(Event.created_at.desc(), Event.id.desc())
         .limit(1)
-    )
-    return last == "pause" and resume(session, subscriber_id, now=now)
+    ).first()
+    if last is None or last.kind != "pause" or now >= last.created_at + PAUSE * days_scale:
+        return False
+    return resume(session, subscriber_id, now=now)
 
 
 def resend_confirmation(

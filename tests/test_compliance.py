@@ -496,6 +496,20 @@ def test_a_paused_course_can_be_resumed_by_its_subscriber_and_only_a_paused_one(
     assert result.sent == 1
     assert course_steps(smtp, email) == ["welcome", "product-manager"], "on its old day"
 
+    # A later pause that has run out: the old paused page's button changes nothing.
+    post("pause")
+    with session_scope(settings.database_url) as session:
+        for event in session.scalars(
+            select(Event).where(
+                Event.subscriber_id == subscriber_id, Event.kind.in_(("pause", "resume"))
+            )
+        ):
+            event.created_at -= PAUSE + timedelta(days=1)  # as if two weeks and a day ago
+        next_due = utcnow() + timedelta(hours=5)  # its email went out; the next is ahead
+        session.get(Enrollment, enrollment(settings, subscriber_id).id).next_due_at = next_due
+    assert "Nothing to resume" in post("resume")
+    assert enrollment(settings, subscriber_id).next_due_at == next_due
+
 
 # --- 4. Suppression and erasure ----------------------------------------------------
 
