@@ -126,8 +126,8 @@ def run_autocommit(url: str, statement: Callable[[psycopg.Connection], T]) -> T:
     keeps its connections in autocommit, so a checkout sets nothing and a
     return resets nothing, and it does not ping a connection before each use
     (a round trip, a tenth of a signup's cost). Instead, a connection found
-    dead (the database restarted) is dropped with every other one waiting in
-    the pool, and the statement runs once more on a new connection. So
+    dead (the database restarted) is dropped with every other one as old,
+    and the statement runs once more on a new connection. So
     `statement` must be safe to run twice: a single INSERT ... ON CONFLICT
     that writes nothing the second time is. (If the first run did commit and
     only its reply was lost, the second returns what a repeat would: for a
@@ -151,8 +151,7 @@ def run_autocommit(url: str, statement: Callable[[psycopg.Connection], T]) -> T:
 def _on_driver(engine: Engine, statement: Callable[[psycopg.Connection], T]) -> T:
     """`statement` on a pooled connection's psycopg connection, the driver's errors
     (connecting included) made SQLAlchemy's; a connection found dead is dropped
-    with every other one waiting in the pool, as SQLAlchemy drops them after its
-    own statements."""
+    with every other one as old."""
     pooled = None
     try:
         pooled = engine.raw_connection()
@@ -162,8 +161,11 @@ def _on_driver(engine: Engine, statement: Callable[[psycopg.Connection], T]) -> 
             error, pooled.driver_connection, None
         )
         if dead:
-            pooled.invalidate(error)
-            engine.dispose()  # the others are as old: what ended this one ended them
+            # As SQLAlchemy's own Connection does after a disconnect: this connection
+            # now, and every one made before it at its next checkout (what ended this
+            # one, a restart, ended them), without touching those other threads hold
+            # or opened since. A test restarts the server under a full pool.
+            engine.pool._invalidate(pooled, error)
         raise DBAPIError.instance(
             None, None, error, psycopg.Error, connection_invalidated=dead
         ) from error
