@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import replace
 from datetime import UTC, date, datetime, time, timedelta
 from functools import wraps
 from pathlib import Path
@@ -25,13 +26,14 @@ from nurture import catcher, importer, privacy, stats, users
 from nurture import subscribers as lifecycle
 from nurture.app import limit, state
 from nurture.db import session_scope
+from nurture.health import within_templates
 from nurture.mailer import PermanentFailure, TemporaryFailure
 from nurture.models import Consent, Enrollment, Subscriber, User, utcnow
 from nurture.preview import parts, preview_message, send_test
 from nurture.publishing import published_sequences
 from nurture.render import LAYOUT_HTML, LAYOUT_TEXT, RenderError
 from nurture.scheduler import hand_over, plan, zone
-from nurture.sequences import current_sequences
+from nurture.sequences import current_sequences, manifest_errors
 from nurture.tasks import publisher
 from nurture.timeline import timeline
 
@@ -174,7 +176,9 @@ def index():
             name: (stats.step_stats(db, seq, since, until), stats.funnel(db, seq, since, until))
             for name, seq in {**sequences, **gone}.items()
         }
+        held = stats.held_steps(db)
     shown = {**sequences, **{name: s for name, s in gone.items() if stats.any_count(*report[name])}}
+    settings = state().settings
     return render_template(
         "admin/index.html",
         sequences=shown,
@@ -182,6 +186,11 @@ def index():
         report=report,
         start=start,
         end=end,
+        broken={
+            name: within_templates(settings, message)
+            for name, message in manifest_errors(settings.templates_path).items()
+        },
+        held=[replace(h, reason=within_templates(settings, h.reason)) for h in held],
     )
 
 

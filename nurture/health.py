@@ -19,6 +19,7 @@ from sqlalchemy import select
 from nurture.app import state
 from nurture.db import get_engine
 from nurture.models import Delivery, DeliveryStatus
+from nurture.sequences import manifest_errors
 
 bp = Blueprint("health", __name__)
 
@@ -70,13 +71,23 @@ def _check_broker(app_state) -> str:
         return f"error: {type(error).__name__}"
 
 
+def within_templates(settings, text: str) -> str:
+    """`text` with the templates folder's path taken out of the file names in it:
+    pages name files as the marketer knows them, and a public one must not show
+    the server's layout."""
+    for folder in {settings.templates_path, settings.templates_path.resolve()}:
+        text = text.replace(f"{folder}/", "")
+    return text
+
+
 @bp.get("/healthz")
 def healthz():
     """200 when the database and broker answer, 503 naming the part that does not.
 
-    A held email shows as "templates": "error: ..." with status "degraded"
-    and a 200, not as "down": a broken email must page someone, yet taking the
-    web app out of a load balancer would stop signups too.
+    A held email, or a course manifest that does not load, shows as
+    "templates": "error: ..." with status "degraded" and a 200, not as "down":
+    a broken email must page someone, yet taking the web app out of a load
+    balancer would stop signups too.
     """
     app_state = state()
     try:
@@ -86,14 +97,15 @@ def healthz():
         held, database = None, f"error: {type(error).__name__}"
     checks = {"database": database, "broker": _check_broker(app_state)}
     down = any(value != "ok" for value in checks.values())
+    broken = manifest_errors(app_state.settings.templates_path)
     if down:
         templates = "unknown"
+    elif broken:
+        templates = "error: " + within_templates(app_state.settings, next(iter(broken.values())))
     elif held is None:
         templates = "ok"
     else:
-        # Files named within the templates folder: the page is public, the server's layout not.
-        folder = f"{app_state.settings.templates_path.resolve()}/"
-        reason = (held.last_error or "").replace(folder, "")
+        reason = within_templates(app_state.settings, held.last_error or "")
         templates = f"error: {held.sequence}/{held.step} is held: {reason}"
     status = "unavailable" if down else ("ok" if templates == "ok" else "degraded")
     return jsonify({"status": status, **checks, "templates": templates}), 503 if down else 200

@@ -8,11 +8,14 @@ for anything wrong, the same words `nurture lint` prints.
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from dataclasses import dataclass
 from datetime import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "sequence.toml"
 KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
@@ -158,23 +161,65 @@ def load_sequences(templates_path: Path) -> dict[str, Sequence]:
     }
 
 
-_loaded: dict[Path, tuple[tuple, dict[str, Sequence]]] = {}
+@dataclass(frozen=True)
+class _Loaded:
+    stamp: tuple
+    sequences: dict[str, Sequence]
+    errors: dict[str, str]  # sequence folder: what stops its manifest from loading
+
+
+_loaded: dict[Path, _Loaded] = {}
 
 
 def current_sequences(templates_path: Path) -> dict[str, Sequence]:
-    """`load_sequences`, read again only when a manifest has changed.
+    """The sequences to serve, read again only when a manifest has changed.
 
     Long-running processes (web, worker) pick up a marketer's edit on the next
-    request or tick without a restart.
+    request or tick without a restart. A manifest that does not load (a typo,
+    a file name that does not exist) stops nothing else: its sequence goes on
+    as this process last loaded it, or, if it never loaded here, is left out
+    (its enrollments wait, its form says the course is closed) until the file
+    is fixed. `manifest_errors` says what is wrong, for /healthz and the admin.
     """
+    return _current(templates_path).sequences
+
+
+def manifest_errors(templates_path: Path) -> dict[str, str]:
+    """What stops a manifest on disk from loading, by sequence: `file:line: message`."""
+    return _current(templates_path).errors
+
+
+def _current(templates_path: Path) -> _Loaded:
     stamp = tuple(
         (str(p), p.stat().st_mtime_ns) for p in sorted(templates_path.glob(f"*/{MANIFEST}"))
     )
     cached = _loaded.get(templates_path)
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, load_sequences(templates_path))
+    if cached is None or cached.stamp != stamp:
+        cached = _load_each(templates_path, stamp, cached.sequences if cached else {})
         _loaded[templates_path] = cached
-    return cached[1]
+    return cached
+
+
+def _load_each(templates_path: Path, stamp: tuple, last: dict[str, Sequence]) -> _Loaded:
+    """Every sequence folder, each on its own: a broken one keeps its last good version."""
+    sequences: dict[str, Sequence] = {}
+    errors: dict[str, str] = {}
+    for folder in sorted(templates_path.iterdir()):
+        if not (folder / MANIFEST).is_file():
+            continue
+        try:
+            sequences[folder.name] = load_sequence(folder)
+        except SequenceError as error:
+            errors[folder.name] = str(error)
+            if folder.name in last:
+                sequences[folder.name] = last[folder.name]
+            log.error(
+                "%s; sequence %s %s until the file is fixed (nurture lint checks it)",
+                error,
+                folder.name,
+                "goes on as last loaded" if folder.name in last else "is not served",
+            )
+    return _Loaded(stamp, sequences, errors)
 
 
 def first_steps(sequences: dict[str, Sequence]) -> dict[str, str]:

@@ -132,6 +132,8 @@ def _form_page(values: dict, errors: dict, status: int = 200):
 
 @bp.get("/")
 def index():
+    if DEFAULT_SEQUENCE not in state().sequences():  # removed, or its manifest never loaded
+        return _course_closed()
     return _form_page({}, {})
 
 

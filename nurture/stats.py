@@ -157,6 +157,30 @@ def any_count(rows: list[StepStats], funnel: Funnel) -> bool:
     return funnel.signed_up > 0 or any(getattr(row, name) for row in rows for name in counted)
 
 
+@dataclass(frozen=True)
+class HeldStep:
+    """Emails of one step held because its template fails to render."""
+
+    sequence: str
+    step: str
+    emails: int
+    reason: str  # one of theirs: the file, line and error
+
+
+def held_steps(session: Session) -> list[HeldStep]:
+    """Every step with emails held by a template error, for the dashboard."""
+    rows = session.execute(
+        select(Delivery.sequence, Delivery.step, func.count(), func.max(Delivery.last_error))
+        .where(
+            Delivery.status == DeliveryStatus.QUEUED,
+            Delivery.last_error.like("template error:%"),
+        )
+        .group_by(Delivery.sequence, Delivery.step)
+        .order_by(Delivery.sequence, Delivery.step)
+    )
+    return [HeldStep(sequence or "", step, count, reason) for sequence, step, count, reason in rows]
+
+
 def service_counts(session: Session, now: datetime) -> dict[str, float]:
     """Totals for /metrics: counters since the start, the due-queue lag, and the
     emails waiting for the SMTP server to come back."""

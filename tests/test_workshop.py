@@ -47,7 +47,8 @@ from nurture.preview import parts, preview_message
 from nurture.publishing import compare, format_diff, published_sequences, record_published
 from nurture.render import Renderer, RenderError
 from nurture.scheduler import dispatch
-from nurture.sequences import first_steps, load_sequences
+from nurture.sequences import _loaded as current_sequences_cache
+from nurture.sequences import current_sequences, first_steps, load_sequences
 from nurture.subscribers import SignupRequest, confirm, consent_text, signup
 from nurture.users import add_user
 
@@ -1160,6 +1161,67 @@ def test_cli_send_test_refuses_clearly(stack, smtp, args, expected):
     assert smtp.messages == []
 
 
+# === 7b. A manifest that does not load =================================================
+
+
+def test_a_manifest_that_does_not_load_stops_nothing_else(stack, smtp, tmp_path):
+    """A file name misspelt in one sequence.toml. A running process goes on with the
+    course as it last loaded it, the pages, the API and the other course as before,
+    while /healthz and the dashboard name the file and line. A process started
+    after the typo leaves that course out (closed to signups, its emails waiting)
+    rather than failing, and takes it up again once the file is fixed."""
+    copy = copy_templates(tmp_path)
+    settings = stack.with_env(NURTURE_TEMPLATES=str(copy)).settings
+    app = create_app(settings)
+    web, admin = app.test_client(), signed_in(app, settings)
+    enroll(settings, "alice@example.com", now=T0)
+    enroll(settings, "bob@example.com", now=T0, sequence=CSC)
+    assert web.get("/").status_code == 200  # this process has loaded both courses
+
+    def advance_live(now: datetime):
+        """A due-scan and a worker's batch, with the sequences a live process serves."""
+        ids: list[int] = []
+        with session_scope(settings.database_url) as session:
+            dispatch(session, settings, current_sequences(copy), now=now, publish=ids.extend)
+        with session_scope(settings.database_url) as session:
+            return send_batch(session, settings, current_sequences(copy), ids, clock=lambda: now)
+
+    manifest = copy / PVP / "sequence.toml"
+    replace_in(manifest, '"04-overlap.md"', '"04-overlaps.md"')
+    line = line_of(manifest, '"overlap"')  # the step's key line, as lint says it
+    problem = f"{PVP}/sequence.toml:{line}: step 4: file '04-overlaps.md' does not exist"
+
+    assert web.get("/").status_code == 200
+    assert web.get(f"/join/{CSC}").status_code == 200
+    assert web.post("/api/v1/subscribers", json={"email": "cy@example.com"}).status_code == 202
+    health = web.get("/healthz").get_json()
+    assert (health["status"], health["templates"]) == ("degraded", f"error: {problem}")
+    dashboard = unescape(page(admin.get("/admin/")))
+    assert "Emails held back" in dashboard and problem in dashboard
+    assert "the course goes on as it was before the last change to it" in dashboard
+    assert str(copy) not in dashboard + str(health), "files named as the marketer knows them"
+    assert advance_live(T0).sent == 2  # both welcomes
+    assert received(smtp, "alice@example.com") == ["welcome"]
+
+    current_sequences_cache.clear()  # as in a process started after the typo
+    assert web.get("/").status_code == 404  # "this course is no longer open", not a 500
+    assert web.get(f"/join/{CSC}").status_code == 200
+    refused = web.post("/api/v1/subscribers", json={"email": "dee@example.com"})
+    assert refused.status_code == 422 and "sequence" in refused.get_json()["errors"]
+    assert web.get("/healthz").get_json()["templates"] == f"error: {problem}"
+    assert "its course is closed to signups and its emails wait" in page(admin.get("/admin/"))
+    day_two = T0 + timedelta(days=2, hours=1)
+    advance_live(day_two)
+    assert received(smtp, "alice@example.com") == ["welcome"], "waits for the file"
+    assert received(smtp, "bob@example.com", CSC) == ["welcome", "build-evidence"]
+
+    replace_in(manifest, '"04-overlaps.md"', '"04-overlap.md"')
+    assert web.get("/healthz").get_json()["templates"] == "ok"
+    assert "Emails held back" not in page(admin.get("/admin/"))
+    advance_live(day_two + timedelta(hours=2))  # past the hour a missing course waits
+    assert received(smtp, "alice@example.com") == ["welcome", "product-manager"]
+
+
 # === 8. A template error at send time ===================================================
 
 
@@ -1184,7 +1246,8 @@ def test_a_broken_step_is_held_reported_and_sent_once_fixed(stack, smtp, tmp_pat
     set_line(welcome, 7, broken)
     lint = [str(found) for found in lint_templates(settings)]
     assert any(found.startswith(f"{welcome}:7: {problem}") for found in lint), lint
-    health = create_app(settings).test_client()
+    app = create_app(settings)
+    health, admin = app.test_client(), signed_in(app, settings)
 
     ids = tick(settings, T0)
     assert len(ids) == 2
@@ -1203,6 +1266,9 @@ def test_a_broken_step_is_held_reported_and_sent_once_fixed(stack, smtp, tmp_pat
     shown = body.get_json()["templates"]
     assert f"template error: {PVP}/01-welcome.md:7: {problem}" in shown, shown
     assert str(copy) not in shown, "a public page names no server path"
+    dashboard = unescape(page(admin.get("/admin/")))
+    assert f"{PVP}/welcome</b>: 1 email is" in dashboard, "the marketer sees it too"
+    assert f"template error: {PVP}/01-welcome.md:7: {problem}" in dashboard
 
     # Still broken at Alice's next due time: retried and held again, and nothing overtakes it.
     pm_due = enrollment_of(settings, alice).next_due_at
@@ -1221,6 +1287,7 @@ def test_a_broken_step_is_held_reported_and_sent_once_fixed(stack, smtp, tmp_pat
     assert (sent.status, sent.sent_at, sent.last_error) == ("sent", fixed_at, None)
     assert health.get("/healthz").get_json()["status"] == "ok"
     assert health.get("/healthz").get_json()["templates"] == "ok"
+    assert "Emails held back" not in page(admin.get("/admin/"))
 
     run_until(settings, after=fixed_at)
     assert received(smtp, "alice@example.com") == PVP_KEYS
