@@ -443,10 +443,12 @@ def subscriber(subscriber_id: int):
         consents = db.scalars(
             select(Consent).where(Consent.subscriber_id == subscriber_id).order_by(Consent.id)
         ).all()
-        line = timeline(
-            db, settings, current_sequences(settings.templates_path), found.email, utcnow()
-        )
-    return render_template("admin/subscriber.html", s=found, consents=consents, line=line)
+        now = utcnow()
+        line = timeline(db, settings, current_sequences(settings.templates_path), found.email, now)
+        paused = lifecycle.paused_until(db, subscriber_id, now=now, days_scale=settings.day_scale)
+    return render_template(
+        "admin/subscriber.html", s=found, consents=consents, line=line, paused_until=paused
+    )
 
 
 @bp.get("/subscribers/<id:subscriber_id>/export.json")
@@ -490,7 +492,7 @@ def subscriber_action(subscriber_id: int, action: str):
         if action == "pause":
             lifecycle.pause(db, subscriber_id, now=now, days_scale=settings.day_scale)
         elif action == "resume":
-            lifecycle.resume(db, subscriber_id, now=now)
+            lifecycle.resume(db, subscriber_id, now=now, days_scale=settings.day_scale)
         elif action == "unsubscribe":
             lifecycle.unsubscribe(db, subscriber_id, now=now, how="admin")
         elif action == "resend-confirmation":

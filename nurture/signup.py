@@ -303,7 +303,7 @@ def unsubscribe(token: str):
             )
             return render_template("paused.html", paused=paused, token=token)
         if action == "resume" and not one_click:
-            resumed = subscribers.resume_own_pause(
+            resumed = subscribers.resume(
                 session, subscriber_id, now=utcnow(), days_scale=settings.day_scale
             )
             return render_template("resumed.html", resumed=resumed, token=token)

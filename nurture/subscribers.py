@@ -818,8 +818,36 @@ def pause(session: Session, subscriber_id: int, *, now: datetime, days_scale: fl
     return paused
 
 
-def resume(session: Session, subscriber_id: int, *, now: datetime) -> bool:
-    """End a pause: the next email is due at once (the minimum gap still holds)."""
+def paused_until(
+    session: Session, subscriber_id: int, *, now: datetime, days_scale: float = 1.0
+) -> datetime | None:
+    """When the subscriber's pause ends, if one is on; None if the course is not paused.
+
+    A pause is on from its `pause` event until two weeks later, unless a
+    `resume` came after it.
+    """
+    last = session.execute(
+        select(Event.kind, Event.created_at)
+        .where(Event.subscriber_id == subscriber_id, Event.kind.in_(("pause", "resume")))
+        .order_by(Event.created_at.desc(), Event.id.desc())
+        .limit(1)
+    ).first()
+    if last is None or last.kind != "pause":
+        return None
+    ends = last.created_at + PAUSE * days_scale
+    return ends if now < ends else None
+
+
+def resume(session: Session, subscriber_id: int, *, now: datetime, days_scale: float = 1.0) -> bool:
+    """End a pause that is on: the next email is due at once (the minimum gap still holds).
+
+    A course that is not paused (the pause ran out, or was ended already) is
+    left alone: the subscriber's paused page stays in the browser's history and
+    its link never expires, and neither it nor an editor's button must pull the
+    next email forward. True if it resumed.
+    """
+    if paused_until(session, subscriber_id, now=now, days_scale=days_scale) is None:
+        return False
     enrollments = session.scalars(
         select(Enrollment).where(
             Enrollment.subscriber_id == subscriber_id,
@@ -832,27 +860,6 @@ def resume(session: Session, subscriber_id: int, *, now: datetime) -> bool:
     if enrollments:
         session.add(Event(subscriber_id=subscriber_id, kind="resume", created_at=now))
     return bool(enrollments)
-
-
-def resume_own_pause(
-    session: Session, subscriber_id: int, *, now: datetime, days_scale: float = 1.0
-) -> bool:
-    """The subscriber's "resume now" on the paused page: ends a pause that is on.
-
-    Unlike an editor's `resume`, it leaves a course that is not paused alone (the
-    pause ran out, or it was resumed already): the page stays in the browser's
-    history and its link never expires, and it must not pull the next email
-    forward. True if it resumed.
-    """
-    last = session.execute(
-        select(Event.kind, Event.created_at)
-        .where(Event.subscriber_id == subscriber_id, Event.kind.in_(("pause", "resume")))
-        .order_by(Event.created_at.desc(), Event.id.desc())
-        .limit(1)
-    ).first()
-    if last is None or last.kind != "pause" or now >= last.created_at + PAUSE * days_scale:
-        return False
-    return resume(session, subscriber_id, now=now)
 
 
 def resend_confirmation(

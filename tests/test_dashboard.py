@@ -584,13 +584,26 @@ def test_editor_pauses_and_resumes(stack, app):
                 select(Enrollment).where(Enrollment.subscriber_id == subscriber_id)
             )
 
+    def buttons() -> set[str]:
+        shown = page(editor.get(f"/admin/subscribers/{subscriber_id}"))
+        return set(re.findall(r"/admin/subscribers/\d+/(pause|resume)\b", shown))
+
+    def act(action: str) -> None:
+        url = f"/admin/subscribers/{subscriber_id}/{action}"
+        assert editor.post(url, data={"csrf_token": token}).status_code == 303
+
     before = enrollment().next_due_at
-    paused = editor.post(f"/admin/subscribers/{subscriber_id}/pause", data={"csrf_token": token})
-    assert paused.status_code == 303
+    assert buttons() == {"pause"}
+    act("resume")  # not paused: nothing to resume, and the next email stays where it is
+    assert enrollment().next_due_at == before
+
+    act("pause")
     assert enrollment().next_due_at > before + timedelta(days=13)
-    resumed = editor.post(f"/admin/subscribers/{subscriber_id}/resume", data={"csrf_token": token})
-    assert resumed.status_code == 303
+    assert buttons() == {"resume"}
+    assert "course paused until" in page(editor.get(f"/admin/subscribers/{subscriber_id}"))
+    act("resume")
     assert enrollment().next_due_at < utcnow() + timedelta(days=1)
+    assert buttons() == {"pause"}
     assert editor.get("/admin/users").status_code == 403
 
 
