@@ -17,6 +17,7 @@ from datetime import timedelta
 from email.headerregistry import Address
 from email.utils import parseaddr
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -181,6 +182,35 @@ def _timezone(value: str, name: str) -> str:
     return value
 
 
+def _smtp_url(value: str) -> str:
+    """SMTP_URL, checked now: a malformed one would fail every batch, not start-up."""
+    from nurture.mailer import SMTPURLError, parse_smtp_url
+
+    try:
+        parse_smtp_url(value)
+    except SMTPURLError as error:
+        raise ConfigError(str(error)) from None
+    return value
+
+
+def _base_url(value: str) -> str:
+    """BASE_URL, which every link in every email starts with: it needs its scheme."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(
+            f"BASE_URL must be the site's address with its scheme, like "
+            f"https://courses.example.com, not {value!r}"
+        )
+    return value.rstrip("/")
+
+
+def _templates(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(f"NURTURE_TEMPLATES: there is no folder at {path}")
+    return path
+
+
 def _domain_rates(value: str) -> dict:
     from nurture.throttle import parse_domain_rates
 
@@ -262,8 +292,8 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         instance_path=instance,
         database_url=get("DATABASE_URL", f"sqlite:///{instance / 'nurture.db'}"),
         broker_url=get("BROKER_URL", f"sqla+sqlite:///{instance / 'broker.db'}"),
-        smtp_url=get("SMTP_URL", "smtp://127.0.0.1:1025"),
-        base_url=get("BASE_URL", "http://127.0.0.1:5000").rstrip("/"),
+        smtp_url=_smtp_url(get("SMTP_URL", "smtp://127.0.0.1:1025")),
+        base_url=_base_url(get("BASE_URL", "http://127.0.0.1:5000")),
         secret_key=get("SECRET_KEY") or _dev_secret_key(instance),
         mail_from=_check_mail_from(get("MAIL_FROM", "Course Team <course@localhost>")),
         postal_address=get("POSTAL_ADDRESS", DEV_POSTAL_ADDRESS),
@@ -273,7 +303,7 @@ def load_settings(environ: Mapping[str, str] | None = None, root: Path = ROOT) -
         dispatch_interval=_positive_int(
             get("DISPATCH_INTERVAL_SECONDS", "60"), "DISPATCH_INTERVAL_SECONDS"
         ),
-        templates_path=Path(get("NURTURE_TEMPLATES", str(root / "templates" / "emails"))),
+        templates_path=_templates(get("NURTURE_TEMPLATES", str(root / "templates" / "emails"))),
         default_timezone=_timezone(get("DEFAULT_TIMEZONE", "UTC"), "DEFAULT_TIMEZONE"),
         min_gap_hours=_hours(get("MIN_GAP_HOURS", "20"), "MIN_GAP_HOURS"),
         outbox_path=instance / "outbox",

@@ -53,19 +53,31 @@ def parse_smtp_url(url: str) -> SMTPSettings:
     """`smtp://[user:pass@]host:port[?tls=starttls|ssl]` into settings."""
     parts = urlsplit(url)
     if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-        raise SMTPURLError(f"SMTP_URL must look like smtp://host:port, not {url!r}")
+        # Not the URL itself: it may hold the password, and this goes to the log.
+        raise SMTPURLError("SMTP_URL must look like smtp://host:port or smtps://host:port")
     query = parse_qs(parts.query)
     tls = query.get("tls", ["ssl" if parts.scheme == "smtps" else ""])[0] or None
     if tls not in (None, "starttls", "ssl"):
         raise SMTPURLError(f"SMTP_URL's tls must be starttls or ssl, not {tls!r}")
     default_port = 465 if tls == "ssl" else 587 if tls == "starttls" else 25
+    try:
+        port = parts.port or default_port
+    except ValueError:  # not a number, or past 65535
+        raise SMTPURLError("SMTP_URL's port must be a number from 1 to 65535") from None
+    timeout = query.get("timeout", ["30"])[0]
+    try:
+        seconds = float(timeout)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise SMTPURLError(f"SMTP_URL's timeout must be a number of seconds, not {timeout!r}")
     return SMTPSettings(
         host=parts.hostname,
-        port=parts.port or default_port,
+        port=port,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
         tls=tls,
-        timeout=float(query.get("timeout", ["30"])[0]),
+        timeout=seconds,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 
 from celery import Celery, shared_task
@@ -131,6 +131,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     app.nurture_settings = settings
+    # Beat keeps its schedule in the instance folder, which nothing else makes when
+    # SECRET_KEY is set (production); without it beat stopped, calling the file corrupt.
+    with suppress(OSError):  # read-only: beat then says so itself
+        settings.instance_path.mkdir(parents=True, exist_ok=True)
     return app
 
 

@@ -387,6 +387,45 @@ def test_a_bad_unsubscribe_mailto_is_a_config_error(tmp_path, value):
         load_settings(environ)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("SMTP_URL", "smtp://mail.example.com:notaport", "port must be a number"),
+        ("SMTP_URL", "smtp://mail.example.com:99999", "port must be a number"),
+        ("SMTP_URL", "smtp://mail.example.com:25?timeout=abc", "timeout must be"),
+        ("SMTP_URL", "smtp://mail.example.com:25?timeout=0", "timeout must be"),
+        ("SMTP_URL", "smtp://mail.example.com:587?tls=tsl", "tls must be starttls or ssl"),
+        ("SMTP_URL", "mail.example.com:25", "must look like smtp://host:port"),
+        ("BASE_URL", "courses.example.com", "BASE_URL must be the site's address"),
+        ("BASE_URL", "https://", "BASE_URL must be the site's address"),
+        ("NURTURE_TEMPLATES", "/no/such/folder", "NURTURE_TEMPLATES: there is no folder"),
+    ],
+)
+def test_settings_every_email_depends_on_are_checked_at_start(tmp_path, name, value, problem):
+    """A malformed SMTP_URL failed every batch (a traceback per batch, the emails
+    handed out again and again); a BASE_URL without its scheme put broken
+    confirmation and unsubscribe links in every email; a missing templates folder
+    failed every page. Each now stops start-up with one line."""
+    environ = {"NURTURE_INSTANCE": str(tmp_path), "SECRET_KEY": "k", name: value}
+
+    with pytest.raises(ConfigError, match=re.escape(problem)) as refused:
+        load_settings(environ)
+    assert "notaport" not in str(refused.value), "an SMTP_URL may hold a password: not echoed"
+
+
+def test_good_smtp_and_base_urls_are_taken_as_given(tmp_path):
+    settings = load_settings(
+        {
+            "NURTURE_INSTANCE": str(tmp_path),
+            "SECRET_KEY": "k",
+            "SMTP_URL": "smtps://user:p%40ss@mail.example.com?timeout=2.5",
+            "BASE_URL": "https://courses.example.com/",
+        }
+    )
+    assert settings.smtp_url == "smtps://user:p%40ss@mail.example.com?timeout=2.5"
+    assert settings.base_url == "https://courses.example.com"
+
+
 @pytest.mark.parametrize("value", ["Mars/Base", "utc+2", "Europe/"])
 def test_an_unknown_default_time_zone_is_a_config_error(tmp_path, value):
     """Otherwise every signup without a zone would store it, and be scheduled in UTC."""

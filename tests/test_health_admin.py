@@ -639,6 +639,30 @@ def test_gunicorn_stops_on_a_configuration_error(stack):
     assert "SIGNUP_RATE_LIMIT" in said[0]
 
 
+def test_beat_starts_where_no_instance_folder_was_made_yet(stack, tmp_path):
+    """With SECRET_KEY set nothing made the instance folder, and beat, which keeps
+    its schedule there, stopped calling the file corrupt: it now starts."""
+    instance = tmp_path / "instance-not-made"
+    env = {**stack.process_env(), "NURTURE_INSTANCE": str(instance), "SECRET_KEY": "set"}
+    command = [str(Path(sys.executable).parent / "celery"), "-A", "worker", "beat"]
+    beat = subprocess.Popen(
+        [*command, "--loglevel", "INFO"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and beat.poll() is None:
+            if list(instance.glob("celerybeat-schedule*")):
+                break
+            time.sleep(0.2)
+        started = beat.poll() is None
+    finally:
+        beat.terminate()
+        log = beat.communicate(timeout=30)[1]
+    assert started, log[-3000:]
+    assert list(instance.glob("celerybeat-schedule*")), log[-3000:]
+    assert "corrupted" not in log
+
+
 def one_line_error(result) -> str:
     """The single line a failing command printed; asserts it printed no traceback."""
     assert result.returncode == 1, result.stdout + result.stderr
