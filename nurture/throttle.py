@@ -9,15 +9,19 @@ past that it defers the email to a later tick instead of holding its batch.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from limits import RateLimitItemPerSecond
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
 from nurture.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
 
 MAX_WAIT = 5.0  # seconds a worker waits for a slot before deferring the email
 
@@ -44,6 +48,7 @@ class Throttle:
     per_domain: dict[str, int]
     sleep: Callable[[float], None] = time.sleep
     max_wait: float = MAX_WAIT
+    _counters_down: bool = False  # logged once per outage, not once per email
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Throttle:
@@ -61,14 +66,32 @@ class Throttle:
             yield RateLimitItemPerSecond(self.per_domain[domain]), domain
 
     def acquire(self, address: str) -> bool:
-        """True once a slot is taken for `address`; False after MAX_WAIT (defer it)."""
+        """True once a slot is taken for `address`; False after MAX_WAIT (defer it).
+
+        False too while the counters' Redis cannot be reached: the email waits for
+        a later tick like one over the limit, rather than go out unchecked or
+        leave its batch stuck under its lease.
+        """
         if self.limiter is None:
             return True
         domain = address.rpartition("@")[2].lower()
         deadline = time.monotonic() + self.max_wait
-        for item, key in self._limits(domain):
-            while not self.limiter.hit(item, "nurture-send", key):
-                if time.monotonic() >= deadline:
-                    return False
-                self.sleep(0.02)
+        try:
+            for item, key in self._limits(domain):
+                while not self.limiter.hit(item, "nurture-send", key):
+                    if time.monotonic() >= deadline:
+                        return False
+                    self.sleep(0.02)
+        except redis.RedisError as error:
+            if not self._counters_down:
+                log.warning(
+                    "the send rate cannot be counted: Redis is unavailable (%s); emails wait "
+                    "for a later tick until it answers",
+                    error,
+                )
+            self._counters_down = True
+            return False
+        if self._counters_down:
+            self._counters_down = False
+            log.warning("the send rate is counted again: Redis answers")
         return True

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import pytest
-from conftest import BOTH_DATABASES, REDIS_URL, require
+from conftest import BOTH_DATABASES, REDIS_URL, free_port, require
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
 from sqlalchemy import select
 
 from nurture.config import ConfigError, Settings, load_settings
@@ -131,6 +133,28 @@ def test_a_delivery_over_the_limit_goes_back_to_the_queue(tmp_path, smtp, databa
     assert len(waiting) == 2
     assert all(row.last_error == "rate limited" and row.attempts == 0 for row in waiting)
     assert all(row.enqueued_at is None and row.not_before > busy.now for row in waiting)
+
+
+def test_a_send_rate_redis_that_is_down_defers_the_batch_and_says_so(
+    tmp_path, smtp, database_url, caplog
+):
+    """The counters' Redis gone mid-run: the emails wait for a later tick as over the
+    limit, rather than go out unchecked or stay stuck as "sending" until their
+    lease runs out; the outage is logged once, not once per email."""
+    busy = due_at_a_busy_domain(tmp_path, smtp, database_url, ("ann", "bob", "cy"))
+    dead = storage_from_string(f"redis://127.0.0.1:{free_port()}?socket_connect_timeout=1")
+    composer_for(busy.settings, busy.sequences).throttle.limiter = FixedWindowRateLimiter(dead)
+    with session_scope(busy.settings.database_url) as session:
+        result = send_batch(session, busy.settings, busy.sequences, busy.ids)
+        rows = session.scalars(select(Delivery).where(Delivery.id.in_(busy.ids))).all()
+
+    assert (result.sent, result.retry) == (0, 3)
+    assert smtp.messages == []
+    assert {(row.status, row.last_error, row.attempts) for row in rows} == {
+        ("queued", "rate limited", 0)
+    }
+    said = [r for r in caplog.records if "send rate cannot be counted" in r.getMessage()]
+    assert len(said) == 1
 
 
 @BOTH_DATABASES
