@@ -316,8 +316,17 @@ def _classify(error: Exception, *, connecting: bool = False) -> Exception:
         if connecting:  # 421 and the like: no conversation now, for any email
             return ServerUnreachable(_text(code, reply))
         return _by_code(code, reply, recipient=False)
-    if connecting and not isinstance(error, (smtplib.SMTPServerDisconnected, OSError)):
-        # No STARTTLS or no login method on offer: the settings do not fit the server.
+    if connecting and (
+        isinstance(error, ssl.SSLError)
+        or (
+            isinstance(error, smtplib.SMTPException)
+            and not isinstance(error, smtplib.SMTPServerDisconnected)
+        )
+    ):
+        # No STARTTLS or no login method on offer, a TLS handshake that fails (a
+        # certificate for another name, TLS against a plain port): the settings do
+        # not fit the server. (Every SMTPException is an OSError too, so this comes
+        # before the network's errors.)
         return SessionRefused(f"{type(error).__name__}: {error}")
     return ServerUnreachable(f"{type(error).__name__}: {error}")
 

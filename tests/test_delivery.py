@@ -1194,6 +1194,17 @@ def test_a_refused_session_is_not_a_refused_recipient(mode, failure):
     assert len(server.delivered) == 1
 
 
+def test_starttls_asked_of_a_server_without_it_is_a_settings_mismatch(smtp):
+    """`?tls=starttls` against a server that offers no STARTTLS is ours to fix, and
+    the log must say so, not that the server cannot be reached."""
+    settings = SMTPSettings("127.0.0.1", smtp.port, tls="starttls", timeout=5)
+    with SMTPConnection(settings) as connection, pytest.raises(SessionRefused) as raised:
+        connection.send(outgoing("bob@example.com"))
+    assert type(raised.value) is SessionRefused
+    assert "STARTTLS" in str(raised.value)
+    assert smtp.messages == []
+
+
 @pytest.mark.parametrize("mode", ["greeting", "auth", "mail"])
 @BOTH_DATABASES
 def test_a_refused_session_bounces_nobody_and_loses_nothing(stack, mode):
