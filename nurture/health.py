@@ -8,6 +8,8 @@ part that stops answering shows within about two seconds.
 
 from __future__ import annotations
 
+import logging
+import time
 from functools import cache
 
 import redis
@@ -21,6 +23,7 @@ from nurture.db import get_engine
 from nurture.models import Delivery, DeliveryStatus
 from nurture.sequences import manifest_errors
 
+log = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)
 
 #: The longest one try at reaching Redis may take; a stale kept connection gets one more.
@@ -68,7 +71,23 @@ def _check_broker(app_state) -> str:
                 connection.ensure_connection(max_retries=1, timeout=2)
         return "ok"
     except Exception as error:
-        return f"error: {type(error).__name__}"
+        return _failed("broker", error)
+
+
+#: Seconds between two log lines about the same part failing its check: a load
+#: balancer polls every second, and one line a minute tells the operator enough.
+LOG_EVERY = 60.0
+_logged: dict[str, float] = {}  # part: when its failure was last logged
+
+
+def _failed(part: str, error: Exception) -> str:
+    """The page names only the error's kind (it is public); the log has the whole
+    error, once a minute at most, for the operator."""
+    now = time.monotonic()
+    if now - _logged.get(part, -LOG_EVERY) >= LOG_EVERY:
+        _logged[part] = now
+        log.error("/healthz: the %s check failed: %s: %s", part, type(error).__name__, error)
+    return f"error: {type(error).__name__}"
 
 
 def within_templates(settings, text: str) -> str:
@@ -94,7 +113,7 @@ def healthz():
         held = _held_email(app_state.settings.database_url)
         database = "ok"
     except Exception as error:
-        held, database = None, f"error: {type(error).__name__}"
+        held, database = None, _failed("database", error)
     checks = {"database": database, "broker": _check_broker(app_state)}
     down = any(value != "ok" for value in checks.values())
     broken = manifest_errors(app_state.settings.templates_path)
