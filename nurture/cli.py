@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import click
 
@@ -222,15 +222,27 @@ def dispatch(now_text: str | None) -> None:
 
 @main.command()
 @click.option("--now", "now_text", help="Prune as of this ISO-8601 time (default: now).")
-def prune(now_text: str | None) -> None:
+@click.option("--yes", is_flag=True, help="Do not ask before pruning as of a future time.")
+def prune(now_text: str | None, yes: bool) -> None:
     """Erase signups never confirmed within UNCONFIRMED_RETENTION_DAYS (beat does it hourly)."""
+    from nurture.models import utcnow
     from nurture.tasks import make_celery, run_prune
 
     settings = _settings()
     if not settings.unconfirmed_retention:
         click.echo("UNCONFIRMED_RETENTION_DAYS is 0: unconfirmed signups are kept")
         return
-    pruned = run_prune(make_celery(settings), _now(now_text))
+    now = _now(now_text)
+    if now is not None and now > utcnow() + timedelta(minutes=1) and not yes:
+        # Erasure cannot be undone: a mistyped year would erase today's signups.
+        click.confirm(
+            f"--now {now:%Y-%m-%d %H:%M} UTC is in the future: every signup still "
+            "unconfirmed whose last confirmation email went out before "
+            f"{now - timedelta(seconds=settings.unconfirmed_retention):%Y-%m-%d %H:%M} UTC "
+            "would be erased for good. Go on?",
+            abort=True,
+        )
+    pruned = run_prune(make_celery(settings), now)
     click.echo(f"erased {pruned} signups never confirmed")
 
 

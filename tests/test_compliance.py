@@ -973,6 +973,17 @@ def test_prune_runs_from_the_cli_and_the_beat(stack, settings):
     assert (done.returncode, done.stdout) == (0, "erased 1 signups never confirmed\n")
     assert subscriber(settings, never).status == SubscriberStatus.ERASED
 
+    # A --now in the future (a mistyped year) would erase today's signups: it asks first.
+    today = signed_up(settings, "today@example.com", utcnow())
+    future = (utcnow() + timedelta(days=400)).isoformat()
+    refused = run_nurture(stack, "prune", "--now", future)
+    assert refused.returncode == 1 and "is in the future" in refused.stdout, refused
+    assert "Aborted" in refused.stderr
+    assert subscriber(settings, today).status == SubscriberStatus.PENDING
+    meant = run_nurture(stack, "prune", "--now", future, "--yes")
+    assert (meant.returncode, meant.stdout) == (0, "erased 1 signups never confirmed\n")
+    assert subscriber(settings, today).status == SubscriberStatus.ERASED
+
     kept_for_good = stack.with_env(UNCONFIRMED_RETENTION_DAYS="0")
     off = run_nurture(kept_for_good, "prune")
     assert off.stdout == "UNCONFIRMED_RETENTION_DAYS is 0: unconfirmed signups are kept\n"
