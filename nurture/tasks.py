@@ -97,6 +97,10 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport=transport,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        # A worker or beat whose broker is gone keeps trying (every 30 s at most,
+        # with a log line each time) rather than exit after Celery's 100 tries, about
+        # 47 minutes: a broker down for an hour at night must not need a restart.
+        broker_connection_max_retries=None,
         broker_connection_timeout=3,
         task_default_queue=settings.queue,
         task_queues=[_queue(settings.queue)],

@@ -1131,3 +1131,13 @@ def test_a_given_up_email_does_not_complete_while_another_is_unsent(settings, sm
     assert enrollment.status == EnrollmentStatus.COMPLETED
     assert enrollment.completed_at == later
     assert steps_received(smtp, "ann@example.com") == COURSE_KEYS[:-1]
+
+
+def test_workers_and_beat_keep_trying_a_broker_that_is_gone(settings):
+    """Celery gives up after 100 reconnects (about 47 minutes) and exits: a broker
+    down for an hour at night would leave no worker or beat running. Ours retry
+    for as long as it takes, logging each try; publishing still gives up fast."""
+    conf = tasks.make_celery(settings).conf
+    assert conf.broker_connection_max_retries is None
+    assert conf.broker_connection_retry_on_startup is True
+    assert conf.task_publish_retry_policy["max_retries"] == 2
