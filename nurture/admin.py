@@ -29,7 +29,7 @@ from nurture.db import session_scope
 from nurture.health import within_templates
 from nurture.mailer import PermanentFailure, TemporaryFailure
 from nurture.models import Consent, Enrollment, Subscriber, User, utcnow
-from nurture.preview import parts, preview_message, send_test
+from nurture.preview import inbox_preview, parts, preview_message, send_test
 from nurture.publishing import published_sequences
 from nurture.render import LAYOUT_HTML, LAYOUT_TEXT, RenderError
 from nurture.scheduler import hand_over, plan, zone
@@ -247,6 +247,7 @@ def preview(sequence: str, step: str):
         message=message,
         text=text,
         html=html,
+        inbox_line=inbox_preview(html),
         first_name=first_name,
         sent=request.args.get("sent"),
     )
@@ -309,7 +310,9 @@ def calendar(name: str):
     seq = state().sequences().get(name)
     if seq is None:
         abort(404)
-    timezone = request.args.get("timezone", settings.default_timezone)
+    asked = request.args.get("timezone", "").strip()
+    unknown = bool(asked) and asked not in lifecycle.known_timezones()
+    timezone = asked if asked and not unknown else settings.default_timezone
     tz = zone(timezone)
     start = datetime.combine(utcnow().astimezone(tz).date(), time(8, 0), tzinfo=tz)
     sample = Enrollment(
@@ -323,7 +326,13 @@ def calendar(name: str):
         (step, due.astimezone(tz), _subject(settings, name, step.key))
         for step, due in plan(sample, seq, settings, start)
     ]
-    return render_template("admin/calendar.html", sequence=seq, rows=rows, timezone=timezone)
+    return render_template(
+        "admin/calendar.html",
+        sequence=seq,
+        rows=rows,
+        timezone=timezone,
+        unknown=asked[:100] if unknown else None,
+    )
 
 
 @bp.get("/outbox")

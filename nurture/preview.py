@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from email.message import EmailMessage
 from email.utils import make_msgid
+from html.parser import HTMLParser
 
 from nurture.config import Settings
 from nurture.delivery import composer_for
@@ -39,6 +40,41 @@ def parts(message: EmailMessage) -> tuple[str, str]:
     text = message.get_body(preferencelist=("plain",))
     html = message.get_body(preferencelist=("html",))
     return (text.get_content() if text else "", html.get_content() if html else "")
+
+
+#: About as much of the body as an inbox shows after the subject.
+INBOX_PREVIEW_CHARS = 110
+
+
+class _BodyText(HTMLParser):
+    """The text of an HTML body as an inbox reads it for its preview line: hidden or
+    not, in order, without the head, styles or scripts."""
+
+    SKIPPED = frozenset({"head", "title", "style", "script"})
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.words: list[str] = []
+        self._skipping = 0
+
+    def handle_starttag(self, tag, attrs):
+        self._skipping += tag in self.SKIPPED
+
+    def handle_endtag(self, tag):
+        self._skipping -= tag in self.SKIPPED and self._skipping > 0
+
+    def handle_data(self, data):
+        if not self._skipping:
+            self.words += data.split()
+
+
+def inbox_preview(html: str) -> str:
+    """The line an inbox shows after the subject: the start of the body's text, which
+    is the preheader when the layout puts it first, as ours does."""
+    parser = _BodyText()
+    parser.feed(html)
+    text = " ".join(parser.words)
+    return text if len(text) <= INBOX_PREVIEW_CHARS else text[:INBOX_PREVIEW_CHARS] + "…"
 
 
 def send_test(

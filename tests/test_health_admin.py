@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import signal
@@ -536,6 +537,19 @@ def test_preview_shows_subject_html_and_text(client, settings):
     assert "Hi Alex," in page
 
 
+def test_preview_shows_the_inbox_line_after_the_subject(client, settings):
+    """The preheader marketers tune is what an inbox shows after the subject; the
+    preview shows that line, read from the email's HTML as an inbox reads it."""
+    signed_in(client, settings)
+    source = (settings.templates_path / "product-vs-project" / "01-welcome.md").read_text()
+    preheader = re.search(r"^preheader: (.+)$", source, re.MULTILINE).group(1).strip()
+
+    page = html.unescape(text(client.get("/admin/preview/product-vs-project/welcome")))
+
+    shown = re.search(r"In the inbox, after the subject:</span> (.+?)</p>", page).group(1)
+    assert shown.startswith(preheader[:60]), (shown, preheader)
+
+
 def test_preview_without_a_first_name_uses_the_fallback(client, settings):
     signed_in(client, settings)
 
@@ -579,6 +593,8 @@ def test_preview_of_the_confirmation_email(client, settings):
     assert response.status_code == 200
     assert "Please confirm your email address" in text(response)
     assert "/confirm/" in text(response)
+    assert "which uses no name" in text(response)
+    assert "a subscriber named Alex" not in text(response)  # it greets nobody by name
 
 
 # --- command line ------------------------------------------------------------------

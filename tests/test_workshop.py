@@ -1033,6 +1033,21 @@ def test_calendar_lists_every_step_in_order_in_local_time(workshop, sequence):
         assert preview_message(settings, sequence, step.key)["Subject"] in html
 
 
+def test_a_calendar_asked_for_an_unknown_time_zone_says_so(workshop):
+    """A misspelt zone was shown under its own name with UTC times: now the page says
+    it knows no such zone, and which one the times are in."""
+    _, settings, admin = workshop
+
+    html = unescape(page(admin.get(f"/admin/sequences/{PVP}?timezone=Europe/Berlinn")))
+
+    assert "There is no time zone called “Europe/Berlinn”" in html
+    assert f"For a subscriber in {settings.default_timezone} who confirms" in html
+    assert "For a subscriber in Europe/Berlinn" not in html
+    known = unescape(page(admin.get(f"/admin/sequences/{PVP}?timezone=Europe/Berlin")))
+    assert "There is no time zone" not in known
+    assert all(zone in ("CET", "CEST") for *_, zone, _ in ROW.findall(known))
+
+
 def test_preview_shows_html_and_text_with_and_without_a_name(workshop):
     _, _, admin = workshop
 
