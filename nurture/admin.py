@@ -229,6 +229,14 @@ def _sample_name(sequence: str, step: str) -> str:
     return first_name
 
 
+def _render_error(error: RenderError, reload: str | None = None):
+    """The 422 page of an email that does not render, naming its file as the marketer
+    knows it (within the templates folder); with `reload`, it reloads itself once a
+    file behind the email changes, as the preview does."""
+    message = within_templates(state().settings, str(error))
+    return render_template("admin/preview_error.html", error=message, reload=reload), 422
+
+
 @bp.get("/preview/<sequence>/<step>")
 @login_required
 def preview(sequence: str, step: str):
@@ -237,7 +245,9 @@ def preview(sequence: str, step: str):
     try:
         message = preview_message(state().settings, sequence, step, first_name=first_name)
     except RenderError as error:
-        return render_template("admin/preview_error.html", error=str(error)), 422
+        return _render_error(
+            error, reload=url_for("admin.preview_stamp", sequence=sequence, step=step)
+        )
     text, html = parts(message)
     return render_template(
         "admin/preview.html",
@@ -261,7 +271,7 @@ def preview_eml(sequence: str, step: str):
     try:
         message = preview_message(state().settings, sequence, step, first_name=first_name)
     except RenderError as error:
-        return render_template("admin/preview_error.html", error=str(error)), 422
+        return _render_error(error)
     return Response(
         message.as_bytes(),
         mimetype="message/rfc822",
@@ -288,7 +298,7 @@ def preview_send_test(sequence: str, step: str):
     try:
         send_test(state().settings, sequence, step, to)
     except RenderError as error:
-        return render_template("admin/preview_error.html", error=str(error)), 422
+        return _render_error(error)
     except (TemporaryFailure, PermanentFailure) as error:
         return render_template("admin/preview_error.html", error=f"Not sent: {error}"), 502
     return redirect(url_for("admin.preview", sequence=sequence, step=step, sent=to), code=303)
@@ -299,7 +309,7 @@ def _subject(settings, sequence: str, step: str) -> str:
     try:
         return preview_message(settings, sequence, step)["Subject"]
     except RenderError as error:
-        return f"Cannot render: {error}"
+        return f"Cannot render: {within_templates(settings, str(error))}"
 
 
 @bp.get("/sequences/<name>")
