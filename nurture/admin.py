@@ -191,6 +191,7 @@ def index():
             for name, message in manifest_errors(settings.templates_path).items()
         },
         held=[replace(h, reason=within_templates(settings, h.reason)) for h in held],
+        retried=request.args.get("retried", type=int),
     )
 
 
@@ -482,6 +483,15 @@ def subscriber_export(subscriber_id: int):
         mimetype="application/json",
         headers={"Content-Disposition": f"attachment; filename=subscriber-{subscriber_id}.json"},
     )
+
+
+@bp.post("/held/retry")
+@requires("editor")
+def retry_held():
+    """Try the emails held by a broken template again at the next due-scan."""
+    with session_scope(state().settings.database_url) as db:
+        count = stats.retry_held_now(db, utcnow())
+    return redirect(url_for("admin.index", retried=count), code=303)
 
 
 @bp.post("/subscribers/<id:subscriber_id>/erase")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 
-from sqlalchemy import and_, distinct, func, select
+from sqlalchemy import and_, distinct, func, select, update
 from sqlalchemy.orm import Session
 
 from nurture.delivery import SMTP_DOWN
@@ -179,6 +179,23 @@ def held_steps(session: Session) -> list[HeldStep]:
         .order_by(Delivery.sequence, Delivery.step)
     )
     return [HeldStep(sequence or "", step, count, reason) for sequence, step, count, reason in rows]
+
+
+def retry_held_now(session: Session, now: datetime) -> int:
+    """Make every email held by a template error due now, for a marketer who has just
+    fixed the file: the next due-scan hands them out, instead of each waiting out its
+    backoff (up to an hour). How many; one still broken is held again, as before."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.status == DeliveryStatus.QUEUED,
+            Delivery.last_error.like("template error:%"),
+            Delivery.not_before > now,
+        )
+        .values(not_before=now)
+    )
+    session.commit()
+    return result.rowcount
 
 
 def service_counts(session: Session, now: datetime) -> dict[str, float]:

@@ -1180,6 +1180,50 @@ def test_cli_send_test_refuses_clearly(stack, smtp, args, expected):
     assert smtp.messages == []
 
 
+def test_held_emails_can_be_tried_at_once_once_the_file_is_fixed(stack, smtp, tmp_path):
+    """A marketer who fixed the file need not wait out each held email's backoff (up to
+    an hour): the dashboard's button makes them due now, once each, and viewers
+    do not get it."""
+    copy = copy_templates(tmp_path)
+    settings = stack.with_env(NURTURE_TEMPLATES=str(copy)).settings
+    app = create_app(settings)
+    admin = signed_in(app, settings)
+    now = utcnow()
+    alice = enroll(settings, "alice@example.com", now=now)
+    welcome = copy / PVP / "01-welcome.md"
+    original = welcome.read_text(encoding="utf-8")
+    set_line(welcome, 7, "Thanks for confirming, {{ nickname }}.")
+    assert send(settings, tick(settings, now), now).retry == 1
+    [held] = deliveries_of(settings, alice)
+    assert held.not_before > utcnow(), "waits out its backoff"
+    assert "Try the held emails now" in page(admin.get("/admin/"))
+
+    welcome.write_text(original, encoding="utf-8")
+    token = csrf_token(admin, "/admin/")
+    response = admin.post("/admin/held/retry", data={"csrf_token": token})
+    assert response.status_code == 303
+    notice = unescape(page(admin.get(response.headers["Location"])))
+    assert "1 held email will be tried at the next due-scan" in notice
+
+    later = utcnow()
+    assert send(settings, tick(settings, later), later).sent == 1
+    assert received(smtp, "alice@example.com") == ["welcome"]
+    again = admin.post("/admin/held/retry", data={"csrf_token": token})
+    assert "0 held emails" in unescape(page(admin.get(again.headers["Location"])))
+
+    with session_scope(settings.database_url) as session:
+        add_user(session, "viewer@example.com", PASSWORD, "viewer")
+    viewer = app.test_client()
+    login = {
+        "csrf_token": csrf_token(viewer, "/admin/login"),
+        "email": "viewer@example.com",
+        "password": PASSWORD,
+    }
+    assert viewer.post("/admin/login", data=login).status_code == 303
+    own = {"csrf_token": csrf_token(viewer, "/admin/")}
+    assert viewer.post("/admin/held/retry", data=own).status_code == 403
+
+
 # === 7b. A manifest that does not load =================================================
 
 
