@@ -463,11 +463,21 @@ def subscriber(subscriber_id: int):
         consents = db.scalars(
             select(Consent).where(Consent.subscriber_id == subscriber_id).order_by(Consent.id)
         ).all()
+        courses = db.scalars(
+            select(Enrollment)
+            .where(Enrollment.subscriber_id == subscriber_id)
+            .order_by(Enrollment.id)
+        ).all()
         now = utcnow()
         line = timeline(db, settings, current_sequences(settings.templates_path), found.email, now)
         paused = lifecycle.paused_until(db, subscriber_id, now=now, days_scale=settings.day_scale)
     return render_template(
-        "admin/subscriber.html", s=found, consents=consents, line=line, paused_until=paused
+        "admin/subscriber.html",
+        s=found,
+        consents=consents,
+        courses=courses,
+        line=line,
+        paused_until=paused,
     )
 
 

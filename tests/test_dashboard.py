@@ -597,13 +597,19 @@ def test_editor_pauses_and_resumes(stack, app):
     act("resume")  # not paused: nothing to resume, and the next email stays where it is
     assert enrollment().next_due_at == before
 
+    person = f"/admin/subscribers/{subscriber_id}"
+    assert "<b>product-vs-project</b>: active," in page(editor.get(person))
     act("pause")
     assert enrollment().next_due_at > before + timedelta(days=13)
     assert buttons() == {"resume"}
-    assert "course paused until" in page(editor.get(f"/admin/subscribers/{subscriber_id}"))
+    assert "course paused until" in page(editor.get(person))
+    assert "<b>product-vs-project</b>: active (paused)" in page(editor.get(person))
     act("resume")
     assert enrollment().next_due_at < utcnow() + timedelta(days=1)
     assert buttons() == {"pause"}
+    with session_scope(settings.database_url) as session:  # as a click on the course link does
+        session.get(Enrollment, enrollment().id).converted_at = T0 + timedelta(days=5)
+    assert "clicked through to the course" in page(editor.get(person))
     assert editor.get("/admin/users").status_code == 403
 
 
