@@ -1084,6 +1084,7 @@ def test_eml_download_is_the_message_as_it_goes_out(workshop):
 def test_preview_stamp_changes_when_the_email_file_changes(workshop):
     copy, _, admin = workshop
     url = f"/admin/preview/{PVP}/overlap/stamp"
+    assert f'var url = "{url}"' in page(admin.get(f"/admin/preview/{PVP}/overlap")), "polled"
     first = admin.get(url).get_json()["stamp"]
     assert admin.get(url).get_json()["stamp"] == first
 
