@@ -119,7 +119,12 @@ def _validate(data, sequences: dict[str, Sequence], *, strict_timezone: bool):
 
 
 def _form_page(values: dict, errors: dict, status: int = 200):
+    """The signup form for the course `values` names (the main one by default), or
+    the closed-course page if it is not served (removed, or its manifest never
+    loaded in this process)."""
     sequence = state().sequences().get(values.get("sequence") or DEFAULT_SEQUENCE)
+    if sequence is None:
+        return _course_closed()
     page = render_template(
         "index.html",
         values=values,
@@ -132,16 +137,12 @@ def _form_page(values: dict, errors: dict, status: int = 200):
 
 @bp.get("/")
 def index():
-    if DEFAULT_SEQUENCE not in state().sequences():  # removed, or its manifest never loaded
-        return _course_closed()
     return _form_page({}, {})
 
 
 @bp.get("/join/<name>")
 def join(name: str):
     """The signup form for any sequence, e.g. /join/career-switch-checklist."""
-    if name not in state().sequences():
-        return _course_closed()
     return _form_page({"sequence": name}, {})
 
 
