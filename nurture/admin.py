@@ -27,6 +27,7 @@ from nurture import subscribers as lifecycle
 from nurture.app import limit, state
 from nurture.db import session_scope
 from nurture.health import within_templates
+from nurture.lint import SUBJECT_WARN
 from nurture.mailer import PermanentFailure, TemporaryFailure
 from nurture.models import Consent, Enrollment, Subscriber, User, utcnow
 from nurture.preview import inbox_preview, parts, preview_message, send_test
@@ -259,6 +260,8 @@ def preview(sequence: str, step: str):
         text=text,
         html=html,
         inbox_line=inbox_preview(html),
+        long_subject=len(message["Subject"]) > SUBJECT_WARN,
+        subject_limit=SUBJECT_WARN,
         first_name=first_name,
         sent=request.args.get("sent"),
     )

@@ -392,6 +392,11 @@ def test_lint_warns_about_a_long_subject_and_still_passes(stack, tmp_path):
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert f"{expected} (warning)" in cli.stdout.splitlines()
     assert "all emails render" in cli.stdout
+    # The preview says so too, where the marketer is looking.
+    admin = signed_in(create_app(edited.settings), edited.settings)
+    shown = page(admin.get(f"/admin/preview/{PVP}/overlap"))
+    assert f"This subject has {len(subject)} characters" in shown
+    assert "This subject has" not in page(admin.get(f"/admin/preview/{PVP}/welcome"))
 
 
 def test_a_link_to_this_machine_is_an_error_only_in_production(stack, tmp_path):
