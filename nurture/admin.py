@@ -35,6 +35,7 @@ from nurture.publishing import published_sequences
 from nurture.render import LAYOUT_HTML, LAYOUT_TEXT, RenderError
 from nurture.scheduler import hand_over, plan, zone
 from nurture.sequences import current_sequences, manifest_errors
+from nurture.subscribers import DEFAULT_SEQUENCE
 from nurture.tasks import publisher
 from nurture.timeline import timeline
 
@@ -432,8 +433,18 @@ def subscribers_export():
 @bp.route("/subscribers/import", methods=["GET", "POST"])
 @requires("admin")
 def subscribers_import():
+    sequences = state().sequences()
+    chosen = request.form.get("sequence", DEFAULT_SEQUENCE)
+
+    def import_page(report=None, error=None, status=200):
+        """The form, with the courses to choose from (a typed name could be misspelt)."""
+        page = render_template(
+            "admin/import.html", report=report, error=error, sequences=sequences, chosen=chosen
+        )
+        return page, status
+
     if request.method == "GET":
-        return render_template("admin/import.html", report=None, error=None)
+        return import_page()
     upload = request.files.get("file")
     data = upload.read() if upload else b""
     settings = state().settings
@@ -442,17 +453,16 @@ def subscribers_import():
             report = importer.import_subscribers(
                 db,
                 settings,
-                state().sequences(),
+                sequences,
                 data,
                 now=utcnow(),
-                sequence=request.form.get("sequence", "product-vs-project"),
+                sequence=chosen,
                 confirmed=request.form.get("confirmed") == "yes",
                 consent_note=request.form.get("consent_note", ""),
             )
     except importer.CSVError as error:
-        message = f"{error} (nothing was imported)"
-        return render_template("admin/import.html", report=None, error=message), 422
-    return render_template("admin/import.html", report=report, error=None)
+        return import_page(error=f"{error} (nothing was imported)", status=422)
+    return import_page(report=report)
 
 
 @bp.get("/subscribers/<id:subscriber_id>")

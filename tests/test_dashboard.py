@@ -808,6 +808,10 @@ def test_messy_csv_via_admin_upload(stack, smtp, app):
     ):
         assert re.search(rf"\b{line}\b", html) and what in html, (line, what)
     assert imported_emails(settings) == {"good1@example.com", "good3@example.com"}
+    # The course is chosen from those there are, and the one used stays chosen.
+    options = re.findall(r'<option value="([^"]+)"( selected)?>', html)
+    assert [name for name, _ in options] == ["career-switch-checklist", SEQUENCE]
+    assert dict(options)[SEQUENCE] == " selected"
 
 
 BAD_FILES = {
