@@ -194,6 +194,7 @@ def index():
         },
         held=[replace(h, reason=within_templates(settings, h.reason)) for h in held],
         retried=request.args.get("retried", type=int),
+        horizon=settings.retry_horizon_hours,
     )
 
 

@@ -235,11 +235,12 @@ def prune(now_text: str | None, yes: bool) -> None:
     now = _now(now_text)
     if now is not None and now > utcnow() + timedelta(minutes=1) and not yes:
         # Erasure cannot be undone: a mistyped year would erase today's signups.
+        at = now.astimezone(UTC)
+        cutoff = at - timedelta(seconds=settings.unconfirmed_retention)
         click.confirm(
-            f"--now {now:%Y-%m-%d %H:%M} UTC is in the future: every signup still "
-            "unconfirmed whose last confirmation email went out before "
-            f"{now - timedelta(seconds=settings.unconfirmed_retention):%Y-%m-%d %H:%M} UTC "
-            "would be erased for good. Go on?",
+            f"--now {at:%Y-%m-%d %H:%M} UTC is in the future: every signup still "
+            f"unconfirmed whose last confirmation email went out before {cutoff:%Y-%m-%d %H:%M} "
+            "UTC would be erased for good. Go on?",
             abort=True,
         )
     pruned = run_prune(make_celery(settings), now)

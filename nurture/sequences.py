@@ -71,6 +71,8 @@ def _line_of(text: str, needle: str, occurrence: int = 1) -> int:
 
 
 def _parse_step(raw: dict, index: int, text: str, where: Path) -> Step:
+    if not isinstance(raw, dict):
+        raise SequenceError(f"{where}:1: step {index + 1}: each step is a [[steps]] table")
     key = raw.get("key")
     line = _line_of(text, f'"{key}"') if isinstance(key, str) else 1
 
@@ -114,7 +116,11 @@ def _parse_step(raw: dict, index: int, text: str, where: Path) -> Step:
 def load_sequence(folder: Path) -> Sequence:
     """Read and check one sequence folder."""
     where = folder / MANIFEST
-    text = where.read_text(encoding="utf-8")
+    try:
+        text = where.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = where.read_bytes()[: error.start].count(b"\n") + 1
+        raise SequenceError(f"{where}:{line}: the file is not UTF-8; save it as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -189,10 +195,22 @@ def manifest_errors(templates_path: Path) -> dict[str, str]:
     return _current(templates_path).errors
 
 
+def _stamp(templates_path: Path) -> tuple:
+    """What a reload depends on: each manifest's time, and its folder's, which changes
+    when an email file is added, renamed or removed (a manifest may name one that
+    is only created after it is saved)."""
+    stamp = []
+    for manifest in sorted(templates_path.glob(f"*/{MANIFEST}")):
+        try:
+            stamp.append((str(manifest), manifest.stat().st_mtime_ns))
+            stamp.append((str(manifest.parent), manifest.parent.stat().st_mtime_ns))
+        except FileNotFoundError:  # removed since the glob: the next call sees it gone
+            continue
+    return tuple(stamp)
+
+
 def _current(templates_path: Path) -> _Loaded:
-    stamp = tuple(
-        (str(p), p.stat().st_mtime_ns) for p in sorted(templates_path.glob(f"*/{MANIFEST}"))
-    )
+    stamp = _stamp(templates_path)
     cached = _loaded.get(templates_path)
     if cached is None or cached.stamp != stamp:
         cached = _load_each(templates_path, stamp, cached.sequences if cached else {})
@@ -209,7 +227,7 @@ def _load_each(templates_path: Path, stamp: tuple, last: dict[str, Sequence]) ->
             continue
         try:
             sequences[folder.name] = load_sequence(folder)
-        except SequenceError as error:
+        except (SequenceError, OSError) as error:  # OSError: unreadable, or removed meanwhile
             errors[folder.name] = str(error)
             if folder.name in last:
                 sequences[folder.name] = last[folder.name]

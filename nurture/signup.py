@@ -15,7 +15,7 @@ from nurture.app import csrf, json_object, limit, not_a_json_object, state
 from nurture.config import Settings
 from nurture.db import is_postgresql, run_autocommit, session_scope
 from nurture.models import utcnow
-from nurture.sequences import Sequence, first_steps
+from nurture.sequences import Sequence, first_steps, manifest_errors
 from nurture.subscribers import DEFAULT_SEQUENCE
 
 bp = Blueprint("signup", __name__)
@@ -218,7 +218,10 @@ def confirm(token: str):
         )
     except tokens.TokenError as error:
         return _fresh_link_page(expired=error.expired), 410 if error.expired else 400
+    broken = manifest_errors(settings.templates_path)
     with session_scope(settings.database_url) as session:
+        if broken and set(subscribers.pending_courses(session, subscriber_id)) & set(broken):
+            return _course_being_updated()
         subscriber = subscribers.confirm(
             session,
             subscriber_id,
@@ -231,6 +234,21 @@ def confirm(token: str):
     if not confirmed:
         return _fresh_link_page(), 400
     return render_template("confirmed.html")
+
+
+def _course_being_updated():
+    """A 503 for a confirmation whose course's manifest does not load in this process.
+
+    Confirming now would make the person active with a course that nothing starts
+    later; the link keeps working, so they are asked to open it again.
+    """
+    page = render_template(
+        "error.html",
+        title="Please try again in a few minutes",
+        message="The course you signed up for is being updated right now. Your "
+        "confirmation link still works: open it again in a few minutes.",
+    )
+    return page, 503, {"Retry-After": "300"}
 
 
 def _fresh_link_page(*, expired: bool = False, email: str = "", error: str = "") -> str:

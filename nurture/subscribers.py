@@ -709,6 +709,18 @@ def confirm(
     return subscriber
 
 
+def pending_courses(session: Session, subscriber_id: int) -> list[str]:
+    """The sequences of a subscriber's enrollments that wait for confirmation."""
+    return list(
+        session.scalars(
+            select(Enrollment.sequence).where(
+                Enrollment.subscriber_id == subscriber_id,
+                Enrollment.status == EnrollmentStatus.PENDING,
+            )
+        )
+    )
+
+
 def _complete_statement():
     """UPDATE the enrollment to completed if it has no step left and nothing unsent.
 

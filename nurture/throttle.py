@@ -23,6 +23,7 @@ from nurture.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 
+COUNTERS_PAUSE = 5.0  # seconds without asking a Redis that failed
 MAX_WAIT = 5.0  # seconds a worker waits for a slot before deferring the email
 
 
@@ -49,6 +50,7 @@ class Throttle:
     sleep: Callable[[float], None] = time.sleep
     max_wait: float = MAX_WAIT
     _counters_down: bool = False  # logged once per outage, not once per email
+    _ask_again_at: float = 0.0  # while down, Redis is asked again only after COUNTERS_PAUSE
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Throttle:
@@ -74,6 +76,8 @@ class Throttle:
         """
         if self.limiter is None:
             return True
+        if self._counters_down and time.monotonic() < self._ask_again_at:
+            return False  # not every email waits on a Redis that just failed
         domain = address.rpartition("@")[2].lower()
         deadline = time.monotonic() + self.max_wait
         try:
@@ -90,6 +94,7 @@ class Throttle:
                     error,
                 )
             self._counters_down = True
+            self._ask_again_at = time.monotonic() + COUNTERS_PAUSE
             return False
         if self._counters_down:
             self._counters_down = False

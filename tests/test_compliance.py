@@ -15,7 +15,7 @@ import smtplib
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from email.message import EmailMessage
 from urllib.parse import urlsplit
 
@@ -975,9 +975,11 @@ def test_prune_runs_from_the_cli_and_the_beat(stack, settings):
 
     # A --now in the future (a mistyped year) would erase today's signups: it asks first.
     today = signed_up(settings, "today@example.com", utcnow())
-    future = (utcnow() + timedelta(days=400)).isoformat()
+    at = utcnow() + timedelta(days=400)
+    future = at.astimezone(timezone(timedelta(hours=5))).isoformat()  # given in UTC+5
     refused = run_nurture(stack, "prune", "--now", future)
     assert refused.returncode == 1 and "is in the future" in refused.stdout, refused
+    assert f"--now {at:%Y-%m-%d %H:%M} UTC" in refused.stdout, "said in UTC"
     assert "Aborted" in refused.stderr
     assert subscriber(settings, today).status == SubscriberStatus.PENDING
     meant = run_nurture(stack, "prune", "--now", future, "--yes")

@@ -143,7 +143,10 @@ def test_a_send_rate_redis_that_is_down_defers_the_batch_and_says_so(
     lease runs out; the outage is logged once, not once per email."""
     busy = due_at_a_busy_domain(tmp_path, smtp, database_url, ("ann", "bob", "cy"))
     dead = storage_from_string(f"redis://127.0.0.1:{free_port()}?socket_connect_timeout=1")
-    composer_for(busy.settings, busy.sequences).throttle.limiter = FixedWindowRateLimiter(dead)
+    limiter = FixedWindowRateLimiter(dead)
+    asked = []
+    limiter.hit = lambda *args, hit=limiter.hit: asked.append(args) or hit(*args)
+    composer_for(busy.settings, busy.sequences).throttle.limiter = limiter
     with session_scope(busy.settings.database_url) as session:
         result = send_batch(session, busy.settings, busy.sequences, busy.ids)
         rows = session.scalars(select(Delivery).where(Delivery.id.in_(busy.ids))).all()
@@ -155,6 +158,7 @@ def test_a_send_rate_redis_that_is_down_defers_the_batch_and_says_so(
     }
     said = [r for r in caplog.records if "send rate cannot be counted" in r.getMessage()]
     assert len(said) == 1
+    assert len(asked) == 1, "the others did not each wait on the Redis that just failed"
 
 
 @BOTH_DATABASES

@@ -48,8 +48,9 @@ from nurture.publishing import compare, format_diff, published_sequences, record
 from nurture.render import Renderer, RenderError
 from nurture.scheduler import dispatch
 from nurture.sequences import _loaded as current_sequences_cache
-from nurture.sequences import current_sequences, first_steps, load_sequences
+from nurture.sequences import current_sequences, first_steps, load_sequences, manifest_errors
 from nurture.subscribers import SignupRequest, confirm, consent_text, signup
+from nurture.tokens import make_confirm_token
 from nurture.users import add_user
 
 ROOT = nurture.ROOT
@@ -1279,6 +1280,13 @@ def test_a_manifest_that_does_not_load_stops_nothing_else(stack, smtp, tmp_path)
     assert refused.status_code == 422 and "sequence" in refused.get_json()["errors"]
     assert web.get("/healthz").get_json()["templates"] == f"error: {problem}"
     assert "its course is closed to signups and its emails wait" in page(admin.get("/admin/"))
+    # Cy signed up before the typo: confirming now would start no course, so it waits.
+    with session_scope(settings.database_url) as session:
+        cy = session.scalar(select(Subscriber).where(Subscriber.email == "cy@example.com"))
+        cy_link = f"/confirm/{make_confirm_token(settings.secret_key, cy.id, cy.consents[0].id)}"
+    early = web.get(cy_link)
+    assert early.status_code == 503 and "open it again in a few minutes" in page(early)
+    assert subscriber_status(settings, "cy@example.com") == "pending"
     day_two = T0 + timedelta(days=2, hours=1)
     advance_live(day_two)
     assert received(smtp, "alice@example.com") == ["welcome"], "waits for the file"
@@ -1289,6 +1297,63 @@ def test_a_manifest_that_does_not_load_stops_nothing_else(stack, smtp, tmp_path)
     assert "Emails held back" not in page(admin.get("/admin/"))
     advance_live(day_two + timedelta(hours=2))  # past the hour a missing course waits
     assert received(smtp, "alice@example.com") == ["welcome", "product-manager"]
+    assert web.get(cy_link).status_code == 200  # the same link, once the course is back
+    assert subscriber_status(settings, "cy@example.com") == "active"
+    with session_scope(settings.database_url) as session:
+        cy = session.scalar(select(Subscriber).where(Subscriber.email == "cy@example.com"))
+        assert [e.status for e in cy.enrollments] == ["active"]
+
+
+def subscriber_status(settings, email: str) -> str:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(Subscriber.status).where(Subscriber.email == email))
+
+
+def test_a_manifest_naming_a_file_made_after_it_loads_once_the_file_is_there(stack, tmp_path):
+    """A marketer saves sequence.toml with a new step, then creates its file: a
+    process that looked in between sees the step as soon as the file exists."""
+    copy = copy_templates(tmp_path)
+    manifest = copy / CSC / "sequence.toml"
+    manifest.write_text(
+        manifest.read_text(encoding="utf-8")
+        + '\n[[steps]]\nkey = "bonus"\nday = 9\nfile = "09-bonus.md"\n',
+        encoding="utf-8",
+    )
+    assert "09-bonus.md" in manifest_errors(copy)[CSC]
+    assert CSC not in current_sequences(copy)  # never loaded here: left out meanwhile
+
+    bonus = copy / CSC / "09-bonus.md"
+    bonus.write_text("---\nsubject: A bonus\npreheader: One more\n---\nHi.\n", encoding="utf-8")
+
+    assert manifest_errors(copy) == {}
+    assert current_sequences(copy)[CSC].steps[-1].key == "bonus"
+
+
+@pytest.mark.parametrize(
+    ("broken", "problem"),
+    [
+        (b'title = "Caf\xe9"\n', "the file is not UTF-8"),
+        (b"steps = [1]\n", "each step is a [[steps]] table"),
+    ],
+    ids=["latin-1", "step-not-a-table"],
+)
+def test_a_manifest_that_cannot_even_be_read_stops_nothing_else(stack, tmp_path, broken, problem):
+    """Not only a TOML or step mistake: bytes that are not UTF-8, or a step that is not a
+    table, make a clear error for that course, not a 500 for every page."""
+    copy = copy_templates(tmp_path)
+    settings = stack.with_env(NURTURE_TEMPLATES=str(copy)).settings
+    web = create_app(settings).test_client()
+    (copy / PVP / "sequence.toml").write_bytes(broken)
+
+    health = web.get("/healthz")
+    assert health.status_code == 200
+    assert health.get_json()["status"] == "degraded"
+    assert problem in health.get_json()["templates"]
+    assert web.get(f"/join/{CSC}").status_code == 200
+    signup = {"email": "x@example.com", "sequence": CSC}
+    assert web.post("/api/v1/subscribers", json=signup).status_code == 202
+    lint = [str(p) for p in lint_templates(settings)]
+    assert any(problem in found for found in lint), lint
 
 
 # === 8. A template error at send time ===================================================
@@ -1338,6 +1403,7 @@ def test_a_broken_step_is_held_reported_and_sent_once_fixed(stack, smtp, tmp_pat
     dashboard = unescape(page(admin.get("/admin/")))
     assert f"{PVP}/welcome</b>: 1 email is" in dashboard, "the marketer sees it too"
     assert f"template error: {PVP}/01-welcome.md:7: {problem}" in dashboard
+    assert "within 72 hours of when it was written" in dashboard
 
     # Still broken at Alice's next due time: retried and held again, and nothing overtakes it.
     pm_due = enrollment_of(settings, alice).next_due_at
