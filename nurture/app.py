@@ -16,6 +16,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from werkzeug.routing import IntegerConverter
 
 from nurture.config import Settings
+from nurture.db import database_problem
 from nurture.handover import Handover
 from nurture.models import MAX_ROW_ID
 from nurture.ratelimit import RateLimiter
@@ -209,7 +210,7 @@ def _register_error_pages(app: Flask) -> None:
 
     @app.errorhandler(DBAPIError)
     def database_down(error):
-        log.error("database unavailable: %s", error.orig or error)
+        log.error("%s", database_problem(error))
         return _error(
             503,
             "We will be right back",

@@ -174,6 +174,29 @@ def _on_driver(engine: Engine, statement: Callable[[psycopg.Connection], T]) -> 
             pooled.close()
 
 
+#: SQLSTATEs of a table or column the database does not have (PostgreSQL).
+_MISSING_OBJECT = frozenset({"42P01", "42703"})
+
+
+def schema_behind(error: BaseException) -> bool:
+    """Whether a database error says a table or column is missing: the database was
+    not migrated to this code's schema (`nurture db upgrade`), not that it is down."""
+    orig = getattr(error, "orig", None) or error
+    if getattr(orig, "sqlstate", None) in _MISSING_OBJECT:
+        return True
+    return str(orig).startswith(("no such table", "no such column"))  # SQLite's words
+
+
+def database_problem(error: BaseException) -> str:
+    """A log line's words for a database error, naming the fix when there is one."""
+    orig = getattr(error, "orig", None) or error
+    if schema_behind(error):
+        return (
+            f"the database is not migrated to this code's schema ({orig}): run `nurture db upgrade`"
+        )
+    return f"database unavailable: {orig}"
+
+
 _PSYCOPG = postgresql.psycopg.dialect()
 
 

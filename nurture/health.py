@@ -19,7 +19,7 @@ from redis.retry import Retry
 from sqlalchemy import select
 
 from nurture.app import state
-from nurture.db import get_engine
+from nurture.db import database_problem, get_engine, schema_behind
 from nurture.models import Delivery, DeliveryStatus
 from nurture.sequences import manifest_errors
 
@@ -86,7 +86,10 @@ def _failed(part: str, error: Exception) -> str:
     now = time.monotonic()
     if now - _logged.get(part, -LOG_EVERY) >= LOG_EVERY:
         _logged[part] = now
-        log.error("/healthz: the %s check failed: %s: %s", part, type(error).__name__, error)
+        if part == "database" and schema_behind(error):
+            log.error("/healthz: %s", database_problem(error))
+        else:
+            log.error("/healthz: the %s check failed: %s: %s", part, type(error).__name__, error)
     return f"error: {type(error).__name__}"
 
 

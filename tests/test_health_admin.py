@@ -19,6 +19,7 @@ import pytest
 from conftest import (
     BOTH_DATABASES,
     POSTGRES_URL,
+    _fresh_postgres,
     csrf_token,
     free_port,
     require,
@@ -31,7 +32,7 @@ from nurture import health as health_module
 from nurture.app import create_app
 from nurture.catcher import start_catcher
 from nurture.config import PRODUCTION_REQUIRED
-from nurture.db import get_engine, session_scope
+from nurture.db import dispose_all, get_engine, session_scope
 from nurture.models import CONFIRMATION_STEP, Delivery, DeliveryStatus, Subscriber, User
 from nurture.tokens import make_unsubscribe_token
 from nurture.users import add_user
@@ -146,6 +147,30 @@ def test_database_down_is_reported_by_healthz(db_down_client, caplog):
     ]
     assert len(said) == 1, said
     assert "OperationalError" in said[0] and "connection" in said[0].lower()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_database_not_migrated_says_what_to_run(stack, tmp_path, kind, caplog):
+    """New code deployed before `nurture db upgrade`: the request still gets the 503
+    answer, and the log says what to run, not that the database is down."""
+    health_module._logged.clear()
+    if kind == "sqlite":
+        url, drop = f"sqlite:///{tmp_path / 'never-migrated.db'}", lambda: None
+    else:
+        url, drop = _fresh_postgres(require(POSTGRES_URL, "PostgreSQL"))
+    try:
+        client = create_app(stack.with_env(DATABASE_URL=url).settings).test_client()
+        signup = client.post("/api/v1/subscribers", json={"email": "ann@example.com"})
+        health = client.get("/healthz")
+    finally:
+        dispose_all()
+        drop()
+
+    assert signup.status_code == 503 and health.status_code == 503
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    told = [line for line in said if "run `nurture db upgrade`" in line]
+    assert len(told) == 2, said  # the signup's and the health check's
+    assert not [line for line in said if line.startswith("database unavailable")], said
 
 
 def test_database_down_api_signup_gets_503_json(db_down_client):
