@@ -218,15 +218,17 @@ def confirm(token: str):
         )
     except tokens.TokenError as error:
         return _fresh_link_page(expired=error.expired), 410 if error.expired else 400
-    broken = manifest_errors(settings.templates_path)
+    sequences = app_state.sequences()
+    # Courses whose manifest does not load and that this process never loaded.
+    unserved = set(manifest_errors(settings.templates_path)) - set(sequences)
     with session_scope(settings.database_url) as session:
-        if broken and set(subscribers.pending_courses(session, subscriber_id)) & set(broken):
+        if unserved and unserved & set(subscribers.pending_courses(session, subscriber_id)):
             return _course_being_updated()
         subscriber = subscribers.confirm(
             session,
             subscriber_id,
             now=utcnow(),
-            first_steps=first_steps(app_state.sequences()),
+            first_steps=first_steps(sequences),
             consent_id=consent_id,
             min_gap=settings.min_gap,
         )

@@ -1272,6 +1272,13 @@ def test_a_manifest_that_does_not_load_stops_nothing_else(stack, smtp, tmp_path)
     assert str(copy) not in dashboard + str(health), "files named as the marketer knows them"
     assert advance_live(T0).sent == 2  # both welcomes
     assert received(smtp, "alice@example.com") == ["welcome"]
+    # This process still serves the course as it was: a confirmation goes through.
+    assert web.post("/api/v1/subscribers", json={"email": "eve@example.com"}).status_code == 202
+    with session_scope(settings.database_url) as session:
+        eve = session.scalar(select(Subscriber).where(Subscriber.email == "eve@example.com"))
+        eve_link = f"/confirm/{make_confirm_token(settings.secret_key, eve.id, eve.consents[0].id)}"
+    assert web.get(eve_link).status_code == 200
+    assert subscriber_status(settings, "eve@example.com") == "active"
 
     current_sequences_cache.clear()  # as in a process started after the typo
     assert web.get("/").status_code == 404  # "this course is no longer open", not a 500
