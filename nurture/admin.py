@@ -26,7 +26,6 @@ from nurture import catcher, importer, privacy, stats, users
 from nurture import subscribers as lifecycle
 from nurture.app import limit, state
 from nurture.db import session_scope
-from nurture.health import within_templates
 from nurture.lint import SUBJECT_WARN
 from nurture.mailer import PermanentFailure, TemporaryFailure
 from nurture.models import Consent, Enrollment, Subscriber, User, utcnow
@@ -34,7 +33,7 @@ from nurture.preview import inbox_preview, parts, preview_message, send_test
 from nurture.publishing import published_sequences
 from nurture.render import LAYOUT_HTML, LAYOUT_TEXT, RenderError
 from nurture.scheduler import hand_over, plan, zone
-from nurture.sequences import current_sequences, manifest_errors
+from nurture.sequences import current_sequences, manifest_errors, within_templates
 from nurture.subscribers import DEFAULT_SEQUENCE
 from nurture.tasks import publisher
 from nurture.timeline import timeline
@@ -167,7 +166,8 @@ def index():
     since = datetime.combine(start, time(0), tzinfo=UTC)
     until = datetime.combine(end + timedelta(days=1), time(0), tzinfo=UTC)
     sequences = state().sequences()
-    with session_scope(state().settings.database_url) as db:
+    settings = state().settings
+    with session_scope(settings.database_url) as db:
         # A sequence whose folder is gone, as the due-scan last ran it: its history stays.
         gone = {
             name: sequence
@@ -180,7 +180,7 @@ def index():
         }
         held = stats.held_steps(db)
     shown = {**sequences, **{name: s for name, s in gone.items() if stats.any_count(*report[name])}}
-    settings = state().settings
+    folder = settings.templates_path
     return render_template(
         "admin/index.html",
         sequences=shown,
@@ -189,10 +189,10 @@ def index():
         start=start,
         end=end,
         broken={
-            name: within_templates(settings, message)
-            for name, message in manifest_errors(settings.templates_path).items()
+            name: within_templates(folder, message)
+            for name, message in manifest_errors(folder).items()
         },
-        held=[replace(h, reason=within_templates(settings, h.reason)) for h in held],
+        held=[replace(h, reason=within_templates(folder, h.reason)) for h in held],
         retried=request.args.get("retried", type=int),
         horizon=settings.retry_horizon_hours,
     )
@@ -237,7 +237,7 @@ def _render_error(error: RenderError, reload: str | None = None):
     """The 422 page of an email that does not render, naming its file as the marketer
     knows it (within the templates folder); with `reload`, it reloads itself once a
     file behind the email changes, as the preview does."""
-    message = within_templates(state().settings, str(error))
+    message = within_templates(state().settings.templates_path, str(error))
     return render_template("admin/preview_error.html", error=message, reload=reload), 422
 
 
@@ -315,7 +315,7 @@ def _subject(settings, sequence: str, step: str) -> str:
     try:
         return preview_message(settings, sequence, step)["Subject"]
     except RenderError as error:
-        return f"Cannot render: {within_templates(settings, str(error))}"
+        return f"Cannot render: {within_templates(settings.templates_path, str(error))}"
 
 
 @bp.get("/sequences/<name>")

@@ -620,6 +620,8 @@ def _defer(session: Session, settings: Settings, claimed: list, now, reason: str
 #: reached or refused our session: an outage, which /metrics counts apart from one
 #: recipient's deferral (a greylisting, a full mailbox) or the send rate's wait.
 SMTP_DOWN = "SMTP server down: "
+#: How `last_error` starts for an email held because its template does not render.
+TEMPLATE_ERROR = "template error: "
 
 #: Errors of the database: through SQLAlchemy, or straight from psycopg's cursor,
 #: which runs the per-email statements on PostgreSQL (`_SentMarks`).
@@ -837,7 +839,7 @@ def _send_one(
             message = composer.compose(session, delivery, subscriber, now)
     except RenderError as error:
         log.error("delivery %s held, its template is broken: %s", delivery.id, error)
-        return _retry_or_fail(session, settings, delivery, now, f"template error: {error}")
+        return _retry_or_fail(session, settings, delivery, now, f"{TEMPLATE_ERROR}{error}")
     except ValueError as error:  # an address or header the email package refuses
         log.error("delivery %s cannot be written as an email: %s", delivery.id, error)
         _finish(

@@ -20,8 +20,9 @@ from sqlalchemy import select
 
 from nurture.app import state
 from nurture.db import database_problem, get_engine, schema_behind
-from nurture.models import Delivery, DeliveryStatus
-from nurture.sequences import manifest_errors
+from nurture.models import Delivery
+from nurture.sequences import manifest_errors, within_templates
+from nurture.stats import HELD_BY_TEMPLATE
 
 log = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)
@@ -32,12 +33,7 @@ BROKER_TIMEOUT_SECONDS = 1
 
 #: An email held because its template fails to render (built once: every check runs it).
 HELD_EMAIL = (
-    select(Delivery.sequence, Delivery.step, Delivery.last_error)
-    .where(
-        Delivery.status == DeliveryStatus.QUEUED,
-        Delivery.last_error.like("template error:%"),
-    )
-    .limit(1)
+    select(Delivery.sequence, Delivery.step, Delivery.last_error).where(*HELD_BY_TEMPLATE).limit(1)
 )
 
 
@@ -93,15 +89,6 @@ def _failed(part: str, error: Exception) -> str:
     return f"error: {type(error).__name__}"
 
 
-def within_templates(settings, text: str) -> str:
-    """`text` with the templates folder's path taken out of the file names in it:
-    pages name files as the marketer knows them, and a public one must not show
-    the server's layout."""
-    for folder in {settings.templates_path, settings.templates_path.resolve()}:
-        text = text.replace(f"{folder}/", "")
-    return text
-
-
 @bp.get("/healthz")
 def healthz():
     """200 when the database and broker answer, 503 naming the part that does not.
@@ -119,15 +106,16 @@ def healthz():
         held, database = None, _failed("database", error)
     checks = {"database": database, "broker": _check_broker(app_state)}
     down = any(value != "ok" for value in checks.values())
-    broken = manifest_errors(app_state.settings.templates_path)
+    folder = app_state.settings.templates_path
+    broken = manifest_errors(folder)
     if down:
         templates = "unknown"
     elif broken:
-        templates = "error: " + within_templates(app_state.settings, next(iter(broken.values())))
+        templates = "error: " + within_templates(folder, next(iter(broken.values())))
     elif held is None:
         templates = "ok"
     else:
-        reason = within_templates(app_state.settings, held.last_error or "")
+        reason = within_templates(folder, held.last_error or "")
         templates = f"error: {held.sequence}/{held.step} is held: {reason}"
     status = "unavailable" if down else ("ok" if templates == "ok" else "degraded")
     return jsonify({"status": status, **checks, "templates": templates}), 503 if down else 200

@@ -75,17 +75,56 @@ def parse(value: str) -> tuple[RateLimitItem, ...]:
     return tuple(sorted(items, key=lambda item: item.get_expiry()))
 
 
+class Outage:
+    """A Redis that failed, as a client of it keeps track: not asked again for `PAUSE`
+    seconds after each failure, and how many requests went on without it meanwhile.
+
+    Shared by a threaded process's threads, so it changes under a lock only. The
+    rate limiter lets requests through while Redis is out; the send-rate throttle
+    defers emails. Both log only when an outage starts and when it ends.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._retry_at: float | None = None
+        self._skipped = 0
+
+    def waiting(self) -> bool:
+        """True within a pause: the caller goes on without Redis (counted as skipped)."""
+        with self._lock:
+            if self._retry_at is None or self._clock() >= self._retry_at:
+                return False
+            self._skipped += 1
+            return True
+
+    def failed(self) -> bool:
+        """Redis failed this request (counted as skipped): start or extend the pause.
+        True when an outage starts, for the caller to log."""
+        with self._lock:
+            starts = self._retry_at is None
+            self._retry_at = self._clock() + PAUSE
+            self._skipped += 1
+            return starts
+
+    def answered(self) -> int | None:
+        """Redis answered: how many requests went without it if that ends an outage
+        (for the caller to log, once), else None."""
+        if self._retry_at is None:  # nearly every call: no lock needed to see it
+            return None
+        with self._lock:
+            if self._retry_at is None:  # another thread saw it first
+                return None
+            skipped, self._retry_at, self._skipped = self._skipped, None, 0
+            return skipped
+
+
 class RateLimiter:
     """Counts requests per (scope, client) against limits in `limits` notation."""
 
     def __init__(self, storage_url: str, clock: Callable[[], float] = time.monotonic):
         self._memory: FixedWindowRateLimiter | None = None
-        self._clock = clock
-        #: While Redis is out: when to ask it again, and the requests let through since.
-        #: A threaded web process shares them, so they change under `_state` only.
-        self._state = threading.Lock()
-        self._retry_at: float | None = None
-        self._unchecked = 0
+        self._outage = Outage(clock)
         if storage_url.startswith("redis"):
             client = redis.Redis.from_url(
                 storage_url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT
@@ -99,7 +138,7 @@ class RateLimiter:
         items = parse(limit)
         if self._memory is not None:
             return self._hit_memory(scope, client, items)
-        if self._paused():
+        if self._outage.waiting():
             return None
         keys = [item.key_for(PREFIX, scope, client) for item in items]
         seconds = [item.get_expiry() for item in items]
@@ -107,44 +146,21 @@ class RateLimiter:
         try:
             full, ttl = self._count(keys=keys, args=[*seconds, *amounts])
         except redis.RedisError as error:
-            self._out(scope, error)
+            if self._outage.failed():
+                log.warning(
+                    "%s rate limit not checked: Redis is unavailable (%s); requests go "
+                    "unchecked until it answers, asked again every %g s",
+                    scope,
+                    error,
+                    PAUSE,
+                )
             return None
-        if self._retry_at is not None:
-            self._back()
-        return max(1, int(ttl)) if full else None
-
-    def _paused(self) -> bool:
-        """True while an outage's pause lasts: the request goes through, counted as unchecked."""
-        with self._state:
-            if self._retry_at is None or self._clock() >= self._retry_at:
-                return False
-            self._unchecked += 1
-            return True
-
-    def _out(self, scope: str, error: redis.RedisError) -> None:
-        """Start (or extend) a pause; log only an outage's first failure."""
-        with self._state:
-            starts = self._retry_at is None
-            self._retry_at = self._clock() + PAUSE
-            self._unchecked += 1
-        if starts:
+        unchecked = self._outage.answered()
+        if unchecked is not None:
             log.warning(
-                "%s rate limit not checked: Redis is unavailable (%s); requests go "
-                "unchecked until it answers, asked again every %g s",
-                scope,
-                error,
-                PAUSE,
+                "rate limits counted again: Redis answers; %d requests went unchecked", unchecked
             )
-
-    def _back(self) -> None:
-        """End an outage once Redis answered; a warning, so that it sits beside the start."""
-        with self._state:
-            if self._retry_at is None:  # another thread saw it first
-                return
-            unchecked, self._retry_at, self._unchecked = self._unchecked, None, 0
-        log.warning(
-            "rate limits counted again: Redis answers; %d requests went unchecked", unchecked
-        )
+        return max(1, int(ttl)) if full else None
 
     def _hit_memory(self, scope: str, client: str, items: tuple[RateLimitItem, ...]) -> int | None:
         for item in items:

@@ -159,12 +159,12 @@ def load_sequence(folder: Path) -> Sequence:
 
 
 def load_sequences(templates_path: Path) -> dict[str, Sequence]:
-    """Every sequence folder under `templates_path`, by name."""
-    return {
-        folder.name: load_sequence(folder)
-        for folder in sorted(templates_path.iterdir())
-        if (folder / MANIFEST).is_file()
-    }
+    """Every sequence folder under `templates_path`, by name; the first manifest that
+    does not load raises its SequenceError (for lint and the CLI, which report it)."""
+    sequences, errors = _load_each(templates_path, {})
+    if errors:
+        raise SequenceError(next(iter(errors.values())))
+    return sequences
 
 
 @dataclass(frozen=True)
@@ -213,13 +213,25 @@ def _current(templates_path: Path) -> _Loaded:
     stamp = _stamp(templates_path)
     cached = _loaded.get(templates_path)
     if cached is None or cached.stamp != stamp:
-        cached = _load_each(templates_path, stamp, cached.sequences if cached else {})
+        last = cached.sequences if cached else {}
+        sequences, errors = _load_each(templates_path, last)
+        for name, error in errors.items():
+            log.error(
+                "%s; sequence %s %s until the file is fixed (nurture lint checks it)",
+                error,
+                name,
+                "goes on as last loaded" if name in sequences else "is not served",
+            )
+        cached = _Loaded(stamp, sequences, errors)
         _loaded[templates_path] = cached
     return cached
 
 
-def _load_each(templates_path: Path, stamp: tuple, last: dict[str, Sequence]) -> _Loaded:
-    """Every sequence folder, each on its own: a broken one keeps its last good version."""
+def _load_each(
+    templates_path: Path, last: dict[str, Sequence]
+) -> tuple[dict[str, Sequence], dict[str, str]]:
+    """Every sequence folder, each on its own, and what stops any from loading; a
+    broken one keeps its version in `last`, if it has one."""
     sequences: dict[str, Sequence] = {}
     errors: dict[str, str] = {}
     for folder in sorted(templates_path.iterdir()):
@@ -231,13 +243,16 @@ def _load_each(templates_path: Path, stamp: tuple, last: dict[str, Sequence]) ->
             errors[folder.name] = str(error)
             if folder.name in last:
                 sequences[folder.name] = last[folder.name]
-            log.error(
-                "%s; sequence %s %s until the file is fixed (nurture lint checks it)",
-                error,
-                folder.name,
-                "goes on as last loaded" if folder.name in last else "is not served",
-            )
-    return _Loaded(stamp, sequences, errors)
+    return sequences, errors
+
+
+def within_templates(templates_path: Path, text: str) -> str:
+    """`text` with the templates folder's path taken out of the file names in it:
+    pages name files as the marketer knows them, and a public one must not show
+    the server's layout."""
+    for folder in {templates_path, templates_path.resolve()}:
+        text = text.replace(f"{folder}/", "")
+    return text
 
 
 def first_steps(sequences: dict[str, Sequence]) -> dict[str, str]:

@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import and_, distinct, func, select, update
 from sqlalchemy.orm import Session
 
-from nurture.delivery import SMTP_DOWN
+from nurture.delivery import SMTP_DOWN, TEMPLATE_ERROR
 from nurture.models import Delivery, DeliveryStatus, Enrollment, Event, Heartbeat, Subscriber
 from nurture.sequences import Sequence
 
@@ -167,14 +167,19 @@ class HeldStep:
     reason: str  # one of theirs: the file, line and error
 
 
+#: An email held because its template does not render: queued, its last try's error
+#: a template's. For the dashboard, /healthz and the "try again now" button.
+HELD_BY_TEMPLATE = (
+    Delivery.status == DeliveryStatus.QUEUED,
+    Delivery.last_error.startswith(TEMPLATE_ERROR, autoescape=True),
+)
+
+
 def held_steps(session: Session) -> list[HeldStep]:
     """Every step with emails held by a template error, for the dashboard."""
     rows = session.execute(
         select(Delivery.sequence, Delivery.step, func.count(), func.max(Delivery.last_error))
-        .where(
-            Delivery.status == DeliveryStatus.QUEUED,
-            Delivery.last_error.like("template error:%"),
-        )
+        .where(*HELD_BY_TEMPLATE)
         .group_by(Delivery.sequence, Delivery.step)
         .order_by(Delivery.sequence, Delivery.step)
     )
@@ -186,13 +191,7 @@ def retry_held_now(session: Session, now: datetime) -> int:
     fixed the file: the next due-scan hands them out, instead of each waiting out its
     backoff (up to an hour). How many; one still broken is held again, as before."""
     result = session.execute(
-        update(Delivery)
-        .where(
-            Delivery.status == DeliveryStatus.QUEUED,
-            Delivery.last_error.like("template error:%"),
-            Delivery.not_before > now,
-        )
-        .values(not_before=now)
+        update(Delivery).where(*HELD_BY_TEMPLATE, Delivery.not_before > now).values(not_before=now)
     )
     session.commit()
     return result.rowcount

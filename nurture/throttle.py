@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from limits import RateLimitItemPerSecond
@@ -20,10 +20,10 @@ from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
 from nurture.config import ConfigError, Settings
+from nurture.ratelimit import Outage
 
 log = logging.getLogger(__name__)
 
-COUNTERS_PAUSE = 5.0  # seconds without asking a Redis that failed
 MAX_WAIT = 5.0  # seconds a worker waits for a slot before deferring the email
 
 
@@ -49,8 +49,8 @@ class Throttle:
     per_domain: dict[str, int]
     sleep: Callable[[float], None] = time.sleep
     max_wait: float = MAX_WAIT
-    _counters_down: bool = False  # logged once per outage, not once per email
-    _ask_again_at: float = 0.0  # while down, Redis is asked again only after COUNTERS_PAUSE
+    #: The counters' Redis, when it fails: asked again only after a pause, logged once.
+    outage: Outage = field(default_factory=Outage)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Throttle:
@@ -76,7 +76,7 @@ class Throttle:
         """
         if self.limiter is None:
             return True
-        if self._counters_down and time.monotonic() < self._ask_again_at:
+        if self.outage.waiting():
             return False  # not every email waits on a Redis that just failed
         domain = address.rpartition("@")[2].lower()
         deadline = time.monotonic() + self.max_wait
@@ -87,16 +87,14 @@ class Throttle:
                         return False
                     self.sleep(0.02)
         except redis.RedisError as error:
-            if not self._counters_down:
+            if self.outage.failed():
                 log.warning(
                     "the send rate cannot be counted: Redis is unavailable (%s); emails wait "
                     "for a later tick until it answers",
                     error,
                 )
-            self._counters_down = True
-            self._ask_again_at = time.monotonic() + COUNTERS_PAUSE
             return False
-        if self._counters_down:
-            self._counters_down = False
-            log.warning("the send rate is counted again: Redis answers")
+        deferred = self.outage.answered()
+        if deferred is not None:
+            log.warning("the send rate is counted again: Redis answers; %d emails waited", deferred)
         return True

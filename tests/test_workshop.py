@@ -250,12 +250,12 @@ def link_in(message, route: str) -> str:
     return links.pop()
 
 
-def signed_in(app, settings):
-    """An admin account (as `nurture users add` makes it) and a signed-in client."""
+def signed_in(app, settings, role: str = "admin", email: str = ADMIN):
+    """An account (as `nurture users add` makes it) and a client signed in to it."""
     with session_scope(settings.database_url) as session:
-        add_user(session, ADMIN, PASSWORD)
+        add_user(session, email, PASSWORD, role)
     client = app.test_client()
-    login = {"csrf_token": csrf_token(client, "/admin/login"), "email": ADMIN, "password": PASSWORD}
+    login = {"csrf_token": csrf_token(client, "/admin/login"), "email": email, "password": PASSWORD}
     assert client.post("/admin/login", data=login).status_code == 303
     return client
 
@@ -1218,15 +1218,7 @@ def test_held_emails_can_be_tried_at_once_once_the_file_is_fixed(stack, smtp, tm
     again = admin.post("/admin/held/retry", data={"csrf_token": token})
     assert "0 held emails" in unescape(page(admin.get(again.headers["Location"])))
 
-    with session_scope(settings.database_url) as session:
-        add_user(session, "viewer@example.com", PASSWORD, "viewer")
-    viewer = app.test_client()
-    login = {
-        "csrf_token": csrf_token(viewer, "/admin/login"),
-        "email": "viewer@example.com",
-        "password": PASSWORD,
-    }
-    assert viewer.post("/admin/login", data=login).status_code == 303
+    viewer = signed_in(app, settings, "viewer", "viewer@example.com")
     own = {"csrf_token": csrf_token(viewer, "/admin/")}
     assert viewer.post("/admin/held/retry", data=own).status_code == 403
 
